@@ -1,0 +1,59 @@
+"""Leave a model exactly as the caller handed it over, also when a sweep raises."""
+
+from __future__ import annotations
+
+from contextlib import contextmanager
+from typing import Any, Dict, Iterator, List, Tuple
+
+# Bridge-managed flags a sweep may touch (or a caller's hook may flip mid-run).
+MODEL_FLAGS = ("use_split_qkv_input", "use_attn_result", "use_attn_in", "use_hook_mlp_in", "use_hook_tokens")
+_FLAG_SETTERS = {flag: f"set_{flag}" for flag in MODEL_FLAGS}
+
+
+def model_flags(model: Any) -> Dict[str, bool]:
+    """The current value of every bridge-managed flag the config has."""
+    return {f: bool(getattr(model.cfg, f)) for f in MODEL_FLAGS if hasattr(model.cfg, f)}
+
+
+def _hook_handles(model: Any) -> List[Tuple[Any, str, List[Any]]]:
+    points = getattr(model, "hook_dict", {}) or {}
+    seen, out = set(), []
+    for point in points.values():
+        if id(point) in seen:
+            continue
+        seen.add(id(point))
+        for direction in ("fwd_hooks", "bwd_hooks"):
+            out.append((point, direction, list(getattr(point, direction, []))))
+    return out
+
+
+def hook_count(model: Any) -> int:
+    """Number of forward and backward hooks attached anywhere in the model."""
+    return sum(len(handles) for _, _, handles in _hook_handles(model))
+
+
+@contextmanager
+def preserved_model_state(model: Any) -> Iterator[None]:
+    """Restore the model's flags, hooks and train/eval mode on exit.
+
+    ``run_with_hooks`` already removes the hooks it added; this guard also removes any hook a
+    caller's setter or metric attached and undoes flag changes, so a sweep has no side effect.
+    """
+    flags = model_flags(model)
+    before = {(id(p), d): set(map(id, hs)) for p, d, hs in _hook_handles(model)}
+    training = getattr(model, "training", False)
+    try:
+        yield
+    finally:
+        for point, direction, handles in _hook_handles(model):
+            keep = before.get((id(point), direction), set())
+            extra = [h for h in handles if id(h) not in keep]
+            for handle in extra:
+                handle.hook.remove()
+            if extra:
+                setattr(point, direction, [h for h in handles if id(h) in keep])
+        for flag, value in flags.items():
+            if bool(getattr(model.cfg, flag)) != value:
+                getattr(model, _FLAG_SETTERS[flag])(value)
+        if getattr(model, "training", False) != training:
+            model.train(training)

@@ -1,0 +1,83 @@
+"""Random-init TransformerLens bridges of every architecture family fastpatch supports, built offline.
+
+Small enough for a fast suite on 2 CPU cores; ``initializer_range`` 0.15 (and an odd head
+count and vocabulary) so that patch effects differ clearly across cells and positions.
+"""
+
+from __future__ import annotations
+
+from typing import Callable, Dict
+
+import torch
+
+VOCAB = 89
+N_CTX = 32
+
+
+def _bridge(module: torch.nn.Module, architecture: str, hf_config) -> "torch.nn.Module":
+    from transformer_lens.model_bridge.sources._bridge_builder import build_bridge_from_module
+
+    bridge = build_bridge_from_module(module.eval(), architecture, hf_config=hf_config)
+    bridge.enable_compatibility_mode(disable_warnings=True)
+    return bridge.eval()
+
+
+def gpt2(seed: int = 0, n_layers: int = 3, d_model: int = 48, n_heads: int = 3, vocab: int = VOCAB):
+    """GPT-2 style: LayerNorm, learned positions, GELU MLP, sequential blocks."""
+    from transformers import GPT2Config, GPT2LMHeadModel
+
+    torch.manual_seed(seed)
+    cfg = GPT2Config(
+        n_layer=n_layers, n_embd=d_model, n_head=n_heads, vocab_size=vocab, n_positions=N_CTX,
+        initializer_range=0.15, bos_token_id=0, eos_token_id=0, resid_pdrop=0.0, embd_pdrop=0.0, attn_pdrop=0.0,
+    )
+    return _bridge(GPT2LMHeadModel(cfg), "GPT2LMHeadModel", cfg)
+
+
+def neox(seed: int = 0):
+    """GPT-NeoX / Pythia style: partial rotary, parallel attention and MLP, LayerNorm."""
+    from transformers import GPTNeoXConfig, GPTNeoXForCausalLM
+
+    torch.manual_seed(seed)
+    cfg = GPTNeoXConfig(
+        num_hidden_layers=3, hidden_size=48, num_attention_heads=3, intermediate_size=96,
+        vocab_size=VOCAB, max_position_embeddings=N_CTX, initializer_range=0.15,
+        use_parallel_residual=True, rotary_pct=0.5, hidden_dropout=0.0, attention_dropout=0.0,
+    )
+    return _bridge(GPTNeoXForCausalLM(cfg), "GPTNeoXForCausalLM", cfg)
+
+
+def llama(seed: int = 0):
+    """LLaMA / Mistral style: RMSNorm, rotary, grouped-query attention (4 query, 2 K/V heads), gated MLP."""
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    torch.manual_seed(seed)
+    cfg = LlamaConfig(
+        num_hidden_layers=3, hidden_size=48, num_attention_heads=4, num_key_value_heads=2,
+        intermediate_size=80, vocab_size=VOCAB, max_position_embeddings=N_CTX, initializer_range=0.15,
+    )
+    return _bridge(LlamaForCausalLM(cfg), "LlamaForCausalLM", cfg)
+
+
+def native(seed: int = 0):
+    """TransformerLens's own ``boot_native`` model (LayerNorm, learned positions)."""
+    from transformer_lens.model_bridge.sources import boot_native
+
+    torch.manual_seed(seed)
+    model = boot_native(
+        {"n_layers": 3, "d_model": 48, "n_heads": 3, "d_head": 16, "d_vocab": VOCAB, "n_ctx": N_CTX,
+         "d_mlp": 96, "act_fn": "gelu", "seed": seed, "initializer_range": 0.15}
+    )
+    return model.eval()
+
+
+ZOO: Dict[str, Callable] = {"gpt2": gpt2, "neox": neox, "llama": llama, "native": native}
+
+
+def prompt_pair(batch: int = 3, n_pos: int = 5, first_diff: int = 2, seed: int = 1):
+    """Clean and corrupted tokens that agree before ``first_diff`` (like IOI prompts) and differ after."""
+    g = torch.Generator().manual_seed(seed)
+    clean = torch.randint(0, VOCAB, (batch, n_pos), generator=g)
+    corrupted = clean.clone()
+    corrupted[:, first_diff:] = torch.randint(0, VOCAB, (batch, n_pos - first_diff), generator=g)
+    return clean, corrupted
