@@ -81,3 +81,40 @@ def prompt_pair(batch: int = 3, n_pos: int = 5, first_diff: int = 2, seed: int =
     corrupted = clean.clone()
     corrupted[:, first_diff:] = torch.randint(0, VOCAB, (batch, n_pos - first_diff), generator=g)
     return clean, corrupted
+
+
+def _answer_logprob(answer: torch.Tensor):
+    """Per-prompt log-probability of the clean answer at the last position: ``[batch]``."""
+
+    def metric(logits: torch.Tensor) -> torch.Tensor:
+        return logits[:, -1].log_softmax(-1).gather(-1, answer[:, None]).squeeze(-1)
+
+    return metric
+
+
+def _logit_gap(answer: torch.Tensor, wrong: torch.Tensor):
+    """Per-prompt logit difference answer - wrong at the last position: ``[batch]``."""
+
+    def metric(logits: torch.Tensor) -> torch.Tensor:
+        last = logits[:, -1]
+        return last.gather(-1, answer[:, None]).squeeze(-1) - last.gather(-1, wrong[:, None]).squeeze(-1)
+
+    return metric
+
+
+class Case:
+    """A model, a clean/corrupted prompt pair, the clean cache and a few metrics."""
+
+    def __init__(self, name: str, model, clean: torch.Tensor, corrupted: torch.Tensor):
+        self.name, self.model, self.clean, self.corrupted = name, model, clean, corrupted
+        with torch.no_grad():
+            _, self.clean_cache = model.run_with_cache(clean)
+        answer, wrong = clean[:, -1], corrupted[:, -1]
+        self.per_example = _answer_logprob(answer)
+        self.scalar = lambda logits: self.per_example(logits).mean()
+        self.metrics = {"logprob": self.per_example, "logit_gap": _logit_gap(answer, wrong)}
+
+    @classmethod
+    def build(cls, name: str, batch: int = 3, n_pos: int = 5, first_diff: int = 2) -> "Case":
+        clean, corrupted = prompt_pair(batch, n_pos, first_diff)
+        return cls(name, ZOO[name](), clean, corrupted)

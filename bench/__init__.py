@@ -1,0 +1,1 @@
+"""Benchmarks: fastpatch against the TransformerLens loop, same model, inputs and machine."""

@@ -1,0 +1,354 @@
+"""Time ``transformer_lens.patching`` against ``fastpatch.patching`` in one process.
+
+Both libraries run the same sweeps on the same model, prompts, clean cache and metric, on the
+same machine; the script checks that their values agree, prints TransformerLens seconds,
+fastpatch seconds and their ratio, and writes a JSON result under ``bench/results/`` with the
+device, library versions and git commit. CPU figures are ratios only; absolute times count on a GPU.
+
+Examples::
+
+    python bench/compare_transformer_lens.py                      # GPT-2 small shape, CPU
+    python bench/compare_transformer_lens.py --small              # smoke test, seconds
+    python bench/compare_transformer_lens.py --device cuda --sweeps all --repeats 3
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import io
+import json
+import os
+import platform
+import subprocess
+import sys
+import time
+from importlib import metadata
+from pathlib import Path
+from typing import Any, Callable, Dict, Iterator, Optional, Sequence, Tuple
+
+# TransformerLens draws a tqdm bar per sweep. tqdm (>= 4.66) reads TQDM_* defaults from the
+# environment when it is first imported, so this must come before anything imports tqdm;
+# if something already has (e.g. under pytest), _quiet_tqdm() redirects the bars instead.
+_TQDM_PREIMPORTED = "tqdm" in sys.modules
+os.environ.setdefault("TQDM_DISABLE", "1")
+
+if __package__ in (None, ""):  # run as a script: make `bench` and `fastpatch` importable
+    sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+
+import torch
+
+from bench.models import gpt2_small_shaped, ioi_like_tokens, logit_diff_metric
+
+REPO_ROOT = Path(__file__).resolve().parent.parent
+RESULTS_DIR = REPO_ROOT / "bench" / "results"
+
+SWEEPS = (
+    "get_act_patch_attn_head_out_all_pos",
+    "get_act_patch_resid_pre",
+    "get_act_patch_attn_head_all_pos_every",
+    "get_act_patch_block_every",
+)
+DEFAULT_SWEEPS = ("get_act_patch_attn_head_out_all_pos",)
+
+SHAPES: Dict[str, Dict[str, int]] = {
+    "gpt2-small": dict(layers=12, d_model=768, heads=12, vocab=50257, batch=8, positions=15),
+    "small": dict(layers=2, d_model=64, heads=4, vocab=211, batch=4, positions=8),
+}
+
+
+def short_name(sweep: str) -> str:
+    """``get_act_patch_attn_head_out_all_pos`` -> ``head-out-all-pos`` (for file names and tables)."""
+    name = sweep.removeprefix("get_act_patch_").removeprefix("attn_")
+    return name.replace("_", "-")
+
+
+# ----------------------------------------------------------------------------- environment
+
+
+def device_name(device: torch.device) -> str:
+    """The GPU's name, or the CPU model from /proc/cpuinfo (``platform.processor()`` elsewhere)."""
+    if device.type == "cuda":
+        return torch.cuda.get_device_name(device)
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return platform.processor() or platform.machine() or "unknown CPU"
+
+
+def _version(dist: str) -> Optional[str]:
+    try:
+        return metadata.version(dist)
+    except metadata.PackageNotFoundError:
+        return None
+
+
+def versions() -> Dict[str, Optional[str]]:
+    """Versions of Python and of every library the timing depends on (None when not installed)."""
+    import fastpatch
+
+    return {
+        "python": platform.python_version(),
+        "torch": torch.__version__,
+        "transformer_lens": _version("transformer-lens"),
+        "transformers": _version("transformers"),
+        "triton": _version("triton"),
+        "fastpatch": fastpatch.__version__,
+    }
+
+
+def _git(*args: str) -> Optional[str]:
+    try:
+        out = subprocess.run(
+            ["git", *args], cwd=REPO_ROOT, capture_output=True, text=True, timeout=10, check=True
+        )
+        return out.stdout.strip()
+    except (OSError, subprocess.SubprocessError):
+        return None
+
+
+def git_state() -> Dict[str, Any]:
+    """``HEAD``'s commit and whether the working tree had uncommitted changes (None if unknown)."""
+    status = _git("status", "--porcelain", "--untracked-files=no")
+    return {"commit": _git("rev-parse", "HEAD"), "dirty": None if status is None else bool(status)}
+
+
+# ----------------------------------------------------------------------------- timing
+
+
+def _sync(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+@contextlib.contextmanager
+def _quiet_tqdm() -> Iterator[None]:
+    """Hide TransformerLens's progress bars when tqdm was imported before TQDM_DISABLE was set."""
+    if not _TQDM_PREIMPORTED:
+        yield
+        return
+    with contextlib.redirect_stderr(io.StringIO()):
+        yield
+
+
+def best_time(fn: Callable[[], Any], repeats: int, device: torch.device) -> Tuple[float, Any]:
+    """``(best seconds over repeats, last result)``, synchronising the device around each run."""
+    best, result = float("inf"), None
+    for _ in range(repeats):
+        _sync(device)
+        start = time.perf_counter()
+        result = fn()
+        _sync(device)
+        best = min(best, time.perf_counter() - start)
+    return best, result
+
+
+def as_tensor(result: Any) -> torch.Tensor:
+    """The values of a sweep's return (a tensor, ``(tensor, index_df)`` or a ``PatchingResult``)."""
+    if isinstance(result, tuple):
+        result = result[0]
+    return result if isinstance(result, torch.Tensor) else result.values
+
+
+def compare(tl: torch.Tensor, ours: torch.Tensor, rtol: float, atol: float) -> Dict[str, Any]:
+    """Max abs / relative difference and whether ``|ours - tl| <= atol + rtol * |tl|`` everywhere."""
+    tl, ours = tl.detach().float().cpu(), ours.detach().float().cpu()
+    if tl.shape != ours.shape:
+        return {"max_abs_diff": float("inf"), "max_rel_diff": float("inf"), "agree": False,
+                "shape_mismatch": [list(tl.shape), list(ours.shape)]}
+    diff = (ours - tl).abs()
+    return {
+        "max_abs_diff": float(diff.max()),
+        "max_rel_diff": float((diff / tl.abs().clamp_min(1e-12)).max()),
+        "max_abs_value": float(tl.abs().max()),
+        "agree": bool(torch.allclose(ours, tl, rtol=rtol, atol=atol)),
+    }
+
+
+# ----------------------------------------------------------------------------- main
+
+
+class _HelpFormatter(argparse.ArgumentDefaultsHelpFormatter):
+    """Show defaults, except ``None`` and ``False`` ones (their help says what happens)."""
+
+    def _get_help_string(self, action: argparse.Action) -> str:
+        if action.default is None or action.default is False:
+            return action.help or ""
+        return super()._get_help_string(action)
+
+
+def build_parser() -> argparse.ArgumentParser:
+    """The command line; ``--help`` documents every option."""
+    big = SHAPES["gpt2-small"]
+    p = argparse.ArgumentParser(
+        description=(
+            "Time transformer_lens.patching against fastpatch.patching on one random-init GPT-2 "
+            "(GPT-2 small's shape by default), check that the values agree, print a table and "
+            "write a JSON result under bench/results/."
+        ),
+        formatter_class=_HelpFormatter,
+    )
+    p.add_argument("--sweeps", nargs="+", default=list(DEFAULT_SWEEPS), metavar="FN",
+                   help=f"sweep functions to time ('all' for every one); choices: {', '.join(SWEEPS)}")
+    p.add_argument("--layers", type=int, default=big["layers"], help="n_layers")
+    p.add_argument("--d-model", type=int, default=big["d_model"], help="d_model")
+    p.add_argument("--heads", type=int, default=big["heads"], help="n_heads (must divide d_model)")
+    p.add_argument("--vocab", type=int, default=big["vocab"], help="vocabulary size")
+    p.add_argument("--batch", type=int, default=big["batch"], help="prompts per sweep")
+    p.add_argument("--positions", type=int, default=big["positions"], help="tokens per prompt")
+    p.add_argument("--corrupt-from", type=int, default=None,
+                   help="first position where clean and corrupted prompts differ "
+                        "(default: 10, or positions // 2 for prompts of 10 tokens or fewer)")
+    p.add_argument("--small", action="store_true",
+                   help="smoke-test shape: 2 layers, d_model 64, 4 heads, vocab 211, 4 prompts x 8 "
+                        "tokens (overrides the shape options)")
+    p.add_argument("--device", choices=("cpu", "cuda"), default="cpu", help="where both libraries run")
+    p.add_argument("--repeats", type=int, default=1, help="time each library N times and keep the best")
+    p.add_argument("--fastpatch-kwargs", type=json.loads, default={}, metavar="JSON",
+                   help='extra keyword arguments for every fastpatch call, e.g. \'{"chunk_size": 16}\'')
+    p.add_argument("--grad", action="store_true",
+                   help="run both libraries with autograd enabled (TransformerLens's loop then builds "
+                        "a graph per forward); by default both run under torch.no_grad(), the "
+                        "conservative comparison")
+    p.add_argument("--rtol", type=float, default=1e-4, help="relative tolerance of the value check")
+    p.add_argument("--atol", type=float, default=1e-5, help="absolute tolerance of the value check")
+    p.add_argument("--seed", type=int, default=0, help="seed of the model weights and prompts")
+    p.add_argument("--out", type=Path, default=None,
+                   help="JSON result path (default: bench/results/<device>-<sweep set>[-small].json, e.g. "
+                        "cpu-head-out-all-pos.json; the set is 'all' when every sweep runs)")
+    return p
+
+
+def _resolve(args: argparse.Namespace) -> argparse.Namespace:
+    """Apply ``--small``, expand ``--sweeps all`` and validate the sweep names."""
+    if args.small:
+        for key, value in SHAPES["small"].items():
+            setattr(args, key, value)
+    if args.sweeps == ["all"]:
+        args.sweeps = list(SWEEPS)
+    unknown = [s for s in args.sweeps if s not in SWEEPS]
+    if unknown:
+        raise SystemExit(f"unknown sweep(s) {unknown}; choose from {list(SWEEPS)} or 'all'")
+    if args.corrupt_from is None:
+        args.corrupt_from = 10 if args.positions > 10 else args.positions // 2
+    if not isinstance(args.fastpatch_kwargs, dict):
+        raise SystemExit("--fastpatch-kwargs must be a JSON object")
+    if args.device == "cuda" and not torch.cuda.is_available():
+        raise SystemExit("--device cuda, but torch sees no CUDA device")
+    if args.out is None:
+        sweep_set = "all" if set(args.sweeps) == set(SWEEPS) else "+".join(short_name(s) for s in args.sweeps)
+        args.out = RESULTS_DIR / f"{args.device}-{sweep_set}{'-small' if args.small else ''}.json"
+    return args
+
+
+def run(args: argparse.Namespace) -> Dict[str, Any]:
+    """Build the model and inputs, time every sweep in both libraries, return the result record."""
+    from fastpatch import patching as fp
+    from transformer_lens import patching as tl
+
+    device = torch.device(args.device)
+    model = gpt2_small_shaped(args.seed, args.layers, args.d_model, args.heads, args.vocab)
+    if device.type != "cpu":
+        model = model.to(device, print_details=False)
+    pair = ioi_like_tokens(args.vocab, args.batch, args.positions, args.corrupt_from, args.seed)
+    clean, corrupted = pair.clean.to(device), pair.corrupted.to(device)
+    metric = logit_diff_metric(pair.answer.to(device), pair.wrong.to(device))
+    fp_kwargs = {"progress": False, **args.fastpatch_kwargs}
+
+    grad = torch.enable_grad() if args.grad else torch.no_grad()
+    with grad:
+        _, clean_cache = model.run_with_cache(clean)
+        clean_metric = float(metric(model(clean)))
+        corrupted_metric = float(metric(model(corrupted)))
+
+        # Warm both code paths up with one single-cell sweep (allocator, kernels, hook machinery).
+        one_cell = tl.make_df_from_ranges([1, 1], ["layer", "pos"])
+        warm = dict(patch_setter=tl.layer_pos_patch_setter, activation_name="resid_pre", index_df=one_cell)
+        with _quiet_tqdm():
+            tl.generic_activation_patch(model, corrupted, clean_cache, metric, **warm)
+        fp.generic_activation_patch(model, corrupted, clean_cache, metric, **warm, **fp_kwargs)
+        _sync(device)
+
+        rows = []
+        for sweep in args.sweeps:
+            tl_fn, fp_fn = getattr(tl, sweep), getattr(fp, sweep)
+            with _quiet_tqdm():
+                tl_s, tl_out = best_time(lambda: tl_fn(model, corrupted, clean_cache, metric), args.repeats, device)
+            fp_s, fp_out = best_time(
+                lambda: fp_fn(model, corrupted, clean_cache, metric, **fp_kwargs), args.repeats, device
+            )
+            tl_values = as_tensor(tl_out)
+            row = {
+                "sweep": sweep,
+                "cells": int(tl_values.numel()),
+                "tl_seconds": tl_s,
+                "fastpatch_seconds": fp_s,
+                "ratio": tl_s / fp_s,
+                **compare(tl_values, as_tensor(fp_out), args.rtol, args.atol),
+            }
+            rows.append(row)
+
+    return {
+        "benchmark": "compare_transformer_lens",
+        "device": args.device,
+        "device_name": device_name(device),
+        "cpu_count": os.cpu_count(),
+        "torch_threads": torch.get_num_threads(),
+        "versions": versions(),
+        "git": git_state(),
+        "config": {
+            "model": {"architecture": "GPT2LMHeadModel (random init, initializer_range 0.05)",
+                      "n_layers": args.layers, "d_model": args.d_model, "n_heads": args.heads,
+                      "d_vocab": args.vocab, "seed": args.seed},
+            "batch": args.batch,
+            "positions": args.positions,
+            "corrupt_from": args.corrupt_from,
+            "sweeps": list(args.sweeps),
+            "metric": "mean last-position logit difference (answer - wrong)",
+            "repeats": args.repeats,
+            "grad_enabled": bool(args.grad),
+            "fastpatch_kwargs": fp_kwargs,
+            "rtol": args.rtol,
+            "atol": args.atol,
+            "small": bool(args.small),
+        },
+        "clean_metric": clean_metric,
+        "corrupted_metric": corrupted_metric,
+        "results": rows,
+    }
+
+
+def format_table(record: Dict[str, Any]) -> str:
+    """A plain-text table of one result record."""
+    header = f"{'sweep':<26}{'cells':>7}{'TL s':>11}{'fastpatch s':>13}{'ratio':>9}{'max |diff|':>13}  agree"
+    lines = [header, "-" * len(header)]
+    for r in record["results"]:
+        lines.append(
+            f"{short_name(r['sweep']):<26}{r['cells']:>7}{r['tl_seconds']:>11.3f}{r['fastpatch_seconds']:>13.3f}"
+            f"{r['ratio']:>8.2f}x{r['max_abs_diff']:>13.2e}  {'yes' if r['agree'] else 'NO'}"
+        )
+    return "\n".join(lines)
+
+
+def main(argv: Optional[Sequence[str]] = None) -> Dict[str, Any]:
+    """Parse ``argv``, run the comparison, print the table, write the JSON; returns the record."""
+    args = _resolve(build_parser().parse_args(argv))
+    cfg = f"{args.layers} layers, d_model {args.d_model}, {args.heads} heads, vocab {args.vocab}"
+    print(f"device {args.device} ({device_name(torch.device(args.device))}); model: {cfg}; "
+          f"{args.batch} prompts x {args.positions} tokens; best of {args.repeats}", flush=True)
+    record = run(args)
+    print(format_table(record))
+    print(f"values agree within rtol={args.rtol:g}, atol={args.atol:g}: "
+          f"{all(r['agree'] for r in record['results'])}")
+    args.out.parent.mkdir(parents=True, exist_ok=True)
+    args.out.write_text(json.dumps(record, indent=2) + "\n")
+    print(f"wrote {args.out}")
+    return record
+
+
+if __name__ == "__main__":
+    record = main()
+    sys.exit(0 if all(r["agree"] for r in record["results"]) else 1)
