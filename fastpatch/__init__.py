@@ -3,10 +3,10 @@
 ``from fastpatch import patching`` is a drop-in for ``transformer_lens.patching``.
 """
 
-from fastpatch import patching
+from fastpatch import metrics, patching
 from fastpatch.engine.model_state import hook_count, model_flags
 from fastpatch.patching import PatchingResult
 
 __version__ = "0.1.0"
 
-__all__ = ["patching", "PatchingResult", "hook_count", "model_flags", "__version__"]
+__all__ = ["patching", "metrics", "PatchingResult", "hook_count", "model_flags", "__version__"]

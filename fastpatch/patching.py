@@ -9,6 +9,9 @@ patch. Extra keyword-only arguments, all optional:
 - ``memory_budget``: bytes one batched forward may use (default: half the free GPU memory, or a
   quarter of free RAM capped at 4 GiB on CPU). Results never depend on the chunking.
 - ``progress``: show a tqdm progress bar over the sweep's cells (default ``True``).
+- ``backend``: ``"auto"`` (default: the native backend where the model and sweep are supported
+  and its parity check against the model's own forward passes, else the hook backend),
+  ``"native"`` (raise instead of falling back) or ``"hooks"`` (batched ``run_with_hooks``).
 """
 
 from __future__ import annotations
@@ -157,6 +160,7 @@ def _run(
     chunk_size: Optional[int],
     memory_budget: Optional[int],
     progress: bool,
+    backend: str,
     desc: str,
 ) -> List[Tuple[SweepReturn, Optional[torch.Tensor], MetricSet, pd.DataFrame, Optional[tuple], Optional[Sequence[str]]]]:
     """Validate, run every requested sweep in one plan, and return the pieces of each result."""
@@ -179,6 +183,7 @@ def _run(
             clean_cache,
             sweeps,
             metrics,
+            backend=backend,
             chunk_size=chunk_size,
             memory_budget=memory_budget,
             progress=progress,
@@ -206,6 +211,7 @@ def generic_activation_patch(
     chunk_size: Optional[int] = None,
     memory_budget: Optional[int] = None,
     progress: bool = True,
+    backend: str = "auto",
 ) -> SweepReturn:
     """Batched ``transformer_lens.patching.generic_activation_patch``: same arguments, same values.
 
@@ -231,6 +237,7 @@ def generic_activation_patch(
         chunk_size=chunk_size,
         memory_budget=memory_budget,
         progress=progress,
+        backend=backend,
         desc=f"patching {activation_name}",
     )
     return _as_result(store, metrics, df, grid, axes, base, baseline, return_index_df)
@@ -275,7 +282,7 @@ def _every(
     once) and wraps the other sweeps' tensors into results; so do we.
     """
     baseline = bool(kwargs.pop("baseline", False))
-    unknown = set(kwargs) - {"reduce", "chunk_size", "memory_budget", "progress"}
+    unknown = set(kwargs) - {"reduce", "chunk_size", "memory_budget", "progress", "backend"}
     if unknown:
         raise TypeError(f"unexpected keyword arguments {sorted(unknown)}")
     pieces = _run(
@@ -290,6 +297,7 @@ def _every(
         chunk_size=kwargs.get("chunk_size"),
         memory_budget=kwargs.get("memory_budget"),
         progress=kwargs.get("progress", True),
+        backend=kwargs.get("backend", "auto"),
         desc=desc,
     )
     results = []

@@ -3,6 +3,8 @@
 TransformerLens itself is the oracle: each test calls its function with the same arguments.
 """
 
+from functools import partial
+
 import pandas as pd
 import pytest
 import torch
@@ -10,6 +12,13 @@ from helpers import assert_close, assert_results_equal, assert_varies
 from transformer_lens import patching as tl
 
 from fastpatch import patching as fp
+
+BACKENDS = ("hooks", "native")
+
+
+def _ours(fn, *args, **kwargs):
+    """fastpatch's result on every backend; they must all agree with the oracle."""
+    return {backend: fn(*args, progress=False, backend=backend, **kwargs) for backend in BACKENDS}
 
 SWEEPS = [
     "get_act_patch_resid_pre",
@@ -54,8 +63,8 @@ def test_sweep_matches_transformer_lens(zoo_case, sweep_name, mode):
         pytest.skip("parallel attention+MLP blocks have no resid_mid (TransformerLens refuses too)")
     metric, kwargs = _mode_args(case, mode)
     ref = getattr(tl, sweep_name)(case.model, case.corrupted, case.clean_cache, metric, **kwargs)
-    ours = getattr(fp, sweep_name)(case.model, case.corrupted, case.clean_cache, metric, progress=False, **kwargs)
-    assert_results_equal(ours, ref)
+    for ours in _ours(getattr(fp, sweep_name), case.model, case.corrupted, case.clean_cache, metric, **kwargs).values():
+        assert_results_equal(ours, ref)
     assert_varies(ref if isinstance(ref, torch.Tensor) else ref.values, sweep_name)
 
 
@@ -65,8 +74,8 @@ def test_every_helper_matches_transformer_lens(zoo_case, helper, mode):
     case = zoo_case
     metric, kwargs = _mode_args(case, mode)
     ref = getattr(tl, helper)(case.model, case.corrupted, case.clean_cache, metric, **kwargs)
-    ours = getattr(fp, helper)(case.model, case.corrupted, case.clean_cache, metric, progress=False, **kwargs)
-    assert_results_equal(ours, ref)
+    for ours in _ours(getattr(fp, helper), case.model, case.corrupted, case.clean_cache, metric, **kwargs).values():
+        assert_results_equal(ours, ref)
     if case.model.cfg.n_key_value_heads not in (None, case.model.cfg.n_heads) and helper != "get_act_patch_block_every":
         values = ours if isinstance(ours, torch.Tensor) else ours.values
         kv = case.model.cfg.n_key_value_heads
@@ -104,8 +113,8 @@ def test_index_df_mode_matches_transformer_lens(zoo_case, activation, setter, co
         metric, kwargs = _mode_args(case, mode)
     args = (case.model, case.corrupted, case.clean_cache, metric, setter, activation)
     ref = tl.generic_activation_patch(*args, index_df=index_df, **kwargs)
-    ours = fp.generic_activation_patch(*args, index_df=index_df, progress=False, **kwargs)
-    assert_results_equal(ours, ref)
+    for ours in _ours(fp.generic_activation_patch, *args, index_df=index_df, **kwargs).values():
+        assert_results_equal(ours, ref)
 
 
 def _half_resid_setter(corrupted_activation, index, clean_activation):
@@ -132,20 +141,39 @@ def test_custom_patch_setter_matches_transformer_lens(zoo_case, activation, sett
     case = zoo_case
     args = (case.model, case.corrupted, case.clean_cache, case.metrics, setter, activation, axes)
     ref = tl.generic_activation_patch(*args, reduce="none")
-    ours = fp.generic_activation_patch(*args, reduce="none", progress=False, chunk_size=4)
-    assert_results_equal(ours, ref)
+    for ours in _ours(fp.generic_activation_patch, *args, reduce="none", chunk_size=4).values():
+        assert_results_equal(ours, ref)
     assert_varies(ref.values)
 
 
+@pytest.mark.parametrize("backend", BACKENDS)
 @pytest.mark.parametrize("helper", ["get_act_patch_attn_head_by_pos_every", "get_act_patch_block_every"])
-def test_results_do_not_depend_on_chunk_size(zoo_case, helper):
+def test_results_do_not_depend_on_chunk_size(zoo_case, helper, backend):
     case = zoo_case
     args = (case.model, case.corrupted, case.clean_cache, case.metrics)
-    one_per_chunk = getattr(fp, helper)(*args, reduce="none", chunk_size=1, progress=False)
-    all_in_one = getattr(fp, helper)(*args, reduce="none", chunk_size=10**6, progress=False)
-    tiny_budget = getattr(fp, helper)(*args, reduce="none", memory_budget=1, progress=False)
+    run = partial(getattr(fp, helper), *args, reduce="none", progress=False, backend=backend)
+    one_per_chunk, all_in_one, tiny_budget = run(chunk_size=1), run(chunk_size=10**6), run(memory_budget=1)
     assert_varies(all_in_one.values)
     assert_close(one_per_chunk.values, all_in_one.values)
     assert_close(tiny_budget.values, all_in_one.values)
     ref = getattr(tl, helper)(*args, reduce="none")
     assert_results_equal(all_in_one, ref)
+
+
+def test_neuron_patching_with_a_custom_activation(zoo_case):
+    """Activations the native backend does not patch (MLP neurons) run on the hook backend under auto."""
+    case = zoo_case
+
+    def neuron_setter(corrupted_activation, index, clean_activation):
+        layer, neuron = index
+        corrupted_activation[..., neuron] = clean_activation[..., neuron]
+        return corrupted_activation
+
+    n = case.model.cfg.d_mlp
+    index_df = pd.DataFrame({"layer": [0, 1, 2, 2], "neuron": [0, n // 2, 1, n - 1]})
+    args = (case.model, case.corrupted, case.clean_cache, case.metrics, neuron_setter, "post")
+    ref = tl.generic_activation_patch(*args, index_df=index_df, reduce="none")
+    ours = fp.generic_activation_patch(*args, index_df=index_df, reduce="none", progress=False)
+    assert_results_equal(ours, ref)
+    with pytest.raises(ValueError, match="does not patch"):
+        fp.generic_activation_patch(*args, index_df=index_df, progress=False, backend="native")

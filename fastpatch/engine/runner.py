@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import warnings
 from collections import deque
 from typing import Any, Callable, Dict, List, Mapping, Optional, Union
 
@@ -9,8 +10,11 @@ import torch
 from tqdm.auto import tqdm
 
 from fastpatch.engine import hooks_backend
+from fastpatch.engine.native import backend as native_backend
+from fastpatch.engine.native.cells import SUPPORTED_ACTIVATIONS
+from fastpatch.engine.native.model import NativeModel, ParityError, UnsupportedModel
 from fastpatch.engine.checks import cached_activation, check_cached_activation, check_metric_output
-from fastpatch.engine.plan import Chunk, Sweep, cell_locations, cells_per_chunk, make_chunks
+from fastpatch.engine.plan import Chunk, Sweep, cell_locations, cells_per_chunk, default_memory_budget, make_chunks
 
 MetricFn = Callable[[torch.Tensor], torch.Tensor]
 REDUCE_MODES = ("scalar", "mean", "none")
@@ -44,14 +48,29 @@ class MetricSet:
         """Shape of one cell's values: ``[n_metrics, batch?]``."""
         return (len(self.metrics),) + ((self.batch,) if self.per_example else ())
 
+    def common_reads(self) -> Optional[list]:
+        """Each metric's ``LogitReads`` when all declare them at one position, else ``None``."""
+        from fastpatch.metrics import logit_reads
+
+        reads = [logit_reads(fn) for fn in self.metrics.values()]
+        if any(r is None for r in reads) or len({r.position for r in reads}) != 1:
+            return None
+        return reads
+
+    def _checked(self, name: str, out: Any, device: torch.device) -> torch.Tensor:
+        out = torch.as_tensor(out)
+        check_metric_output(out, name, self.per_example, self.batch, self.reduce)
+        return out.detach().to(device=device, dtype=torch.float32)
+
+    def evaluate_selected(self, selections: List[torch.Tensor]) -> torch.Tensor:
+        """Every metric from the logits it reads (``metric.from_selected``), ``[n_metrics, batch?]``."""
+        return torch.stack(
+            [self._checked(name, fn.from_selected(sel), sel.device) for (name, fn), sel in zip(self.metrics.items(), selections)]
+        )
+
     def evaluate(self, logits: torch.Tensor) -> torch.Tensor:
         """Every metric on one ``[batch, pos, d_vocab]`` slice, stacked to ``[n_metrics, batch?]``."""
-        rows = []
-        for name, fn in self.metrics.items():
-            out = torch.as_tensor(fn(logits))
-            check_metric_output(out, name, self.per_example, self.batch, self.reduce)
-            rows.append(out.detach().to(device=logits.device, dtype=torch.float32))
-        return torch.stack(rows)
+        return torch.stack([self._checked(name, fn(logits), logits.device) for name, fn in self.metrics.items()])
 
 
 def _probe_hooks(model: Any, tokens: torch.Tensor, hook_names: List[str]) -> Dict[str, tuple]:
@@ -87,6 +106,99 @@ def _is_oom(error: BaseException) -> bool:
     return isinstance(error, torch.cuda.OutOfMemoryError) or "out of memory" in str(error).lower()
 
 
+def _with_oom_retry(chunks: List[Chunk], run: Callable[[Chunk], None]) -> None:
+    """Run each chunk; one that does not fit in memory is halved and retried, down to one cell."""
+    pending = deque(chunks)
+    while pending:
+        chunk = pending.popleft()
+        try:
+            run(chunk)
+        except RuntimeError as error:
+            if not _is_oom(error) or len(chunk) == 1:
+                raise
+            mid = chunk.start + len(chunk) // 2
+            pending.extendleft([Chunk(mid, chunk.stop), Chunk(chunk.start, mid)])
+
+
+BACKENDS = ("auto", "native", "hooks")
+
+
+def select_backend(model: Any, tokens: torch.Tensor, sweeps: List[Sweep], backend: str):
+    """``(native model, corrupted trace)`` when the native backend runs this plan, ``None`` for hooks.
+
+    ``"auto"`` uses the native backend where the model and every sweep are supported and its
+    parity check passes, else the hook backend (with a warning if parity failed); ``"native"``
+    raises instead of falling back.
+    """
+    if backend not in BACKENDS:
+        raise ValueError(f"backend must be one of {BACKENDS}, got {backend!r}")
+    if backend == "hooks":
+        return None
+    unsupported = sorted({s.activation_name for s in sweeps} - set(SUPPORTED_ACTIVATIONS))
+    try:
+        if unsupported:
+            raise UnsupportedModel(f"the native backend does not patch {unsupported}")
+        return NativeModel.checked(model, tokens)
+    except UnsupportedModel:
+        if backend == "native":
+            raise
+        return None
+    except ParityError as error:
+        if backend == "native":
+            raise
+        warnings.warn(f"{error}; using the hook backend", stacklevel=4)
+        return None
+
+
+def _run_hooks(model, tokens, sweeps, locations, clean, metrics, values, per_chunk, bar) -> None:
+    batch = tokens.shape[0]
+
+    def run(chunk: Chunk) -> None:
+        logits = hooks_backend.run_chunk(model, tokens, sweeps, locations, chunk, clean)
+        for local in range(len(chunk)):
+            values[chunk.start + local] = metrics.evaluate(logits[local * batch : (local + 1) * batch])
+        bar.update(len(chunk))
+
+    _with_oom_retry(make_chunks(len(locations), per_chunk), run)
+
+
+def _run_native(native, trace, tokens, sweeps, locations, clean, metrics, values, budget, chunk_size, dtype_bytes, bar) -> None:
+    batch, n_pos = tokens.shape
+    baseline = metrics.evaluate(trace.logits)
+    groups, no_ops = native_backend.group_cells(native, trace, sweeps, locations, clean)
+    for cell in no_ops:
+        values[cell] = baseline
+    bar.update(len(no_ops))
+    reads = metrics.common_reads()
+    read_pos = None if reads is None else reads[0].position % n_pos
+    for start, cells in groups.items():
+        if read_pos is not None and read_pos < start:  # the metric reads a position the patch cannot reach
+            for cell, _, _ in cells:
+                values[cell] = baseline
+            bar.update(len(cells))
+            continue
+        if chunk_size is not None:
+            per_chunk = chunk_size
+        else:
+            row_bytes = native_backend.bytes_per_row(native, n_pos, start, reads is None, dtype_bytes)
+            per_chunk = max(1, budget // row_bytes // batch)
+
+        def run(chunk: Chunk, start=start, cells=cells) -> None:
+            x, order = native_backend.run_chunk(native, trace, sweeps, locations, clean, start, cells[chunk.start : chunk.stop])
+            if reads is None:
+                logits = native_backend.full_logits(native, trace, x, start)
+                for i, cell in enumerate(order):
+                    values[cell] = metrics.evaluate(logits[i * batch : (i + 1) * batch])
+            else:
+                x_read = x[:, read_pos - start]
+                selections = [native_backend.read_logits(native, x_read, r.tokens, len(order)) for r in reads]
+                for i, cell in enumerate(order):
+                    values[cell] = metrics.evaluate_selected([sel[i * batch : (i + 1) * batch] for sel in selections])
+            bar.update(len(order))
+
+        _with_oom_retry(make_chunks(len(cells), per_chunk), run)
+
+
 def run_plan(
     model: Any,
     tokens: torch.Tensor,
@@ -94,6 +206,7 @@ def run_plan(
     sweeps: List[Sweep],
     metrics: MetricSet,
     *,
+    backend: str = "auto",
     chunk_size: Optional[int] = None,
     memory_budget: Optional[int] = None,
     progress: bool = True,
@@ -101,30 +214,25 @@ def run_plan(
 ) -> List[torch.Tensor]:
     """Run every cell of every sweep; one ``[n_metrics, n_cells, batch?]`` tensor per sweep."""
     device = torch.device(model.cfg.device) if getattr(model.cfg, "device", None) is not None else tokens.device
+    engine = select_backend(model, tokens, sweeps, backend)
     clean = clean_activations_for(model, tokens, clean_cache, sweeps)
     locations = cell_locations(sweeps)
     dtype_bytes = torch.finfo(getattr(model.cfg, "dtype", torch.float32) or torch.float32).bits // 8
-    per_chunk = cells_per_chunk(
-        model.cfg, tokens.shape[0], tokens.shape[1], dtype_bytes, device, chunk_size, memory_budget
-    )
     values = torch.empty((len(locations),) + metrics.value_shape(), device=device)
-    batch = tokens.shape[0]
-    pending = deque(make_chunks(len(locations), per_chunk))
     with torch.no_grad(), tqdm(total=len(locations), desc=desc, disable=not progress, unit="cell") as bar:
-        while pending:
-            chunk = pending.popleft()
-            try:
-                logits = hooks_backend.run_chunk(model, tokens, sweeps, locations, chunk, clean)
-            except RuntimeError as error:  # halve a chunk that does not fit, down to one cell
-                if not _is_oom(error) or len(chunk) == 1:
-                    raise
-                mid = chunk.start + len(chunk) // 2
-                pending.extendleft([Chunk(mid, chunk.stop), Chunk(chunk.start, mid)])
-                continue
-            for local in range(len(chunk)):
-                values[chunk.start + local] = metrics.evaluate(logits[local * batch : (local + 1) * batch])
-            del logits
-            bar.update(len(chunk))
+        if engine is None:
+            per_chunk = cells_per_chunk(
+                model.cfg, tokens.shape[0], tokens.shape[1], dtype_bytes, device, chunk_size, memory_budget
+            )
+            _run_hooks(model, tokens, sweeps, locations, clean, metrics, values, per_chunk, bar)
+        else:
+            if chunk_size is not None:
+                cells_per_chunk(model.cfg, 1, 1, dtype_bytes, device, chunk_size, None)  # validates it
+            budget = memory_budget if memory_budget is not None else default_memory_budget(device)
+            if budget <= 0:
+                raise ValueError(f"memory_budget must be a positive number of bytes, got {budget!r}")
+            native, trace = engine
+            _run_native(native, trace, tokens, sweeps, locations, clean, metrics, values, budget, chunk_size, dtype_bytes, bar)
     # [cells, metrics, batch?] -> per sweep [metrics, cells, batch?]
     out, start = [], 0
     for sweep in sweeps:

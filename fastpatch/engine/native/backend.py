@@ -1,0 +1,126 @@
+"""Run a plan's cells on the native forward with exact compute skipping.
+
+Cells are grouped by ``start`` (first changed position: every row of a batched pass shares its
+positions) and sorted by entry block. In each chunk the layer loop starts at the earliest entry
+and rows are concatenated onto the running batch as the loop reaches their entry, so no row
+computes a block before its patch and every block runs as one batched matmul. Attention reads
+the corrupted run's keys and values for positions before ``start``. With metrics that declare
+what they read (``fastpatch.metrics``), only the read position is normalised and unembedded,
+and only the read vocabulary columns when they name them.
+"""
+
+from __future__ import annotations
+
+from collections import defaultdict
+from typing import Any, Dict, List, Mapping, Optional, Tuple
+
+import torch
+from torch import Tensor
+
+from fastpatch.engine.native.cells import ATTN, MLP, cell_resid, cell_start, entry_point
+from fastpatch.engine.native.model import NativeModel, Trace
+from fastpatch.engine.plan import Sweep
+
+# (cell number in the plan, entry block, entry stage)
+_Cell = Tuple[int, int, int]
+
+
+def bytes_per_row(native: NativeModel, n_pos: int, start: int, full_logits: bool, dtype_bytes: int) -> int:
+    """Peak memory of one row of a pass over positions ``start..``: a forward over ``n_pos - start``
+    query positions attending over ``n_pos`` keys, plus the full logits only when a metric needs them."""
+    d_model, d_mlp = native.W_E.shape[1], native.layers[0].W_in.shape[1]
+    n, d_vocab = n_pos - start, native.W_U.shape[1]
+    per_pos = 10 * d_model + 3 * d_mlp + 3 * native.n_heads * n_pos + 4 * native.n_heads * native.d_head
+    logits = 2 * n_pos * d_vocab if full_logits else 2 * d_vocab
+    return int((per_pos * n + logits) * dtype_bytes)
+
+
+def group_cells(
+    native: NativeModel, trace: Trace, sweeps: List[Sweep], locations: List[Tuple[int, int]], clean: Mapping[str, Tensor]
+) -> Tuple[Dict[int, List[_Cell]], List[int]]:
+    """Cells by first changed position, each group sorted by entry; and the no-op cells."""
+    groups: Dict[int, List[_Cell]] = defaultdict(list)
+    no_ops = []
+    for cell, (s, r) in enumerate(locations):
+        sweep = sweeps[s]
+        index = sweep.indices[r].tolist()
+        start = cell_start(native, trace, sweep.activation_name, index, sweep.patch_setter, clean[sweep.hook_name(index[0])])
+        if start is None:
+            no_ops.append(cell)
+            continue
+        groups[start].append((cell,) + entry_point(native, sweep.activation_name, index[0]))
+    for cells in groups.values():
+        cells.sort(key=lambda c: (c[1], c[2]))
+    return dict(sorted(groups.items())), no_ops
+
+
+def run_chunk(
+    native: NativeModel,
+    trace: Trace,
+    sweeps: List[Sweep],
+    locations: List[Tuple[int, int]],
+    clean: Mapping[str, Tensor],
+    start: int,
+    cells: List[_Cell],
+) -> Tuple[Tensor, List[int]]:
+    """Final residual ``[rows, pos - start, d_model]`` of a chunk of cells sharing ``start``,
+    and the cell numbers in row order (``batch`` rows each)."""
+    by_entry: Dict[Tuple[int, int], List[int]] = defaultdict(list)
+    for cell, layer, stage in cells:
+        by_entry[(layer, stage)].append(cell)
+    batch = trace.resid_pre[0].shape[0]
+    order: List[int] = []
+
+    def join(x: Optional[Tensor], key: Tuple[int, int]) -> Optional[Tensor]:
+        joining = by_entry.get(key)
+        if not joining:
+            return x
+        order.extend(joining)
+        resids = []
+        for cell in joining:
+            s, r = locations[cell]
+            sweep = sweeps[s]
+            index = sweep.indices[r].tolist()
+            clean_act = clean[sweep.hook_name(index[0])]
+            resids.append(cell_resid(native, trace, sweep.activation_name, index, sweep.patch_setter, clean_act, start))
+        new = torch.cat(resids, dim=0)
+        return new if x is None else torch.cat([x, new], dim=0)
+
+    x: Optional[Tensor] = None
+    for l in range(min(layer for layer, _ in by_entry), native.n_layers):
+        x = join(x, (l, ATTN))
+        if x is not None:
+            L = native.layers[l]
+            q, k, v = native.qkv(l, native.normalize(x, L.ln1_w, L.ln1_b))
+            reps = x.shape[0] // batch
+            k_all = torch.cat([trace.k_rot[l][:, :start].repeat(reps, 1, 1, 1), native.rotate(l, k, start)], dim=1)
+            v_all = torch.cat([trace.v[l][:, :start].repeat(reps, 1, 1, 1), v], dim=1)
+            _, z = native.attend(native.rotate(l, q, start), k_all, v_all, start)
+            attn_out = native.attn_out(l, z)
+            if native.parallel:
+                x = x + attn_out + native.mlp(l, x)
+                continue
+            x = x + attn_out
+        x = join(x, (l, MLP))
+        if x is not None:
+            x = x + native.mlp(l, x)
+    x = join(x, (native.n_layers, ATTN))
+    return x, order
+
+
+def read_logits(native: NativeModel, x_final: Tensor, tokens: Optional[Tensor], reps: int) -> Tensor:
+    """Logits of one position's final residual ``[rows, d_model]``: ``[rows, k]`` at the token
+    columns ``tokens`` (``[batch, k]``, the same for every cell), or the full row when ``None``."""
+    x = native.final_norm(x_final)
+    if tokens is None:
+        return native.unembed(x)
+    cols = tokens.to(x.device).repeat(reps, 1)  # [rows, k]
+    out = torch.einsum("rd,rkd->rk", x, native.W_U.T[cols])
+    return out if native.b_U is None else out + native.b_U[cols]
+
+
+def full_logits(native: NativeModel, trace: Trace, x_final: Tensor, start: int) -> Tensor:
+    """``[rows, pos, d_vocab]``: the corrupted logits before ``start`` and recomputed ones after."""
+    reps = x_final.shape[0] // trace.logits.shape[0]
+    suffix = native.unembed(native.final_norm(x_final))
+    return torch.cat([trace.logits[:, :start].repeat(reps, 1, 1), suffix], dim=1)

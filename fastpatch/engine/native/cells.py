@@ -1,0 +1,119 @@
+"""Where each patched cell enters the model, and the residual stream it enters with.
+
+A cell's patched activation is built exactly as TransformerLens builds it: the patch setter is
+applied to the corrupted run's activation (``[batch, ...]``, hook layout). Everything the patch
+cannot change is then skipped:
+
+- positions before ``start``, the first position where the patched activation differs from the
+  corrupted one (causal attention: nothing before it can change, in any layer). A cell whose
+  patch changes nothing at all (e.g. a position where clean and corrupted prompts agree) is a
+  no-op: its value is the corrupted baseline;
+- every block before the patched one, and inside it whatever precedes the patch: a head's
+  q/k/v/pattern/z patch recomputes only that layer's attention from the cached activations.
+
+| activation | enters at | residual it enters with |
+|---|---|---|
+| resid_pre[l] | attention of block l | the patched residual |
+| resid_mid[l] | block l+1 | resid_mid + MLP(patched resid_mid) (*) |
+| attn_out[l] | MLP of block l (parallel blocks: block l+1) | resid_pre + patched attn_out (+ mlp_out) |
+| z[l] | as attn_out | attn_out recomputed from patched z |
+| q/k/v/pattern[l] | as attn_out | attention of block l recomputed with the patch |
+| mlp_out[l] | block l+1 | resid_mid + patched mlp_out |
+
+(*) In TransformerLens 4.3 bridges ``hook_resid_mid`` is an alias of ``ln2.hook_in``: a patch there
+changes the MLP's input but not the residual stream's skip path. We reproduce that, since the
+values must be TransformerLens's.
+"""
+
+from __future__ import annotations
+
+from typing import Callable, Optional, Tuple
+
+import torch
+from torch import Tensor
+
+from fastpatch.engine.native.model import NativeModel, Trace
+
+SUPPORTED_ACTIVATIONS = ("resid_pre", "resid_mid", "attn_out", "mlp_out", "z", "q", "k", "v", "pattern")
+
+# Entry stages within a block: before its attention, or before its MLP (sequential blocks).
+ATTN, MLP = 0, 1
+
+
+def _first_changed_position(patched: Tensor, corrupted: Tensor, pos_axis: int) -> Optional[int]:
+    changed = (patched != corrupted).movedim(pos_axis, 0).reshape(patched.shape[pos_axis], -1).any(dim=1)
+    hits = torch.nonzero(changed)
+    return int(hits[0]) if len(hits) else None
+
+
+def _trace_activation(native: NativeModel, trace: Trace, name: str, layer: int) -> Tensor:
+    if name == "resid_mid" and native.parallel:
+        raise ValueError("parallel attention+MLP blocks have no resid_mid")
+    return getattr(trace, name)[layer]
+
+
+def entry_point(native: NativeModel, activation_name: str, layer: int) -> Tuple[int, int]:
+    """(block, stage) where a patch of ``activation_name`` at ``layer`` first changes the residual."""
+    if activation_name == "resid_pre":
+        return layer, ATTN
+    if activation_name in ("mlp_out", "resid_mid") or native.parallel:
+        return layer + 1, ATTN
+    return layer, MLP
+
+
+def _patched(native: NativeModel, trace: Trace, activation_name: str, index: list, patch_setter: Callable, clean: Tensor) -> Tuple[Tensor, Tensor]:
+    corrupted = _trace_activation(native, trace, activation_name, index[0])
+    return patch_setter(corrupted.clone(), index, clean), corrupted
+
+
+def cell_start(native: NativeModel, trace: Trace, activation_name: str, index: list, patch_setter: Callable, clean: Tensor) -> Optional[int]:
+    """First position the cell's patch changes (``None``: the patch changes nothing)."""
+    patched, corrupted = _patched(native, trace, activation_name, index, patch_setter, clean)
+    return _first_changed_position(patched, corrupted, 2 if activation_name == "pattern" else 1)
+
+
+def cell_resid(
+    native: NativeModel,
+    trace: Trace,
+    activation_name: str,
+    index: list,
+    patch_setter: Callable,
+    clean: Tensor,
+    s: int,
+) -> Tensor:
+    """The residual ``[batch, pos - s, d_model]`` the cell's rows enter the model with (see the table)."""
+    layer = index[0]
+    patched, _ = _patched(native, trace, activation_name, index, patch_setter, clean)
+    if activation_name == "resid_pre":
+        return patched[:, s:]
+    if activation_name == "resid_mid":  # the bridge's hook_resid_mid is ln2.hook_in: the MLP input only
+        return trace.resid_mid[layer][:, s:] + native.mlp(layer, patched[:, s:])
+    if activation_name == "mlp_out":
+        if native.parallel:
+            return trace.resid_pre[layer][:, s:] + trace.attn_out[layer][:, s:] + patched[:, s:]
+        return trace.resid_mid[layer][:, s:] + patched[:, s:]
+    if activation_name == "attn_out":
+        attn_out = patched[:, s:]
+    else:
+        attn_out = native.attn_out(layer, _patched_z(native, trace, activation_name, layer, patched, s))
+    resid_pre = trace.resid_pre[layer][:, s:]
+    if native.parallel:
+        return resid_pre + attn_out + trace.mlp_out[layer][:, s:]
+    return resid_pre + attn_out
+
+
+def _patched_z(native: NativeModel, trace: Trace, name: str, layer: int, patched: Tensor, s: int) -> Tensor:
+    """Head outputs ``[batch, pos - s, n_heads, d_head]`` of block ``layer`` with a q/k/v/pattern/z patch."""
+    if name == "z":
+        return patched[:, s:]
+    if name == "pattern":
+        v = trace.v[layer]
+        group = native.n_heads // v.shape[2]
+        if group > 1:
+            v = v.repeat_interleave(group, dim=2)
+        return torch.einsum("bhqk,bkhe->bqhe", patched[:, :, s:], v)
+    q = patched if name == "q" else trace.q[layer]
+    k_rot = native.rotate(layer, patched, 0) if name == "k" else trace.k_rot[layer]
+    v = patched if name == "v" else trace.v[layer]
+    _, z = native.attend(native.rotate(layer, q[:, s:], s), k_rot, v, s)
+    return z

@@ -1,0 +1,321 @@
+"""A functional transformer forward from a TransformerLens model's standard weights.
+
+Supports LayerNorm and RMSNorm, learned and rotary (full or partial, half-split) positions,
+grouped-query attention, GELU/SiLU/ReLU and gated MLPs, sequential and parallel attention+MLP
+blocks. It can start at any block from a cached residual, attend over a cached K/V prefix, and
+stop before the unembedding. Anything it does not implement is either refused up front
+(``UnsupportedModel``) or caught by the parity check (``ParityError``) against the model's own
+forward and hook values on the caller's tokens: it never returns a wrong number silently.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass, field
+from typing import Any, Callable, Dict, List, Optional
+
+import torch
+import torch.nn.functional as F
+from jaxtyping import Float, Int
+from torch import Tensor
+
+
+class UnsupportedModel(ValueError):
+    """The model has a feature the native forward does not implement."""
+
+
+class ParityError(ValueError):
+    """The native forward disagrees with the model's own forward."""
+
+
+_ACTIVATIONS: Dict[str, Callable[[Tensor], Tensor]] = {
+    "gelu": F.gelu,
+    "gelu_new": lambda x: F.gelu(x, approximate="tanh"),
+    "gelu_pytorch_tanh": lambda x: F.gelu(x, approximate="tanh"),
+    "gelu_fast": lambda x: F.gelu(x, approximate="tanh"),
+    "silu": F.silu,
+    "swish": F.silu,
+    "relu": F.relu,
+}
+
+# Config features with a non-default value that the native forward does not implement.
+_UNSUPPORTED_FLAGS = {
+    "use_qk_norm": False,
+    "use_normalization_before_and_after": False,
+    "post_embedding_ln": False,
+    "attn_only": False,
+    "rotary_adjacent_pairs": False,
+    "scale_attn_by_inverse_layer_idx": False,
+    "use_local_attn": False,
+}
+
+
+@dataclass
+class Layer:
+    """One block's weights, in TransformerLens's layouts."""
+
+    ln1_w: Tensor
+    ln1_b: Optional[Tensor]
+    ln2_w: Tensor
+    ln2_b: Optional[Tensor]
+    W_Q: Tensor  # [n_heads, d_model, d_head]
+    W_K: Tensor  # [n_kv_heads, d_model, d_head]
+    W_V: Tensor
+    W_O: Tensor  # [n_heads, d_head, d_model]
+    b_Q: Optional[Tensor]
+    b_K: Optional[Tensor]
+    b_V: Optional[Tensor]
+    b_O: Optional[Tensor]
+    W_in: Tensor  # [d_model, d_mlp]
+    W_gate: Optional[Tensor]
+    W_out: Tensor  # [d_mlp, d_model]
+    b_in: Optional[Tensor]
+    b_out: Optional[Tensor]
+
+
+@dataclass
+class Trace:
+    """Every activation of a full forward, per layer, in the hook layouts (batch first)."""
+
+    resid_pre: List[Tensor] = field(default_factory=list)  # [batch, pos, d_model]
+    q: List[Tensor] = field(default_factory=list)  # [batch, pos, n_heads, d_head], before rotary
+    k: List[Tensor] = field(default_factory=list)  # [batch, pos, n_kv_heads, d_head], before rotary
+    v: List[Tensor] = field(default_factory=list)
+    k_rot: List[Tensor] = field(default_factory=list)  # keys as attention sees them
+    pattern: List[Tensor] = field(default_factory=list)  # [batch, n_heads, dest, src]
+    z: List[Tensor] = field(default_factory=list)  # [batch, pos, n_heads, d_head]
+    attn_out: List[Tensor] = field(default_factory=list)
+    resid_mid: List[Tensor] = field(default_factory=list)  # sequential blocks only
+    mlp_out: List[Tensor] = field(default_factory=list)
+    logits: Optional[Tensor] = None
+
+    def hook_values(self, parallel: bool) -> Dict[str, Tensor]:
+        """The trace under the model's hook names, for the parity check."""
+        out = {}
+        for l in range(len(self.resid_pre)):
+            out[f"blocks.{l}.hook_resid_pre"] = self.resid_pre[l]
+            for name in ("q", "k", "v", "pattern", "z"):
+                out[f"blocks.{l}.attn.hook_{name}"] = getattr(self, name)[l]
+            out[f"blocks.{l}.hook_attn_out"] = self.attn_out[l]
+            out[f"blocks.{l}.hook_mlp_out"] = self.mlp_out[l]
+            if not parallel:
+                out[f"blocks.{l}.hook_resid_mid"] = self.resid_mid[l]
+        return out
+
+
+def _weight(module: Any, name: str) -> Optional[Tensor]:
+    value = getattr(module, name, None)
+    return value.detach() if isinstance(value, Tensor) else None
+
+
+class NativeModel:
+    """The functional forward of one TransformerLens model."""
+
+    def __init__(self, model: Any):
+        cfg = model.cfg
+        for flag, default in _UNSUPPORTED_FLAGS.items():
+            if bool(getattr(cfg, flag, default)) != default:
+                raise UnsupportedModel(f"the native backend does not implement cfg.{flag}={getattr(cfg, flag)}")
+        for flag in ("attn_scores_soft_cap", "output_logits_soft_cap"):
+            if float(getattr(cfg, flag, -1.0) or -1.0) > 0:
+                raise UnsupportedModel(f"the native backend does not implement cfg.{flag}")
+        if getattr(cfg, "attention_dir", "causal") != "causal":
+            raise UnsupportedModel("the native backend needs causal attention")
+        self.norm = cfg.normalization_type
+        if self.norm not in ("LN", "RMS"):
+            raise UnsupportedModel(f"the native backend does not implement normalization_type={self.norm!r}")
+        self.positions = cfg.positional_embedding_type
+        if self.positions not in ("standard", "rotary"):
+            raise UnsupportedModel(f"the native backend does not implement {self.positions!r} positions")
+        if cfg.act_fn not in _ACTIVATIONS:
+            raise UnsupportedModel(f"the native backend does not implement act_fn={cfg.act_fn!r}")
+        self.act = _ACTIVATIONS[cfg.act_fn]
+        self.eps = float(cfg.eps)
+        self.parallel = bool(cfg.parallel_attn_mlp)
+        self.gated = bool(cfg.gated_mlp)
+        self.n_layers, self.n_heads, self.d_head = int(cfg.n_layers), int(cfg.n_heads), int(cfg.d_head)
+        self.n_kv_heads = int(getattr(cfg, "n_key_value_heads", None) or self.n_heads)
+        attn_scale = float(getattr(cfg, "attn_scale", -1.0) or -1.0)
+        self.attn_scale = attn_scale if attn_scale > 0 else math.sqrt(self.d_head)
+        if not getattr(cfg, "use_attn_scale", True):
+            self.attn_scale = 1.0
+        try:
+            self.layers = [self._layer(block) for block in model.blocks]
+            self.W_E = model.W_E.detach()
+            self.W_pos = model.W_pos.detach() if self.positions == "standard" else None
+            self.W_U = model.W_U.detach()
+            self.b_U = _weight(model, "b_U")
+            self.lnf_w = _weight(model.ln_final, "w")
+            self.lnf_b = _weight(model.ln_final, "b") if self.norm == "LN" else None
+        except (AttributeError, TypeError) as error:
+            raise UnsupportedModel(f"the model does not expose TransformerLens-standard weights: {error}") from None
+        if self.lnf_w is None:
+            raise UnsupportedModel("the model's final norm has no weight")
+        self.rotary: Optional[List[tuple]] = None  # per layer (cos, sin): [pos, rotary_dim]
+
+    def _layer(self, block: Any) -> Layer:
+        attn, mlp = block.attn, block.mlp
+        lnb = (lambda ln: _weight(ln, "b")) if self.norm == "LN" else (lambda ln: None)
+        return Layer(
+            ln1_w=_weight(block.ln1, "w"), ln1_b=lnb(block.ln1), ln2_w=_weight(block.ln2, "w"), ln2_b=lnb(block.ln2),
+            W_Q=attn.W_Q.detach(), W_K=attn.W_K.detach(), W_V=attn.W_V.detach(), W_O=attn.W_O.detach(),
+            b_Q=_weight(attn, "b_Q"), b_K=_weight(attn, "b_K"), b_V=_weight(attn, "b_V"), b_O=_weight(attn, "b_O"),
+            W_in=mlp.W_in.detach(), W_gate=_weight(mlp, "W_gate") if self.gated else None, W_out=mlp.W_out.detach(),
+            b_in=_weight(mlp, "b_in"), b_out=_weight(mlp, "b_out"),
+        )
+
+    # ---- pieces -------------------------------------------------------------------------------
+    def normalize(self, x: Tensor, w: Tensor, b: Optional[Tensor]) -> Tensor:
+        if self.norm == "RMS":
+            return x * torch.rsqrt(x.pow(2).mean(-1, keepdim=True) + self.eps) * w
+        x = x - x.mean(-1, keepdim=True)
+        x = x * torch.rsqrt(x.pow(2).mean(-1, keepdim=True) + self.eps) * w
+        return x if b is None else x + b
+
+    @staticmethod
+    def _project(x: Tensor, W: Tensor, b: Optional[Tensor]) -> Tensor:
+        """``[..., d_model] @ [heads, d_model, d_head] -> [..., heads, d_head]``."""
+        out = torch.einsum("...d,hde->...he", x, W)
+        return out if b is None else out + b
+
+    def rotate(self, layer: int, x: Tensor, start: int) -> Tensor:
+        """Rotary embedding of ``[rows, pos, heads, d_head]`` for positions ``start, start+1, ...``."""
+        if self.rotary is None:
+            return x
+        cos, sin = self.rotary[layer]
+        n = x.shape[1]
+        cos, sin = cos[start : start + n, None, :], sin[start : start + n, None, :]
+        r = cos.shape[-1]
+        rot, rest = x[..., :r], x[..., r:]
+        half = r // 2
+        rotated = torch.cat([-rot[..., half:], rot[..., :half]], dim=-1)
+        out = rot * cos + rotated * sin
+        return out if rest.shape[-1] == 0 else torch.cat([out, rest], dim=-1)
+
+    def qkv(self, layer: int, x_norm: Tensor):
+        L = self.layers[layer]
+        return (
+            self._project(x_norm, L.W_Q, L.b_Q),
+            self._project(x_norm, L.W_K, L.b_K),
+            self._project(x_norm, L.W_V, L.b_V),
+        )
+
+    def attend(self, q_rot: Tensor, k_rot: Tensor, v: Tensor, q_start: int) -> tuple:
+        """Causal attention of queries at ``q_start..`` over keys at ``0..``; GQA by head groups.
+
+        q_rot ``[rows, nq, heads, d_head]``; k_rot, v ``[rows, nk, kv_heads, d_head]``.
+        Returns pattern ``[rows, heads, nq, nk]`` and z ``[rows, nq, heads, d_head]``.
+        """
+        group = q_rot.shape[2] // k_rot.shape[2]
+        if group > 1:
+            k_rot = k_rot.repeat_interleave(group, dim=2)
+            v = v.repeat_interleave(group, dim=2)
+        scores = torch.einsum("rqhe,rkhe->rhqk", q_rot, k_rot) / self.attn_scale
+        nq, nk = q_rot.shape[1], k_rot.shape[1]
+        future = torch.arange(nk, device=q_rot.device)[None, :] > torch.arange(q_start, q_start + nq, device=q_rot.device)[:, None]
+        pattern = scores.masked_fill(future, float("-inf")).softmax(dim=-1)
+        z = torch.einsum("rhqk,rkhe->rqhe", pattern, v)
+        return pattern, z
+
+    def attn_out(self, layer: int, z: Tensor) -> Tensor:
+        L = self.layers[layer]
+        out = torch.einsum("rqhe,hed->rqd", z, L.W_O)
+        return out if L.b_O is None else out + L.b_O
+
+    def mlp(self, layer: int, x: Tensor) -> Tensor:
+        L = self.layers[layer]
+        h = self.normalize(x, L.ln2_w, L.ln2_b)
+        pre = h @ L.W_in
+        if L.b_in is not None:
+            pre = pre + L.b_in
+        post = self.act(h @ L.W_gate) * pre if self.gated else self.act(pre)
+        out = post @ L.W_out
+        return out if L.b_out is None else out + L.b_out
+
+    def final_norm(self, x: Tensor) -> Tensor:
+        return self.normalize(x, self.lnf_w, self.lnf_b)
+
+    def unembed(self, x_norm: Tensor) -> Tensor:
+        out = x_norm @ self.W_U
+        return out if self.b_U is None else out + self.b_U
+
+    # ---- whole runs ---------------------------------------------------------------------------
+    def trace(self, tokens: Int[Tensor, "batch pos"]) -> Trace:
+        """The full forward of ``tokens`` with every activation kept."""
+        t = Trace()
+        x = self.W_E[tokens]
+        if self.W_pos is not None:
+            x = x + self.W_pos[: tokens.shape[1]]
+        for l, L in enumerate(self.layers):
+            t.resid_pre.append(x)
+            q, k, v = self.qkv(l, self.normalize(x, L.ln1_w, L.ln1_b))
+            k_rot = self.rotate(l, k, 0)
+            pattern, z = self.attend(self.rotate(l, q, 0), k_rot, v, 0)
+            attn_out = self.attn_out(l, z)
+            for name, value in (("q", q), ("k", k), ("v", v), ("k_rot", k_rot), ("pattern", pattern), ("z", z), ("attn_out", attn_out)):
+                getattr(t, name).append(value)
+            if self.parallel:
+                mlp_out = self.mlp(l, x)
+                x = x + attn_out + mlp_out
+            else:
+                mid = x + attn_out
+                t.resid_mid.append(mid)
+                mlp_out = self.mlp(l, mid)
+                x = mid + mlp_out
+            t.mlp_out.append(mlp_out)
+        t.logits = self.unembed(self.final_norm(x))
+        return t
+
+    def check_parity(self, logits: Tensor, cache: Any, trace: Trace) -> None:
+        """Refuse if the trace disagrees with the model's own logits or hook values.
+
+        Tolerance: 1e-4 of each tensor's scale in fp32 (the two forwards differ only in the
+        order of float reductions, ~1e-6), 5e-2 in half precision.
+        """
+        rtol = 1e-4 if logits.dtype == torch.float32 or logits.dtype == torch.float64 else 5e-2
+        checks = {"logits": (trace.logits, logits)}
+        for name, value in trace.hook_values(self.parallel).items():
+            if name in cache:
+                checks[name] = (value, cache[name])
+        for name, (ours, theirs) in checks.items():
+            if ours.shape != theirs.shape:
+                raise ParityError(f"native forward's {name} has shape {tuple(ours.shape)}, the model's {tuple(theirs.shape)}")
+            scale = float(theirs.abs().max()) + 1e-6
+            err = float((ours.float() - theirs.float()).abs().max())
+            if not err <= rtol * scale:
+                raise ParityError(
+                    f"native forward disagrees with the model at {name}: max abs error {err:.3g} "
+                    f"(scale {scale:.3g}); the model has a feature the native backend does not implement"
+                )
+
+    @classmethod
+    def checked(cls, model: Any, tokens: Tensor) -> tuple:
+        """Build the native model, trace ``tokens`` and check parity with the model's own run."""
+        native = cls(model)
+        with torch.no_grad():
+            logits, cache = model.run_with_cache(tokens)
+            if native.positions == "rotary":
+                native.rotary = []
+                for l in range(native.n_layers):
+                    if f"blocks.{l}.attn.hook_cos" not in cache:
+                        raise UnsupportedModel("rotary model without hook_cos/hook_sin: rotary angles unknown")
+                    cos, sin = cache[f"blocks.{l}.attn.hook_cos"], cache[f"blocks.{l}.attn.hook_sin"]
+                    native.rotary.append((cos.reshape(-1, cos.shape[-2], cos.shape[-1])[0], sin.reshape(-1, sin.shape[-2], sin.shape[-1])[0]))
+            trace = native.trace(tokens)
+        native.check_parity(logits, cache, trace)
+        return native, native.trace_from_cache(cache, logits)
+
+    def trace_from_cache(self, cache: Any, logits: Tensor) -> Trace:
+        """The model's own activations in trace form (after the parity check has vouched for the
+        native forward): unpatched positions, and the first-changed-position test against the
+        clean cache, then use the model's numbers bit for bit, as TransformerLens's forwards do."""
+        t = Trace(logits=logits)
+        for l in range(self.n_layers):
+            for name, hook in (("resid_pre", "hook_resid_pre"), ("attn_out", "hook_attn_out"), ("mlp_out", "hook_mlp_out")):
+                getattr(t, name).append(cache[f"blocks.{l}.{hook}"])
+            for name in ("q", "k", "v", "pattern", "z"):
+                getattr(t, name).append(cache[f"blocks.{l}.attn.hook_{name}"])
+            if not self.parallel:
+                t.resid_mid.append(cache[f"blocks.{l}.hook_resid_mid"])
+            t.k_rot.append(self.rotate(l, t.k[l], 0))
+        return t

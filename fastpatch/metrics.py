@@ -1,0 +1,364 @@
+"""Patching metrics that declare which logits they read.
+
+Every metric here is a plain callable ``metric(logits) -> value`` (a 0-d scalar, or ``[batch]``
+with ``per_prompt=True`` for ``reduce="mean"`` / ``reduce="none"``), so it can be passed straight
+to ``transformer_lens.patching`` or ``fastpatch.patching``. In addition, a :class:`LogitMetric`
+declares in ``reads`` the one position and the token columns it looks at, and splits its
+evaluation in two:
+
+- ``select(logits)``: ``logits[:, position]`` gathered at ``reads.tokens`` -> ``[batch, k]``
+  (the whole ``[batch, d_vocab]`` row when ``reads.tokens`` is ``None``);
+- ``from_selected(selected)``: the metric from those values.
+
+``metric(logits) == metric.from_selected(metric.select(logits))`` bit for bit (``__call__`` is
+implemented literally that way), so a backend that computes only the selected logits (e.g. a
+logit difference needs two columns of ``W_U`` at one position, not the full
+``[rows, pos, d_vocab]`` unembedding) gives exactly the numbers of the full-logits path.
+
+Backends should use :func:`logit_reads`: whenever it returns a :class:`LogitReads` (not
+``None``), ``metric.select`` and ``metric.from_selected`` are available; for ``None`` (any other
+callable) the backend must compute and pass the full logits.
+"""
+
+from __future__ import annotations
+
+import operator
+from dataclasses import dataclass
+from typing import Any, Callable, Dict, Optional, Tuple, Union
+
+import torch
+from jaxtyping import Float, Int
+from torch import Tensor
+
+__all__ = ["LogitReads", "LogitMetric", "LogitDiff", "LogProb", "NormalizedEffect", "logit_reads"]
+
+MetricValue = Union[Float[Tensor, ""], Float[Tensor, "batch"]]
+
+
+def _as_position(position: Any) -> int:
+    if isinstance(position, bool):
+        raise ValueError(f"position must be an int, got {position!r}")
+    try:
+        return operator.index(position)
+    except TypeError:
+        raise ValueError(f"position must be an int, got {type(position).__name__}") from None
+
+
+@dataclass(frozen=True, eq=False)
+class LogitReads:
+    """What a metric reads of the ``[batch, pos, d_vocab]`` logits.
+
+    Attributes:
+        position: the one sequence position read (negative counts from the end, like ``-1``).
+        tokens: ``[batch, k]`` int64 token ids read at ``position`` for each prompt, or ``None``
+            for the full vocabulary row (e.g. a log-softmax needs every logit).
+
+    Two reads compare equal when position and tokens (values, shape) are equal.
+    """
+
+    position: int
+    tokens: Optional[Int[Tensor, "batch k"]]
+
+    def __post_init__(self) -> None:
+        object.__setattr__(self, "position", _as_position(self.position))
+        if self.tokens is not None:
+            if not isinstance(self.tokens, Tensor) or self.tokens.ndim != 2 or self.tokens.dtype != torch.int64:
+                raise ValueError("LogitReads.tokens must be None or a [batch, k] int64 tensor")
+
+    def __eq__(self, other: object) -> bool:
+        if not isinstance(other, LogitReads):
+            return NotImplemented
+        if self.position != other.position or (self.tokens is None) != (other.tokens is None):
+            return False
+        if self.tokens is None:
+            return True
+        return self.tokens.shape == other.tokens.shape and torch.equal(self.tokens.cpu(), other.tokens.cpu())
+
+    def __hash__(self) -> int:
+        return hash((self.position, None if self.tokens is None else tuple(self.tokens.shape)))
+
+
+def _check_logits(logits: Tensor, batch: int, position: int, what: str) -> None:
+    if not isinstance(logits, Tensor) or logits.ndim != 3:
+        shape = tuple(logits.shape) if isinstance(logits, Tensor) else type(logits).__name__
+        raise ValueError(f"{what} expects logits of shape [batch, pos, d_vocab], got {shape}")
+    if logits.shape[0] != batch:
+        raise ValueError(f"{what} was built for a batch of {batch} prompts, got logits for {logits.shape[0]}")
+    n_pos = logits.shape[1]
+    if not -n_pos <= position < n_pos:
+        raise ValueError(f"{what} reads position {position}, out of range for {n_pos} positions")
+
+
+def _token_ids(tokens: Any, name: str, batch: Optional[int] = None) -> Int[Tensor, "batch n"]:
+    """Validate ``[batch]`` or ``[batch, n]`` integer token ids; return them as ``[batch, n]`` int64."""
+    if not isinstance(tokens, Tensor):
+        raise ValueError(
+            f"{name} must be an integer torch.Tensor of shape [batch] or [batch, n], got {type(tokens).__name__}"
+        )
+    if tokens.dtype == torch.bool or tokens.dtype.is_floating_point or tokens.dtype.is_complex:
+        raise ValueError(f"{name} must have an integer dtype (token ids), got {tokens.dtype}")
+    if tokens.ndim not in (1, 2):
+        raise ValueError(f"{name} must have shape [batch] or [batch, n], got {tuple(tokens.shape)}")
+    if tokens.ndim == 1:
+        tokens = tokens[:, None]
+    if tokens.shape[0] == 0 or tokens.shape[1] == 0:
+        raise ValueError(f"{name} must hold at least one token per prompt, got shape {tuple(tokens.shape)}")
+    if batch is not None and tokens.shape[0] != batch:
+        raise ValueError(f"{name} has {tokens.shape[0]} prompts, expected {batch} (the same batch as the other tokens)")
+    if int(tokens.min()) < 0:
+        raise ValueError(f"{name} holds negative token ids")
+    return tokens.detach().to(torch.int64).clone()
+
+
+class LogitMetric:
+    """Base class: a metric of the logits that declares what it reads (see the module docstring).
+
+    Subclasses set ``reads`` (a :class:`LogitReads`), ``per_prompt`` and ``batch`` and implement
+    ``from_selected``; ``select`` and ``__call__`` are shared.
+    """
+
+    reads: LogitReads
+    per_prompt: bool
+    batch: int
+
+    def __init__(self) -> None:
+        self._tokens_on: Dict[Tuple[int, torch.device], Tensor] = {}
+        self._max_token = -1
+
+    def _set_reads(self, position: int, tokens: Optional[Tensor], read_ids: Tensor) -> None:
+        """``read_ids``: every token id the metric uses (for the vocabulary range check)."""
+        self.reads = LogitReads(position, tokens)
+        self.batch = int(read_ids.shape[0])
+        self._max_token = int(read_ids.max())
+
+    def _tokens_at(self, tokens: Tensor, device: torch.device) -> Tensor:
+        """``tokens`` on ``device`` (copied once per device, then reused)."""
+        if tokens.device == device:
+            return tokens
+        key = (id(tokens), device)
+        if key not in self._tokens_on:
+            self._tokens_on[key] = tokens.to(device)
+        return self._tokens_on[key]
+
+    def select(
+        self, logits: Float[Tensor, "batch pos d_vocab"]
+    ) -> Union[Float[Tensor, "batch k"], Float[Tensor, "batch d_vocab"]]:
+        """``logits[:, position]`` gathered at ``reads.tokens`` (the full row when it is ``None``)."""
+        _check_logits(logits, self.batch, self.reads.position, type(self).__name__)
+        if self._max_token >= logits.shape[-1]:
+            raise ValueError(
+                f"{type(self).__name__} reads token id {self._max_token}, out of range for d_vocab={logits.shape[-1]}"
+            )
+        row = logits[:, self.reads.position]
+        if self.reads.tokens is None:
+            return row
+        return row.gather(-1, self._tokens_at(self.reads.tokens, row.device))
+
+    def from_selected(self, selected: Tensor) -> MetricValue:
+        """The metric from ``select``'s output: ``[batch]`` if ``per_prompt`` else a 0-d mean over prompts."""
+        raise NotImplementedError
+
+    def _reduce(self, per_prompt_values: Float[Tensor, "batch"]) -> MetricValue:
+        return per_prompt_values if self.per_prompt else per_prompt_values.mean()
+
+    def __call__(self, logits: Float[Tensor, "batch pos d_vocab"]) -> MetricValue:
+        return self.from_selected(self.select(logits))
+
+
+class LogitDiff(LogitMetric):
+    """Logit difference at one position.
+
+    ``value[b] = mean_i logits[b, position, answer[b, i]] - mean_j logits[b, position, wrong[b, j]]``
+    (in float32); the mean over prompts unless ``per_prompt``. Reads ``[answer, wrong]`` only.
+
+    Args:
+        answer_tokens: ``[batch]`` or ``[batch, n_answer]`` integer token ids.
+        wrong_tokens: ``[batch]`` or ``[batch, n_wrong]`` integer token ids (same batch).
+        position: the sequence position read (default ``-1``, the last).
+        per_prompt: return ``[batch]`` (for ``reduce="mean"`` / ``"none"``) instead of a scalar.
+    """
+
+    def __init__(
+        self,
+        answer_tokens: Union[Int[Tensor, "batch"], Int[Tensor, "batch n_answer"]],
+        wrong_tokens: Union[Int[Tensor, "batch"], Int[Tensor, "batch n_wrong"]],
+        position: int = -1,
+        per_prompt: bool = False,
+    ):
+        super().__init__()
+        answer = _token_ids(answer_tokens, "answer_tokens")
+        wrong = _token_ids(wrong_tokens, "wrong_tokens", batch=answer.shape[0])
+        self.n_answer = int(answer.shape[1])
+        self.per_prompt = bool(per_prompt)
+        tokens = torch.cat([answer, wrong.to(answer.device)], dim=1)
+        self._set_reads(_as_position(position), tokens, tokens)
+
+    def from_selected(self, selected: Float[Tensor, "batch k"]) -> MetricValue:
+        """``mean(selected[:, :n_answer]) - mean(selected[:, n_answer:])`` per prompt."""
+        selected = selected.float()
+        diff = selected[:, : self.n_answer].mean(-1) - selected[:, self.n_answer :].mean(-1)
+        return self._reduce(diff)
+
+    def __repr__(self) -> str:
+        return (
+            f"LogitDiff(batch={self.batch}, n_answer={self.n_answer}, n_wrong={self.reads.tokens.shape[1] - self.n_answer}, "
+            f"position={self.reads.position}, per_prompt={self.per_prompt})"
+        )
+
+
+class LogProb(LogitMetric):
+    """Log-probability of the given token(s) at one position.
+
+    ``value[b] = sum_i log_softmax(logits[b, position].float())[tokens[b, i]]``; the mean over
+    prompts unless ``per_prompt``. Needs the full vocabulary row (``reads.tokens is None``).
+
+    Args:
+        tokens: ``[batch]`` or ``[batch, n]`` integer token ids (log-probs summed over ``n``).
+        position: the sequence position read (default ``-1``, the last).
+        per_prompt: return ``[batch]`` (for ``reduce="mean"`` / ``"none"``) instead of a scalar.
+    """
+
+    def __init__(
+        self,
+        tokens: Union[Int[Tensor, "batch"], Int[Tensor, "batch n"]],
+        position: int = -1,
+        per_prompt: bool = False,
+    ):
+        super().__init__()
+        self.tokens = _token_ids(tokens, "tokens")
+        self.per_prompt = bool(per_prompt)
+        self._set_reads(_as_position(position), None, self.tokens)
+
+    def from_selected(self, selected: Float[Tensor, "batch d_vocab"]) -> MetricValue:
+        """``log_softmax(selected.float()).gather(tokens).sum(-1)`` per prompt."""
+        if selected.ndim != 2 or selected.shape[0] != self.batch:
+            raise ValueError(
+                f"LogProb.from_selected expects the [batch={self.batch}, d_vocab] row, got {tuple(selected.shape)}"
+            )
+        logprobs = torch.log_softmax(selected.float(), dim=-1)
+        return self._reduce(logprobs.gather(-1, self._tokens_at(self.tokens, logprobs.device)).sum(-1))
+
+    def __repr__(self) -> str:
+        return (
+            f"LogProb(batch={self.batch}, n={self.tokens.shape[1]}, position={self.reads.position}, "
+            f"per_prompt={self.per_prompt})"
+        )
+
+
+def _as_value(value: Any, name: str) -> Float[Tensor, "..."]:
+    try:
+        out = torch.as_tensor(value).detach()
+    except (TypeError, ValueError, RuntimeError):
+        raise ValueError(f"{name} must be a number or a tensor, got {type(value).__name__}") from None
+    if out.dtype == torch.bool or out.dtype.is_complex:
+        raise ValueError(f"{name} must be real-valued, got dtype {out.dtype}")
+    if out.ndim > 1:
+        raise ValueError(f"{name} must be a scalar or a [batch] tensor, got shape {tuple(out.shape)}")
+    return out.to(torch.float32).clone()
+
+
+class NormalizedEffect:
+    """A metric rescaled so the corrupted run scores 0 and the clean run scores 1.
+
+    ``value = (metric(logits) - corrupted_value) / (clean_value - corrupted_value)``.
+
+    ``metric`` is a :class:`LogitMetric` (then ``reads``/``per_prompt`` are its own and
+    ``select``/``from_selected`` work, so backends may compute only the logits it reads) or any
+    callable of the logits (then ``reads`` is ``None``, ``select``/``from_selected`` raise
+    ``NotImplementedError`` and backends pass the full logits).
+
+    ``clean_value``/``corrupted_value`` are scalars for a scalar metric, and ``[batch]`` tensors
+    (or scalars, broadcast) for a ``per_prompt`` one. For a plain callable ``per_prompt`` is
+    ``True`` when either value is ``[batch]``. The normalisation is undefined where
+    ``clean_value == corrupted_value``: that raises ``ValueError``.
+    """
+
+    def __init__(
+        self,
+        metric: Callable[[Float[Tensor, "batch pos d_vocab"]], MetricValue],
+        clean_value: Union[float, Float[Tensor, ""], Float[Tensor, "batch"]],
+        corrupted_value: Union[float, Float[Tensor, ""], Float[Tensor, "batch"]],
+    ):
+        if not callable(metric):
+            raise ValueError(f"metric must be callable, got {type(metric).__name__}")
+        if isinstance(metric, NormalizedEffect):
+            raise ValueError("metric is already a NormalizedEffect")
+        clean = _as_value(clean_value, "clean_value")
+        corrupted = _as_value(corrupted_value, "corrupted_value")
+        per_prompt_values = clean.ndim == 1 or corrupted.ndim == 1
+        if isinstance(metric, LogitMetric):
+            self.per_prompt = metric.per_prompt
+            self.reads: Optional[LogitReads] = metric.reads
+            if per_prompt_values and not self.per_prompt:
+                raise ValueError(
+                    "clean_value/corrupted_value are [batch] tensors but the metric returns a scalar; "
+                    "build the metric with per_prompt=True or pass scalars"
+                )
+            for name, v in (("clean_value", clean), ("corrupted_value", corrupted)):
+                if v.ndim == 1 and v.shape[0] != metric.batch:
+                    raise ValueError(f"{name} has {v.shape[0]} values, the metric has a batch of {metric.batch}")
+        else:
+            self.per_prompt = per_prompt_values
+            self.reads = None
+        if clean.ndim == 1 and corrupted.ndim == 1 and clean.shape != corrupted.shape:
+            raise ValueError(f"clean_value {tuple(clean.shape)} and corrupted_value {tuple(corrupted.shape)} differ in shape")
+        if not (torch.isfinite(clean).all() and torch.isfinite(corrupted).all()):
+            raise ValueError("clean_value and corrupted_value must be finite")
+        denom = clean - corrupted
+        if bool((denom == 0).any()):
+            where = "" if denom.ndim == 0 else f" for prompts {torch.nonzero(denom == 0).flatten().tolist()}"
+            raise ValueError(
+                f"clean_value equals corrupted_value{where}: the normalised effect "
+                "(metric - corrupted) / (clean - corrupted) is undefined"
+            )
+        self.metric = metric
+        self.clean_value = clean
+        self.corrupted_value = corrupted
+        self._denominator = denom
+
+    @classmethod
+    def from_logits(
+        cls,
+        metric: Callable[[Float[Tensor, "batch pos d_vocab"]], MetricValue],
+        clean_logits: Float[Tensor, "batch pos d_vocab"],
+        corrupted_logits: Float[Tensor, "batch pos d_vocab"],
+    ) -> "NormalizedEffect":
+        """``NormalizedEffect(metric, metric(clean_logits), metric(corrupted_logits))``."""
+        with torch.no_grad():
+            return cls(metric, metric(clean_logits), metric(corrupted_logits))
+
+    def _normalize(self, value: Tensor) -> MetricValue:
+        corrupted = self.corrupted_value.to(value.device)
+        denom = self._denominator.to(value.device)
+        return (value.float() - corrupted) / denom
+
+    def select(self, logits: Float[Tensor, "batch pos d_vocab"]) -> Tensor:
+        """The inner metric's ``select`` (``NotImplementedError`` for a plain callable)."""
+        if self.reads is None:
+            raise NotImplementedError("the inner metric is a plain callable: it declares no reads; pass full logits")
+        return self.metric.select(logits)
+
+    def from_selected(self, selected: Tensor) -> MetricValue:
+        """``(inner.from_selected(selected) - corrupted) / (clean - corrupted)``."""
+        if self.reads is None:
+            raise NotImplementedError("the inner metric is a plain callable: it declares no reads; pass full logits")
+        return self._normalize(self.metric.from_selected(selected))
+
+    def __call__(self, logits: Float[Tensor, "batch pos d_vocab"]) -> MetricValue:
+        if self.reads is None:
+            return self._normalize(torch.as_tensor(self.metric(logits)))
+        return self.from_selected(self.select(logits))
+
+    def __repr__(self) -> str:
+        return f"NormalizedEffect({self.metric!r}, per_prompt={self.per_prompt})"
+
+
+def logit_reads(metric: Any) -> Optional[LogitReads]:
+    """What ``metric`` reads of the logits, or ``None`` when it needs the full logits.
+
+    ``metric.reads`` for a :class:`LogitMetric` or a :class:`NormalizedEffect` over one (then
+    ``metric.select``/``metric.from_selected`` are available); ``None`` for any other callable.
+    """
+    if isinstance(metric, (LogitMetric, NormalizedEffect)):
+        return metric.reads
+    return None

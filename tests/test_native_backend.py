@@ -1,0 +1,117 @@
+"""The native backend's own guarantees: parity refusal, fallback, compute skipping, metric reads."""
+
+import warnings
+
+import pytest
+import torch
+import zoo
+from helpers import assert_close, assert_varies
+from transformer_lens import patching as tl
+
+from fastpatch import patching as fp
+from fastpatch.engine.native import NativeModel, ParityError, UnsupportedModel
+from fastpatch.engine.native.backend import group_cells
+from fastpatch.engine.plan import Sweep, cell_locations
+from fastpatch.engine.runner import clean_activations_for
+from fastpatch.metrics import LogitDiff, LogProb, NormalizedEffect
+
+
+@pytest.fixture()
+def doctored_case():
+    """A GPT-2 whose second MLP's output is doubled by a torch hook: a feature that no standard
+    weight shows, so only the parity check can notice that the native forward lacks it."""
+    case = zoo.Case.build("gpt2")
+    mlp = case.model.blocks[1].mlp
+    handle = mlp.register_forward_hook(lambda module, args, output: output * 2)
+    with torch.no_grad():
+        _, case.clean_cache = case.model.run_with_cache(case.clean)
+    yield case
+    handle.remove()
+
+
+def test_parity_check_catches_a_feature_the_native_forward_lacks(doctored_case):
+    case = doctored_case
+    args = (case.model, case.corrupted, case.clean_cache, case.scalar)
+    with pytest.raises(ParityError, match="disagrees with the model"):
+        fp.get_act_patch_attn_head_out_all_pos(*args, progress=False, backend="native")
+    with pytest.warns(UserWarning, match="using the hook backend"):
+        ours = fp.get_act_patch_attn_head_out_all_pos(*args, progress=False)
+    ref = tl.get_act_patch_attn_head_out_all_pos(*args)
+    assert_close(ours, ref)
+    assert_varies(ref)
+
+
+def test_unsupported_config_is_refused_or_falls_back():
+    case = zoo.Case.build("gpt2")
+    case.model.cfg.attn_scores_soft_cap = 30.0  # the bridge ignores it; the native forward refuses it
+    args = (case.model, case.corrupted, case.clean_cache, case.scalar)
+    try:
+        with pytest.raises(UnsupportedModel, match="attn_scores_soft_cap"):
+            fp.get_act_patch_resid_pre(*args, progress=False, backend="native")
+        with warnings.catch_warnings():
+            warnings.simplefilter("error")  # an unsupported model falls back silently: same numbers
+            ours = fp.get_act_patch_resid_pre(*args, progress=False)
+        assert_close(ours, tl.get_act_patch_resid_pre(*args))
+    finally:
+        case.model.cfg.attn_scores_soft_cap = -1.0
+
+
+def test_bad_backend_name():
+    case = zoo.Case.build("gpt2")
+    with pytest.raises(ValueError, match="backend must be one of"):
+        fp.get_act_patch_resid_pre(case.model, case.corrupted, case.clean_cache, case.scalar, backend="fast")
+
+
+@pytest.mark.parametrize("name", sorted(zoo.ZOO))
+def test_cells_before_the_first_corrupted_position_are_skipped(name):
+    """Clean and corrupted prompts agree before position 2: by-position patches there are no-ops,
+    all-position head patches start at position 2, and by-position patches at their own position."""
+    case = zoo.Case.build(name, first_diff=2)
+    native, trace = NativeModel.checked(case.model, case.corrupted)
+    sweeps = [
+        Sweep("resid_pre", fp.layer_pos_patch_setter, fp.make_df_from_ranges([3, 5], ["layer", "pos"])),
+        Sweep("z", fp.layer_head_vector_patch_setter, fp.make_df_from_ranges([3, 2], ["layer", "head"])),
+    ]
+    locations = cell_locations(sweeps)
+    clean = clean_activations_for(case.model, case.corrupted, case.clean_cache, sweeps)
+    groups, no_ops = group_cells(native, trace, sweeps, locations, clean)
+    resid_cells = {c: sweeps[0].indices[r] for c, (s, r) in enumerate(locations) if s == 0}
+    assert sorted(no_ops) == sorted(c for c, idx in resid_cells.items() if idx[1] < 2)
+    for start, cells in groups.items():
+        for cell, layer, stage in cells:
+            s, r = locations[cell]
+            expected = sweeps[0].indices[r][1] if s == 0 else 2
+            assert start == expected
+
+
+@pytest.mark.parametrize("name", sorted(zoo.ZOO))
+def test_metrics_that_read_a_few_logits_match_full_logits(name):
+    case = zoo.Case.build(name)
+    answer, wrong = case.clean[:, -1], case.corrupted[:, -1]
+    with torch.no_grad():
+        clean_logits = case.model(case.clean)
+        corrupted_logits = case.model(case.corrupted)
+    metrics = {
+        "logit_diff": LogitDiff(answer, wrong, per_prompt=True),
+        "logprob": LogProb(answer, per_prompt=True),
+        "normalized": NormalizedEffect.from_logits(LogitDiff(answer, wrong, per_prompt=True), clean_logits, corrupted_logits),
+    }
+    plain = {k: (lambda logits, m=m: m(logits)) for k, m in metrics.items()}  # hides the reads
+    args = (case.model, case.corrupted, case.clean_cache)
+    reads = fp.get_act_patch_attn_head_by_pos_every(*args, metrics, reduce="none", progress=False, backend="native")
+    full = fp.get_act_patch_attn_head_by_pos_every(*args, plain, reduce="none", progress=False, backend="native")
+    ref = tl.get_act_patch_attn_head_by_pos_every(*args, metrics, reduce="none")
+    assert_varies(ref.values)
+    assert_close(reads.values, ref.values)
+    assert_close(full.values, ref.values)
+
+
+def test_metric_reading_an_early_position(zoo_case):
+    """A metric that reads a position before a patch's first change gets the baseline there."""
+    case = zoo_case
+    metric = LogitDiff(case.clean[:, 3], case.corrupted[:, 3], position=3)
+    args = (case.model, case.corrupted, case.clean_cache, metric)
+    ref = tl.get_act_patch_resid_pre(*args)
+    ours = fp.get_act_patch_resid_pre(*args, progress=False, backend="native")
+    assert_close(ours, ref)
+    assert_varies(ref)
