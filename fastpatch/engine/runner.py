@@ -186,9 +186,8 @@ def _run_native(native, trace, tokens, sweeps, locations, clean, metrics, values
         def run(chunk: Chunk, start=start, cells=cells) -> None:
             x, order = native_backend.run_chunk(native, trace, sweeps, locations, clean, start, cells[chunk.start : chunk.stop])
             if reads is None:
-                logits = native_backend.full_logits(native, trace, x, start)
-                for i, cell in enumerate(order):
-                    values[cell] = metrics.evaluate(logits[i * batch : (i + 1) * batch])
+                for cell, logits in zip(order, native_backend.cell_logits(native, trace, x, start)):
+                    values[cell] = metrics.evaluate(logits)
             else:
                 x_read = x[:, read_pos - start]
                 selections = [native_backend.read_logits(native, x_read, r.tokens, len(order)) for r in reads]

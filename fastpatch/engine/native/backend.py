@@ -119,8 +119,18 @@ def read_logits(native: NativeModel, x_final: Tensor, tokens: Optional[Tensor], 
     return out if native.b_U is None else out + native.b_U[cols]
 
 
-def full_logits(native: NativeModel, trace: Trace, x_final: Tensor, start: int) -> Tensor:
-    """``[rows, pos, d_vocab]``: the corrupted logits before ``start`` and recomputed ones after."""
-    reps = x_final.shape[0] // trace.logits.shape[0]
-    suffix = native.unembed(native.final_norm(x_final))
-    return torch.cat([trace.logits[:, :start].repeat(reps, 1, 1), suffix], dim=1)
+def cell_logits(native: NativeModel, trace: Trace, x_final: Tensor, start: int):
+    """Yield each cell's full ``[batch, pos, d_vocab]`` logits, in row order.
+
+    Positions before ``start`` hold the corrupted logits, the same for every cell: they are
+    written once into a reused buffer and only each cell's recomputed positions are copied in.
+    The buffer is overwritten for the next cell, so a caller must be done with it (the metric's
+    value copied out) before asking for the next.
+    """
+    batch = trace.logits.shape[0]
+    suffix = native.unembed(native.final_norm(x_final))  # [rows, pos - start, d_vocab]
+    buffer = torch.empty_like(trace.logits)
+    buffer[:, :start] = trace.logits[:, :start]
+    for i in range(x_final.shape[0] // batch):
+        buffer[:, start:] = suffix[i * batch : (i + 1) * batch]
+        yield buffer

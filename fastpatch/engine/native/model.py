@@ -71,6 +71,24 @@ class Layer:
     W_out: Tensor  # [d_mlp, d_model]
     b_in: Optional[Tensor]
     b_out: Optional[Tensor]
+    # Q, K and V projections fused into one [d_model, (n_heads + 2 n_kv_heads) d_head] matmul,
+    # and W_O flattened to [n_heads d_head, d_model]: a few large GEMMs instead of einsums.
+    W_QKV: Tensor = field(init=False)
+    b_QKV: Optional[Tensor] = field(init=False)
+    W_O_flat: Tensor = field(init=False)
+
+    def __post_init__(self) -> None:
+        ws = [W.permute(1, 0, 2).reshape(W.shape[1], -1) for W in (self.W_Q, self.W_K, self.W_V)]
+        self.W_QKV = torch.cat(ws, dim=1).contiguous()
+        biases = [self.b_Q, self.b_K, self.b_V]
+        if all(b is None for b in biases):
+            self.b_QKV = None
+        else:
+            shapes = [W.shape[0] * W.shape[2] for W in (self.W_Q, self.W_K, self.W_V)]
+            self.b_QKV = torch.cat(
+                [b.reshape(-1) if b is not None else self.W_Q.new_zeros(n) for b, n in zip(biases, shapes)]
+            )
+        self.W_O_flat = self.W_O.reshape(-1, self.W_O.shape[-1]).contiguous()
 
 
 @dataclass
@@ -172,12 +190,6 @@ class NativeModel:
         x = x * torch.rsqrt(x.pow(2).mean(-1, keepdim=True) + self.eps) * w
         return x if b is None else x + b
 
-    @staticmethod
-    def _project(x: Tensor, W: Tensor, b: Optional[Tensor]) -> Tensor:
-        """``[..., d_model] @ [heads, d_model, d_head] -> [..., heads, d_head]``."""
-        out = torch.einsum("...d,hde->...he", x, W)
-        return out if b is None else out + b
-
     def rotate(self, layer: int, x: Tensor, start: int) -> Tensor:
         """Rotary embedding of ``[rows, pos, heads, d_head]`` for positions ``start, start+1, ...``."""
         if self.rotary is None:
@@ -193,11 +205,18 @@ class NativeModel:
         return out if rest.shape[-1] == 0 else torch.cat([out, rest], dim=-1)
 
     def qkv(self, layer: int, x_norm: Tensor):
+        """q ``[..., n_heads, d_head]``, k and v ``[..., n_kv_heads, d_head]`` (before rotary)."""
         L = self.layers[layer]
+        fused = x_norm @ L.W_QKV
+        if L.b_QKV is not None:
+            fused = fused + L.b_QKV
+        nq, nkv = self.n_heads * self.d_head, self.n_kv_heads * self.d_head
+        q, k, v = fused.split([nq, nkv, nkv], dim=-1)
+        lead = x_norm.shape[:-1]
         return (
-            self._project(x_norm, L.W_Q, L.b_Q),
-            self._project(x_norm, L.W_K, L.b_K),
-            self._project(x_norm, L.W_V, L.b_V),
+            q.reshape(*lead, self.n_heads, self.d_head),
+            k.reshape(*lead, self.n_kv_heads, self.d_head),
+            v.reshape(*lead, self.n_kv_heads, self.d_head),
         )
 
     def attend(self, q_rot: Tensor, k_rot: Tensor, v: Tensor, q_start: int) -> tuple:
@@ -218,8 +237,9 @@ class NativeModel:
         return pattern, z
 
     def attn_out(self, layer: int, z: Tensor) -> Tensor:
+        """``[..., n_heads, d_head] -> [..., d_model]``: heads' outputs through W_O, summed."""
         L = self.layers[layer]
-        out = torch.einsum("rqhe,hed->rqd", z, L.W_O)
+        out = z.reshape(*z.shape[:-2], -1) @ L.W_O_flat
         return out if L.b_O is None else out + L.b_O
 
     def mlp(self, layer: int, x: Tensor) -> Tensor:

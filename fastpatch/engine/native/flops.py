@@ -1,0 +1,57 @@
+"""The FLOPs a sweep cannot avoid: the sum over cells of the compute after each cell's entry.
+
+For each cell (see ``cells``): every block from its entry block on, over positions
+``start..pos-1`` only, attending over the keys up to each position; then the final
+unembedding of what the metric reads (the full ``[pos - start, d_vocab]`` logits for a plain
+callable, one position's named columns or full row for a ``fastpatch.metrics`` metric).
+No-op cells cost nothing. A multiply-add counts as 2 FLOPs; norms, softmax and the few FLOPs
+of recomputing one head are left out, so this is a lower bound of the work done.
+"""
+
+from __future__ import annotations
+
+from typing import Any, List, Optional
+
+import torch
+
+from fastpatch.engine.native.backend import group_cells
+from fastpatch.engine.native.cells import ATTN
+from fastpatch.engine.native.model import NativeModel
+from fastpatch.engine.plan import Sweep, cell_locations
+from fastpatch.engine.runner import MetricSet, clean_activations_for
+
+
+def _attention_flops(native: NativeModel, d_model: int, start: int, n_pos: int) -> int:
+    heads_dims = native.n_heads * native.d_head
+    projections = 2 * d_model * (native.n_heads + 2 * native.n_kv_heads) * native.d_head + 2 * heads_dims * d_model
+    keys = sum(p + 1 for p in range(start, n_pos))  # causal: position p attends over p + 1 keys
+    return projections * (n_pos - start) + 2 * 2 * heads_dims * keys
+
+
+def _mlp_flops(native: NativeModel, d_model: int, d_mlp: int, n_tokens: int) -> int:
+    return 2 * d_model * d_mlp * (3 if native.gated else 2) * n_tokens
+
+
+def lower_bound_flops(model: Any, corrupted_tokens: torch.Tensor, clean_cache: Any, sweeps: List[Sweep], metric: Any) -> int:
+    """Lower-bound FLOPs of running ``sweeps`` with ``metric`` (a callable or mapping)."""
+    native, trace = NativeModel.checked(model, corrupted_tokens)
+    metrics = MetricSet(metric, "scalar", int(corrupted_tokens.shape[0]))
+    reads: Optional[list] = metrics.common_reads()
+    batch, n_pos = corrupted_tokens.shape
+    d_model, d_mlp, d_vocab = native.W_E.shape[1], native.layers[0].W_in.shape[1], native.W_U.shape[1]
+    clean = clean_activations_for(model, corrupted_tokens, clean_cache, sweeps)
+    groups, _ = group_cells(native, trace, sweeps, cell_locations(sweeps), clean)
+    total = 0
+    for start, cells in groups.items():
+        n_tokens = n_pos - start
+        attn, mlp = _attention_flops(native, d_model, start, n_pos), _mlp_flops(native, d_model, d_mlp, n_tokens)
+        if reads is None:
+            unembed = 2 * d_model * d_vocab * n_tokens
+        else:
+            columns = sum(d_vocab if r.tokens is None else r.tokens.shape[1] for r in reads)
+            unembed = 2 * d_model * columns
+        for _, layer, stage in cells:
+            blocks = native.n_layers - layer
+            cost = blocks * mlp + max(0, blocks - (0 if stage == ATTN else 1)) * attn
+            total += batch * (cost + unembed)
+    return int(total)
