@@ -23,9 +23,11 @@ import platform
 import subprocess
 import sys
 import time
+import warnings
+from functools import partial
 from importlib import metadata
 from pathlib import Path
-from typing import Any, Callable, Dict, Iterator, Optional, Sequence, Tuple
+from typing import Any, Callable, Dict, Iterator, List, Optional, Sequence, Tuple
 
 # TransformerLens draws a tqdm bar per sweep. tqdm (>= 4.66) reads TQDM_* defaults from the
 # environment when it is first imported, so this must come before anything imports tqdm;
@@ -50,6 +52,7 @@ SWEEPS = (
     "get_act_patch_block_every",
 )
 DEFAULT_SWEEPS = ("get_act_patch_attn_head_out_all_pos",)
+METRICS = ("plain", "logitdiff")
 
 SHAPES: Dict[str, Dict[str, int]] = {
     "gpt2-small": dict(layers=12, d_model=768, heads=12, vocab=50257, batch=8, positions=15),
@@ -105,15 +108,18 @@ def _git(*args: str) -> Optional[str]:
         out = subprocess.run(
             ["git", *args], cwd=REPO_ROOT, capture_output=True, text=True, timeout=10, check=True
         )
-        return out.stdout.strip()
+        return out.stdout
     except (OSError, subprocess.SubprocessError):
         return None
 
 
 def git_state() -> Dict[str, Any]:
-    """``HEAD``'s commit and whether the working tree had uncommitted changes (None if unknown)."""
+    """``HEAD``'s commit and the tracked files with uncommitted changes (``dirty`` None if unknown)."""
     status = _git("status", "--porcelain", "--untracked-files=no")
-    return {"commit": _git("rev-parse", "HEAD"), "dirty": None if status is None else bool(status)}
+    modified = [line[3:] for line in (status or "").splitlines() if line.strip()]
+    commit = _git("rev-parse", "HEAD")
+    return {"commit": commit and commit.strip(), "dirty": None if status is None else bool(modified),
+            "modified": modified}
 
 
 # ----------------------------------------------------------------------------- timing
@@ -134,16 +140,30 @@ def _quiet_tqdm() -> Iterator[None]:
         yield
 
 
-def best_time(fn: Callable[[], Any], repeats: int, device: torch.device) -> Tuple[float, Any]:
-    """``(best seconds over repeats, last result)``, synchronising the device around each run."""
-    best, result = float("inf"), None
+def _load_average() -> Optional[List[float]]:
+    """The machine's 1, 5 and 15 minute load averages (None where the OS has none)."""
+    try:
+        return [round(x, 2) for x in os.getloadavg()]
+    except OSError:
+        return None
+
+
+def best_time(fn: Callable[[], Any], repeats: int, device: torch.device) -> Tuple[float, float, Any]:
+    """``(best wall seconds, this process's CPU seconds in that run, last result)`` over ``repeats``.
+
+    The device is synchronised around each run. CPU seconds well below ``wall * threads`` on a
+    CPU run mean the process was not getting its cores (another load on the machine).
+    """
+    best, best_cpu, result = float("inf"), float("nan"), None
     for _ in range(repeats):
         _sync(device)
-        start = time.perf_counter()
+        start, start_cpu = time.perf_counter(), time.process_time()
         result = fn()
         _sync(device)
-        best = min(best, time.perf_counter() - start)
-    return best, result
+        wall, cpu = time.perf_counter() - start, time.process_time() - start_cpu
+        if wall < best:
+            best, best_cpu = wall, cpu
+    return best, best_cpu, result
 
 
 def as_tensor(result: Any) -> torch.Tensor:
@@ -213,6 +233,9 @@ def build_parser() -> argparse.ArgumentParser:
                    help="run both libraries with autograd enabled (TransformerLens's loop then builds "
                         "a graph per forward); by default both run under torch.no_grad(), the "
                         "conservative comparison")
+    p.add_argument("--metrics", nargs="+", choices=METRICS, default=list(METRICS),
+                   help="'plain': a plain callable (full logits); 'logitdiff': fastpatch.metrics.LogitDiff, "
+                        "which declares the two logits it reads (both compute the same numbers)")
     p.add_argument("--rtol", type=float, default=1e-4, help="relative tolerance of the value check")
     p.add_argument("--atol", type=float, default=1e-5, help="absolute tolerance of the value check")
     p.add_argument("--seed", type=int, default=0, help="seed of the model weights and prompts")
@@ -239,9 +262,43 @@ def _resolve(args: argparse.Namespace) -> argparse.Namespace:
     if args.device == "cuda" and not torch.cuda.is_available():
         raise SystemExit("--device cuda, but torch sees no CUDA device")
     if args.out is None:
-        sweep_set = "all" if set(args.sweeps) == set(SWEEPS) else "+".join(short_name(s) for s in args.sweeps)
+        sweep_set = "+".join(short_name(s) for s in args.sweeps)
+        if set(args.sweeps) == set(SWEEPS):
+            sweep_set = "all"
         args.out = RESULTS_DIR / f"{args.device}-{sweep_set}{'-small' if args.small else ''}.json"
     return args
+
+
+def _time_sweep(tl, fp, sweep, metric_name, metric, model, corrupted, clean_cache, fp_kwargs, args, device):
+    """Time one sweep with one metric in both libraries; values, ratio, lower-bound FLOPs."""
+    from fastpatch.engine.native.flops import sweep_lower_bound_flops
+
+    tl_fn, fp_fn = getattr(tl, sweep), getattr(fp, sweep)
+    tl_call = partial(tl_fn, model, corrupted, clean_cache, metric)
+    fp_call = partial(fp_fn, model, corrupted, clean_cache, metric, **fp_kwargs)
+    with _quiet_tqdm():
+        tl_s, tl_cpu, tl_out = best_time(tl_call, args.repeats, device)
+    with warnings.catch_warnings(record=True) as caught:  # e.g. a fallback to the hook backend
+        warnings.simplefilter("always")
+        fp_s, fp_cpu, fp_out = best_time(fp_call, args.repeats, device)
+    for w in caught:
+        print(f"fastpatch warning ({sweep}): {w.message}", file=sys.stderr)
+    tl_values = as_tensor(tl_out)
+    flops = sweep_lower_bound_flops(fp_fn, model, corrupted, clean_cache, metric)
+    return {
+        "sweep": sweep,
+        "metric": metric_name,
+        "cells": int(tl_values.numel()),
+        "tl_seconds": tl_s,
+        "fastpatch_seconds": fp_s,
+        "ratio": tl_s / fp_s,
+        "tl_cpu_seconds": tl_cpu,
+        "fastpatch_cpu_seconds": fp_cpu,
+        "lower_bound_flops": flops,
+        "fastpatch_gflops_per_s": flops / fp_s / 1e9,
+        **compare(tl_values, as_tensor(fp_out), args.rtol, args.atol),
+        "fastpatch_warnings": sorted({str(w.message) for w in caught}),
+    }
 
 
 def run(args: argparse.Namespace) -> Dict[str, Any]:
@@ -255,7 +312,11 @@ def run(args: argparse.Namespace) -> Dict[str, Any]:
         model = model.to(device, print_details=False)
     pair = ioi_like_tokens(args.vocab, args.batch, args.positions, args.corrupt_from, args.seed)
     clean, corrupted = pair.clean.to(device), pair.corrupted.to(device)
+    from fastpatch.engine.native.flops import sweep_lower_bound_flops
+    from fastpatch.metrics import LogitDiff
+
     metric = logit_diff_metric(pair.answer.to(device), pair.wrong.to(device))
+    metric_objects = {"plain": metric, "logitdiff": LogitDiff(pair.answer.to(device), pair.wrong.to(device))}
     fp_kwargs = {"progress": False, **args.fastpatch_kwargs}
 
     grad = torch.enable_grad() if args.grad else torch.no_grad()
@@ -272,24 +333,12 @@ def run(args: argparse.Namespace) -> Dict[str, Any]:
         fp.generic_activation_patch(model, corrupted, clean_cache, metric, **warm, **fp_kwargs)
         _sync(device)
 
+        load_before = _load_average()
         rows = []
         for sweep in args.sweeps:
-            tl_fn, fp_fn = getattr(tl, sweep), getattr(fp, sweep)
-            with _quiet_tqdm():
-                tl_s, tl_out = best_time(lambda: tl_fn(model, corrupted, clean_cache, metric), args.repeats, device)
-            fp_s, fp_out = best_time(
-                lambda: fp_fn(model, corrupted, clean_cache, metric, **fp_kwargs), args.repeats, device
-            )
-            tl_values = as_tensor(tl_out)
-            row = {
-                "sweep": sweep,
-                "cells": int(tl_values.numel()),
-                "tl_seconds": tl_s,
-                "fastpatch_seconds": fp_s,
-                "ratio": tl_s / fp_s,
-                **compare(tl_values, as_tensor(fp_out), args.rtol, args.atol),
-            }
-            rows.append(row)
+            for metric_name in args.metrics:
+                rows.append(_time_sweep(tl, fp, sweep, metric_name, metric_objects[metric_name], model,
+                                        corrupted, clean_cache, fp_kwargs, args, device))
 
     return {
         "benchmark": "compare_transformer_lens",
@@ -297,6 +346,7 @@ def run(args: argparse.Namespace) -> Dict[str, Any]:
         "device_name": device_name(device),
         "cpu_count": os.cpu_count(),
         "torch_threads": torch.get_num_threads(),
+        "load_average": {"before": load_before, "after": _load_average()},
         "versions": versions(),
         "git": git_state(),
         "config": {
@@ -307,10 +357,13 @@ def run(args: argparse.Namespace) -> Dict[str, Any]:
             "positions": args.positions,
             "corrupt_from": args.corrupt_from,
             "sweeps": list(args.sweeps),
-            "metric": "mean last-position logit difference (answer - wrong)",
+            "metric": "mean last-position logit difference (answer - wrong): 'plain' callable and/or "
+                      "fastpatch.metrics.LogitDiff (declares the logits it reads)",
+            "metrics": list(args.metrics),
             "repeats": args.repeats,
             "grad_enabled": bool(args.grad),
             "fastpatch_kwargs": fp_kwargs,
+            "fastpatch_backend": fp_kwargs.get("backend", "default"),
             "rtol": args.rtol,
             "atol": args.atol,
             "small": bool(args.small),
@@ -323,12 +376,15 @@ def run(args: argparse.Namespace) -> Dict[str, Any]:
 
 def format_table(record: Dict[str, Any]) -> str:
     """A plain-text table of one result record."""
-    header = f"{'sweep':<26}{'cells':>7}{'TL s':>11}{'fastpatch s':>13}{'ratio':>9}{'max |diff|':>13}  agree"
+    header = (f"{'sweep':<26}{'metric':>10}{'cells':>7}{'TL s':>10}{'fastpatch s':>13}{'ratio':>9}"
+              f"{'LB GFLOP':>10}{'GFLOP/s':>9}{'max |diff|':>12}  agree")
     lines = [header, "-" * len(header)]
     for r in record["results"]:
         lines.append(
-            f"{short_name(r['sweep']):<26}{r['cells']:>7}{r['tl_seconds']:>11.3f}{r['fastpatch_seconds']:>13.3f}"
-            f"{r['ratio']:>8.2f}x{r['max_abs_diff']:>13.2e}  {'yes' if r['agree'] else 'NO'}"
+            f"{short_name(r['sweep']):<26}{r['metric']:>10}{r['cells']:>7}{r['tl_seconds']:>10.2f}"
+            f"{r['fastpatch_seconds']:>13.3f}{r['ratio']:>8.2f}x{r['lower_bound_flops'] / 1e9:>10.1f}"
+            f"{r['fastpatch_gflops_per_s']:>9.1f}{r['max_abs_diff']:>12.2e}"
+            f"  {'yes' if r['agree'] else 'NO'}"
         )
     return "\n".join(lines)
 

@@ -184,12 +184,15 @@ def _run_native(native, trace, tokens, sweeps, locations, clean, metrics, values
             per_chunk = max(1, budget // row_bytes // batch)
 
         def run(chunk: Chunk, start=start, cells=cells) -> None:
-            x, order = native_backend.run_chunk(native, trace, sweeps, locations, clean, start, cells[chunk.start : chunk.stop])
+            read_index = None if reads is None else read_pos - start
+            x, order = native_backend.run_chunk(
+                native, trace, sweeps, locations, clean, start, cells[chunk.start : chunk.stop], read_index
+            )
             if reads is None:
                 for cell, logits in zip(order, native_backend.cell_logits(native, trace, x, start)):
                     values[cell] = metrics.evaluate(logits)
             else:
-                x_read = x[:, read_pos - start]
+                x_read = x[:, 0]
                 selections = [native_backend.read_logits(native, x_read, r.tokens, len(order)) for r in reads]
                 for i, cell in enumerate(order):
                     values[cell] = metrics.evaluate_selected([sel[i * batch : (i + 1) * batch] for sel in selections])

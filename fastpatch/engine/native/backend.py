@@ -62,16 +62,23 @@ def run_chunk(
     clean: Mapping[str, Tensor],
     start: int,
     cells: List[_Cell],
+    read_index: Optional[int] = None,
 ) -> Tuple[Tensor, List[int]]:
-    """Final residual ``[rows, pos - start, d_model]`` of a chunk of cells sharing ``start``,
-    and the cell numbers in row order (``batch`` rows each)."""
+    """Final residual of a chunk of cells sharing ``start``, and the cell numbers in row order
+    (``batch`` rows each).
+
+    The residual is ``[rows, pos - start, d_model]``; with ``read_index`` (the one position a
+    metric reads, counted from ``start``) the last block computes its queries, attention output
+    and MLP at that position only, and the result is ``[rows, 1, d_model]``.
+    """
     by_entry: Dict[Tuple[int, int], List[int]] = defaultdict(list)
     for cell, layer, stage in cells:
         by_entry[(layer, stage)].append(cell)
     batch = trace.resid_pre[0].shape[0]
+    last = native.n_layers - 1
     order: List[int] = []
 
-    def join(x: Optional[Tensor], key: Tuple[int, int]) -> Optional[Tensor]:
+    def join(x: Optional[Tensor], key: Tuple[int, int], positions: slice) -> Optional[Tensor]:
         joining = by_entry.get(key)
         if not joining:
             return x
@@ -82,29 +89,34 @@ def run_chunk(
             sweep = sweeps[s]
             index = sweep.indices[r].tolist()
             clean_act = clean[sweep.hook_name(index[0])]
-            resids.append(cell_resid(native, trace, sweep.activation_name, index, sweep.patch_setter, clean_act, start))
+            resids.append(cell_resid(native, trace, sweep.activation_name, index, sweep.patch_setter, clean_act, start)[:, positions])
         new = torch.cat(resids, dim=0)
         return new if x is None else torch.cat([x, new], dim=0)
 
+    everything = slice(None)
+    read = everything if read_index is None else slice(read_index, read_index + 1)
     x: Optional[Tensor] = None
     for l in range(min(layer for layer, _ in by_entry), native.n_layers):
-        x = join(x, (l, ATTN))
+        x = join(x, (l, ATTN), everything)
+        queries = read if l == last else everything  # past the last block only the read position matters
         if x is not None:
             L = native.layers[l]
             q, k, v = native.qkv(l, native.normalize(x, L.ln1_w, L.ln1_b))
             reps = x.shape[0] // batch
             k_all = torch.cat([trace.k_rot[l][:, :start].repeat(reps, 1, 1, 1), native.rotate(l, k, start)], dim=1)
             v_all = torch.cat([trace.v[l][:, :start].repeat(reps, 1, 1, 1), v], dim=1)
-            _, z = native.attend(native.rotate(l, q, start), k_all, v_all, start)
+            q_start = start + (queries.start or 0)
+            _, z = native.attend(native.rotate(l, q[:, queries], q_start), k_all, v_all, q_start)
+            x = x[:, queries]
             attn_out = native.attn_out(l, z)
             if native.parallel:
                 x = x + attn_out + native.mlp(l, x)
                 continue
             x = x + attn_out
-        x = join(x, (l, MLP))
+        x = join(x, (l, MLP), queries)
         if x is not None:
             x = x + native.mlp(l, x)
-    x = join(x, (native.n_layers, ATTN))
+    x = join(x, (native.n_layers, ATTN), read)
     return x, order
 
 

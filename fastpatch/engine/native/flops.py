@@ -55,3 +55,21 @@ def lower_bound_flops(model: Any, corrupted_tokens: torch.Tensor, clean_cache: A
             cost = blocks * mlp + max(0, blocks - (0 if stage == ATTN else 1)) * attn
             total += batch * (cost + unembed)
     return int(total)
+
+
+def sweep_lower_bound_flops(sweep_fn: Any, model: Any, corrupted_tokens: torch.Tensor, clean_cache: Any, metric: Any) -> int:
+    """``lower_bound_flops`` of one ``fastpatch.patching`` sweep function (``get_act_patch_*``,
+    including the ``*_every`` helpers, which run several sweeps in one plan)."""
+    from fastpatch import patching as fp
+
+    parts = {
+        fp.get_act_patch_attn_head_all_pos_every: fp._HEAD_ALL_POS,
+        fp.get_act_patch_attn_head_by_pos_every: fp._HEAD_BY_POS,
+        fp.get_act_patch_block_every: fp._BLOCK,
+    }.get(sweep_fn, (sweep_fn,))
+    sweeps = []
+    for part in parts:
+        name = part.keywords["activation_name"]
+        index_df, _ = fp._index_table(model, corrupted_tokens, name, part.keywords["index_axis_names"], None)
+        sweeps.append(Sweep(name, part.keywords["patch_setter"], index_df))
+    return lower_bound_flops(model, corrupted_tokens, clean_cache, sweeps, metric)

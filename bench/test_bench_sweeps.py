@@ -1,0 +1,97 @@
+"""pytest-benchmark timings of the head-out all-positions sweep, TransformerLens vs fastpatch.
+
+Small shape so that ``pytest bench --benchmark-disable`` takes seconds. Every benchmark also
+checks its values against TransformerLens's; no test asserts anything about time.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Any, Dict
+
+import pytest
+import torch
+from transformer_lens import patching as tl
+
+from bench import compare_transformer_lens as cli
+from bench.models import gpt2_small_shaped, ioi_like_tokens, logit_diff_metric
+from fastpatch import patching as fp
+
+SMALL = cli.SHAPES["small"]
+ROUNDS = 5
+
+
+@pytest.fixture(scope="module")
+def setup() -> Dict[str, Any]:
+    """Small model, prompts, clean cache, metric, and TransformerLens's reference values (once)."""
+    model = gpt2_small_shaped(0, SMALL["layers"], SMALL["d_model"], SMALL["heads"], SMALL["vocab"])
+    pair = ioi_like_tokens(SMALL["vocab"], SMALL["batch"], SMALL["positions"], corrupt_from=4)
+    metric = logit_diff_metric(pair.answer, pair.wrong)
+    with torch.no_grad():
+        _, cache = model.run_with_cache(pair.clean)
+        reference = tl.get_act_patch_attn_head_out_all_pos(model, pair.corrupted, cache, metric)
+    return {
+        "model": model, "corrupted": pair.corrupted, "cache": cache, "metric": metric, "reference": reference,
+    }
+
+
+def _cells(setup: Dict[str, Any]) -> int:
+    return int(setup["reference"].numel())
+
+
+def test_reference_is_not_trivial(setup: Dict[str, Any]) -> None:
+    """The comparison proves something only if patch effects differ across heads."""
+    reference = setup["reference"]
+    assert reference.shape == (SMALL["layers"], SMALL["heads"])
+    assert reference.abs().max() > 1e-3 and reference.std() > 1e-4
+
+
+def test_tl_head_out_all_pos(benchmark, setup: Dict[str, Any]) -> None:
+    """TransformerLens's loop: one forward per (layer, head)."""
+    s = setup
+    benchmark.extra_info.update(cells=_cells(s), forwards=_cells(s), library="transformer_lens")
+
+    def sweep() -> torch.Tensor:
+        with torch.no_grad():
+            return tl.get_act_patch_attn_head_out_all_pos(s["model"], s["corrupted"], s["cache"], s["metric"])
+
+    values = benchmark.pedantic(sweep, rounds=ROUNDS, iterations=1, warmup_rounds=1)
+    torch.testing.assert_close(values, s["reference"], rtol=1e-4, atol=1e-5)
+
+
+def test_fastpatch_head_out_all_pos(benchmark, setup: Dict[str, Any]) -> None:
+    """fastpatch: the same sweep, cells stacked along the batch."""
+    s = setup
+    benchmark.extra_info.update(cells=_cells(s), library="fastpatch")
+
+    def sweep() -> torch.Tensor:
+        with torch.no_grad():
+            return fp.get_act_patch_attn_head_out_all_pos(
+                s["model"], s["corrupted"], s["cache"], s["metric"], progress=False
+            )
+
+    values = benchmark.pedantic(sweep, rounds=ROUNDS, iterations=1, warmup_rounds=1)
+    torch.testing.assert_close(values, s["reference"], rtol=1e-4, atol=1e-5)
+
+
+def test_cli_small_writes_result(tmp_path: Path) -> None:
+    """``compare_transformer_lens.py --small`` runs end to end and writes a complete JSON record."""
+    out = tmp_path / "result.json"
+    returned = cli.main(["--small", "--sweeps", "all", "--out", str(out)])
+    record = json.loads(out.read_text())
+    assert record == json.loads(json.dumps(returned))
+    for key in ("device", "device_name", "versions", "git", "config", "results"):
+        assert key in record
+    for key in ("torch", "transformer_lens", "triton"):
+        assert key in record["versions"]
+    assert "commit" in record["git"]
+    assert record["config"]["model"]["n_layers"] == SMALL["layers"]
+    assert record["config"]["sweeps"] == list(cli.SWEEPS)
+    assert [(r["sweep"], r["metric"]) for r in record["results"]] == [(s, m) for s in cli.SWEEPS for m in cli.METRICS]
+    for row in record["results"]:
+        assert row["lower_bound_flops"] > 0
+        for key in ("tl_seconds", "fastpatch_seconds", "ratio", "max_abs_diff", "agree", "fastpatch_gflops_per_s"):
+            assert key in row
+        assert row["agree"] is True, row
+        assert row["tl_seconds"] > 0 and row["fastpatch_seconds"] > 0
