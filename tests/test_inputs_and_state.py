@@ -170,7 +170,8 @@ class _Boom(RuntimeError):
     pass
 
 
-def test_no_state_left_after_metric_raises_mid_sweep(case):
+@pytest.mark.parametrize("backend", ["hooks", "native"])
+def test_no_state_left_after_metric_raises_mid_sweep(case, backend):
     model = case.model
     model.set_use_attn_result(True)  # a caller's non-default flag must survive too
     kept = model.hook_dict["blocks.0.hook_resid_pre"].add_hook(lambda act, hook: act)  # and a caller's hook
@@ -186,11 +187,11 @@ def test_no_state_left_after_metric_raises_mid_sweep(case):
             return case.scalar(logits)
 
         with pytest.raises(_Boom):
-            _call(case, metric=metric, chunk_size=2)
+            _call(case, metric=metric, chunk_size=2, backend=backend)
         assert hook_count(model) == hooks_before == 1
         assert model_flags(model) == flags
-        result = _call(case)
-        reference = _call(case, chunk_size=1)
+        result = _call(case, backend=backend)
+        reference = _call(case, chunk_size=1, backend="hooks")
         assert_close(result, reference)
     finally:
         model.reset_hooks(including_permanent=True)
@@ -198,7 +199,8 @@ def test_no_state_left_after_metric_raises_mid_sweep(case):
     assert hook_count(model) == 0
 
 
-def test_no_state_left_after_setter_changes_flags_and_adds_hooks(case):
+@pytest.mark.parametrize("backend", ["hooks", "native"])
+def test_no_state_left_after_setter_changes_flags_and_adds_hooks(case, backend):
     model = case.model
     flags = model_flags(model)
 
@@ -209,7 +211,7 @@ def test_no_state_left_after_setter_changes_flags_and_adds_hooks(case):
 
     fp.generic_activation_patch(
         model, case.corrupted, case.clean_cache, case.scalar, meddling_setter, "resid_pre",
-        ("layer", "pos"), progress=False,
+        ("layer", "pos"), progress=False, backend=backend,
     )
     _assert_untouched(model, flags)
 

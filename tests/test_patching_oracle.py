@@ -20,23 +20,10 @@ def _ours(fn, *args, **kwargs):
     """fastpatch's result on every backend; they must all agree with the oracle."""
     return {backend: fn(*args, progress=False, backend=backend, **kwargs) for backend in BACKENDS}
 
-SWEEPS = [
-    "get_act_patch_resid_pre",
-    "get_act_patch_resid_mid",
-    "get_act_patch_attn_out",
-    "get_act_patch_mlp_out",
-    "get_act_patch_attn_head_out_by_pos",
-    "get_act_patch_attn_head_q_by_pos",
-    "get_act_patch_attn_head_k_by_pos",
-    "get_act_patch_attn_head_v_by_pos",
-    "get_act_patch_attn_head_pattern_by_pos",
-    "get_act_patch_attn_head_pattern_dest_src_pos",
-    "get_act_patch_attn_head_out_all_pos",
-    "get_act_patch_attn_head_q_all_pos",
-    "get_act_patch_attn_head_k_all_pos",
-    "get_act_patch_attn_head_v_all_pos",
-    "get_act_patch_attn_head_pattern_all_pos",
-]
+# Every sweep TransformerLens 4.3 has (direct path patching has its own API and tests).
+SWEEPS = sorted(
+    n for n in dir(tl) if n.startswith("get_act_patch_") and not n.endswith("_every") and "direct_path" not in n
+)
 EVERY = ["get_act_patch_attn_head_all_pos_every", "get_act_patch_attn_head_by_pos_every", "get_act_patch_block_every"]
 
 

@@ -1,0 +1,57 @@
+"""Regenerate the performance tables of README.md and bench/README.md from bench/results/*.json.
+
+    python bench/results_table.py           # print the table
+    python bench/results_table.py --write   # replace the table between the markers in both READMEs
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parent.parent
+START, END = "<!-- perf-table:start -->", "<!-- perf-table:end -->"
+
+
+def table() -> str:
+    """One markdown row per (result file, sweep, metric)."""
+    lines = [
+        "| device | model | sweep | metric | backend | TransformerLens s | fastpatch s | ratio | lower-bound GFLOP | GFLOP/s | values agree | file |",
+        "|---|---|---|---|---|---|---|---|---|---|---|---|",
+    ]
+    for path in sorted((ROOT / "bench" / "results").glob("*.json")):
+        record = json.loads(path.read_text())
+        cfg = record["config"]
+        model = cfg["model"]
+        shape = f"{model['n_layers']}L d{model['d_model']} {model['n_heads']}H V{model['d_vocab']}, {cfg['batch']}x{cfg['positions']} tok"
+        for r in record["results"]:
+            flops = r.get("lower_bound_flops")
+            gflop = "" if flops is None else f"{flops / 1e9:.0f}"
+            rate = "" if flops is None else f"{r['fastpatch_gflops_per_s']:.0f}"
+            lines.append(
+                f"| {record['device_name']} | {shape} | {r['sweep'].replace('get_act_patch_', '')} | {r.get('metric', 'plain')} "
+                f"| {cfg.get('fastpatch_backend', 'default')} | {r['tl_seconds']:.2f} | {r['fastpatch_seconds']:.2f} "
+                f"| **{r['ratio']:.2f}x** | {gflop} | {rate} | {'yes' if r['agree'] else 'NO'} | `{path.name}` |"
+            )
+    return "\n".join(lines)
+
+
+def write(text: str) -> None:
+    for readme in (ROOT / "README.md", ROOT / "bench" / "README.md"):
+        content = readme.read_text()
+        if START not in content:
+            continue
+        head, rest = content.split(START, 1)
+        _, tail = rest.split(END, 1)
+        readme.write_text(f"{head}{START}\n{text}\n{END}{tail}")
+
+
+if __name__ == "__main__":
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--write", action="store_true", help="update the READMEs in place")
+    args = parser.parse_args()
+    text = table()
+    print(text)
+    if args.write:
+        write(text)
