@@ -38,9 +38,17 @@ from transformer_lens.patching import (
     make_df_from_ranges,
 )
 
-from fastpatch.engine.checks import check_index_df, check_tokens, require_eval_mode
+from tqdm.auto import tqdm
+
+from fastpatch.engine.checks import (
+    cached_activation,
+    check_cached_activation,
+    check_index_df,
+    check_tokens,
+    require_eval_mode,
+)
 from fastpatch.engine.model_state import preserved_model_state
-from fastpatch.engine.plan import Sweep
+from fastpatch.engine.plan import Sweep, cells_per_chunk
 from fastpatch.engine.runner import MetricFn, MetricSet, run_plan
 
 __all__ = [
@@ -71,6 +79,8 @@ __all__ = [
     "get_act_patch_attn_head_all_pos_every",
     "get_act_patch_attn_head_by_pos_every",
     "get_act_patch_block_every",
+    "get_act_patch_direct_path",
+    "get_act_patch_direct_path_all_sources",
 ]
 
 AxisNames = _tl.AxisNames
@@ -378,3 +388,132 @@ def get_act_patch_block_every(
     if all(isinstance(r, torch.Tensor) for r in results):
         return torch.stack(results, dim=0)
     return _tl._stack_patch_types(results, axis_order=("layer", "pos"), n_heads=0, type_names=_tl._BLOCK_TYPES)
+
+
+# ---- direct path patching ------------------------------------------------------------------------
+def _direct_path(
+    model: Any,
+    corrupted_tokens: torch.Tensor,
+    clean_cache: ActivationCache,
+    corrupted_cache: ActivationCache,
+    patching_metric: MetricFn,
+    sources: List[Tuple[int, int]],
+    component: str,
+    verbose: bool,
+    method: str,
+    backend: str,
+    chunk_size: Optional[int],
+    memory_budget: Optional[int],
+    operation: str,
+) -> torch.Tensor:
+    """Values ``[n_sources, n_cells_per_source...]`` flattened per the reader; see the public functions."""
+    from fastpatch.engine import direct_path as dp
+    from fastpatch.engine.runner import native_budget, select_backend
+
+    if component not in dp.READERS:
+        raise ValueError(f"component must be one of {dp.READERS}, got {component!r}")
+    if method not in dp.METHODS:
+        raise ValueError(f"method must be one of {dp.METHODS}, got {method!r}")
+    cfg = model.cfg
+    for layer, head in sources:
+        if not (0 <= layer < cfg.n_layers and 0 <= head < cfg.n_heads):
+            raise ValueError(f"source head ({layer}, {head}) is out of range for {cfg.n_layers} layers x {cfg.n_heads} heads")
+    _tl._check_direct_path_support(model, sorted({l for l, _ in sources}), component if component in "qkv" else "q")
+    require_eval_mode(model, operation=operation)
+    check_tokens(model, corrupted_tokens)
+    for layer in sorted({l for l, _ in sources}):
+        name = f"blocks.{layer}.attn.hook_z"
+        for cache, what in ((clean_cache, "clean_cache"), (corrupted_cache, "corrupted_cache")):
+            check_cached_activation(cached_activation(cache, name, what), name, corrupted_tokens)
+    metrics = MetricSet(patching_metric, "scalar", int(corrupted_tokens.shape[0]))
+    device = torch.device(cfg.device) if getattr(cfg, "device", None) is not None else corrupted_tokens.device
+    with preserved_model_state(model), torch.no_grad():
+        engine = select_backend(model, corrupted_tokens, [], backend)
+        if engine is None and method == "linear":
+            raise ValueError("method='linear' needs the native backend, which this model or backend choice rules out")
+        deltas = dp.source_writes(model, clean_cache, corrupted_cache, sources)
+        native = engine[0] if engine is not None else None
+        cells = dp.path_cells(model, sources, component, parallel=bool(cfg.parallel_attn_mlp))
+        values = torch.empty((len(cells), 1), device=device)
+        dtype_bytes = torch.finfo(deltas.dtype).bits // 8
+        with tqdm(total=len(cells), desc=f"direct path [{component}]", disable=not verbose, unit="path") as bar:
+            if engine is None:
+                per_chunk = cells_per_chunk(cfg, corrupted_tokens.shape[0], corrupted_tokens.shape[1], dtype_bytes, device, chunk_size, memory_budget)
+                dp.run_hooks(model, corrupted_tokens, deltas, cells, component, metrics, values, per_chunk, bar)
+            else:
+                budget = native_budget(device, chunk_size, memory_budget)
+                paths = dp.NativePaths(native, engine[1], deltas, sources, component, method)
+                paths.run(cells, metrics, values, budget=budget, chunk_size=chunk_size, dtype_bytes=dtype_bytes, bar=bar)
+    n_layers, n_heads = cfg.n_layers, cfg.n_heads
+    shape = {"logits": (), "mlp_in": (n_layers,)}.get(component, (n_layers, n_heads))
+    out = torch.zeros((len(sources),) + shape, device=device)
+    for (s, layer, head), value in zip(cells, values[:, 0]):
+        index = {"logits": (s,), "mlp_in": (s, layer)}.get(component, (s, layer, head))
+        out[index] = value
+    return out
+
+
+def get_act_patch_direct_path(
+    model: Any,
+    corrupted_tokens: Int[torch.Tensor, "batch pos"],
+    clean_cache: ActivationCache,
+    corrupted_cache: ActivationCache,
+    patching_metric: MetricFn,
+    src_layer: int,
+    src_head: int,
+    component: str = "q",
+    verbose: bool = True,
+    *,
+    method: str = "exact",
+    backend: str = "auto",
+    chunk_size: Optional[int] = None,
+    memory_budget: Optional[int] = None,
+) -> Float[torch.Tensor, "n_layers n_heads"]:
+    """Batched ``transformer_lens.patching.get_act_patch_direct_path``: same arguments, same values.
+
+    Head ``(src_layer, src_head)``'s clean-minus-corrupted write ``z @ W_O`` is added to one
+    reader's own pre-norm copy of the residual; every other reader still sees the corrupted run.
+    ``results[l, h]`` is the metric with the path into head ``(l, h)``'s ``component`` input
+    patched; rows ``l <= src_layer`` are 0.0 placeholders (as in TransformerLens).
+
+    Beyond TransformerLens: ``component="mlp_in"`` patches the path into each block's MLP input
+    (result ``[n_layers]``, 0.0 where the MLP cannot read the source) and ``component="logits"``
+    the direct path into the final norm (a 0-d result). ``method="linear"`` freezes the reader's
+    norm scale at the corrupted run's (LayerNorm-linearised, TransformerLens issue #111); it needs
+    the native backend. Same refusals as TransformerLens: K/V on grouped-query models,
+    post-norm or scaled-residual source blocks, training mode.
+    """
+    out = _direct_path(
+        model, corrupted_tokens, clean_cache, corrupted_cache, patching_metric, [(src_layer, src_head)],
+        component, verbose, method, backend, chunk_size, memory_budget, "get_act_patch_direct_path()",
+    )
+    return out[0]
+
+
+def get_act_patch_direct_path_all_sources(
+    model: Any,
+    corrupted_tokens: Int[torch.Tensor, "batch pos"],
+    clean_cache: ActivationCache,
+    corrupted_cache: ActivationCache,
+    patching_metric: MetricFn,
+    component: str = "q",
+    verbose: bool = True,
+    *,
+    method: str = "exact",
+    backend: str = "auto",
+    chunk_size: Optional[int] = None,
+    memory_budget: Optional[int] = None,
+) -> Float[torch.Tensor, "n_layers n_heads n_layers n_heads"]:
+    """:func:`get_act_patch_direct_path` from every source head, all in one batched plan.
+
+    ``results[sl, sh, dl, dh]`` is the metric with the path from head ``(sl, sh)`` into head
+    ``(dl, dh)`` patched, 0.0 where ``dl <= sl`` (``[n_layers, n_heads, n_layers]`` for
+    ``mlp_in``, ``[n_layers, n_heads]`` for ``logits``).
+    """
+    cfg = model.cfg
+    sources = [(l, h) for l in range(cfg.n_layers) for h in range(cfg.n_heads)]
+    out = _direct_path(
+        model, corrupted_tokens, clean_cache, corrupted_cache, patching_metric, sources, component, verbose,
+        method, backend, chunk_size, memory_budget, "get_act_patch_direct_path_all_sources()",
+    )
+    return out.reshape((cfg.n_layers, cfg.n_heads) + out.shape[1:])

@@ -162,15 +162,23 @@ def _run_hooks(model, tokens, sweeps, locations, clean, metrics, values, per_chu
     _with_oom_retry(make_chunks(len(locations), per_chunk), run)
 
 
-def _run_native(native, trace, tokens, sweeps, locations, clean, metrics, values, budget, chunk_size, dtype_bytes, bar) -> None:
-    batch, n_pos = tokens.shape
+def run_native_cells(
+    native, trace, metrics: MetricSet, groups: Dict[int, list], no_ops: List[int], resid_factory: Callable,
+    values: torch.Tensor, *, budget: int, chunk_size: Optional[int], dtype_bytes: int, bar: Any,
+) -> None:
+    """Evaluate grouped native cells into ``values[cell]``.
+
+    ``groups`` maps a first changed position to its ``(cell, entry block, entry stage)`` list;
+    ``resid_factory(start)`` returns ``cell -> entry residual``. No-op cells get the baseline.
+    """
+    batch, n_pos = trace.logits.shape[:2]
     baseline = metrics.evaluate(trace.logits)
-    groups, no_ops = native_backend.group_cells(native, trace, sweeps, locations, clean)
     for cell in no_ops:
         values[cell] = baseline
     bar.update(len(no_ops))
     reads = metrics.common_reads()
     read_pos = None if reads is None else reads[0].position % n_pos
+    workspace = native_backend.LogitsWorkspace()
     for start, cells in groups.items():
         if read_pos is not None and read_pos < start:  # the metric reads a position the patch cannot reach
             for cell, _, _ in cells:
@@ -182,14 +190,13 @@ def _run_native(native, trace, tokens, sweeps, locations, clean, metrics, values
         else:
             row_bytes = native_backend.bytes_per_row(native, n_pos, start, reads is None, dtype_bytes)
             per_chunk = max(1, budget // row_bytes // batch)
+        resid_of = resid_factory(start)
 
-        def run(chunk: Chunk, start=start, cells=cells) -> None:
+        def run(chunk: Chunk, start=start, cells=cells, resid_of=resid_of) -> None:
             read_index = None if reads is None else read_pos - start
-            x, order = native_backend.run_chunk(
-                native, trace, sweeps, locations, clean, start, cells[chunk.start : chunk.stop], read_index
-            )
+            x, order = native_backend.run_chunk(native, trace, start, cells[chunk.start : chunk.stop], resid_of, read_index)
             if reads is None:
-                for cell, logits in zip(order, native_backend.cell_logits(native, trace, x, start)):
+                for cell, logits in zip(order, native_backend.cell_logits(native, trace, x, start, workspace)):
                     values[cell] = metrics.evaluate(logits)
             else:
                 x_read = x[:, 0]
@@ -199,6 +206,16 @@ def _run_native(native, trace, tokens, sweeps, locations, clean, metrics, values
             bar.update(len(order))
 
         _with_oom_retry(make_chunks(len(cells), per_chunk), run)
+
+
+def native_budget(device: torch.device, chunk_size: Optional[int], memory_budget: Optional[int]) -> int:
+    """Validate the chunking options and return the memory budget in bytes."""
+    if chunk_size is not None and (isinstance(chunk_size, bool) or not isinstance(chunk_size, int) or chunk_size < 1):
+        raise ValueError(f"chunk_size must be a positive integer (cells per forward), got {chunk_size!r}")
+    budget = memory_budget if memory_budget is not None else default_memory_budget(device)
+    if budget <= 0:
+        raise ValueError(f"memory_budget must be a positive number of bytes, got {budget!r}")
+    return budget
 
 
 def run_plan(
@@ -228,13 +245,14 @@ def run_plan(
             )
             _run_hooks(model, tokens, sweeps, locations, clean, metrics, values, per_chunk, bar)
         else:
-            if chunk_size is not None:
-                cells_per_chunk(model.cfg, 1, 1, dtype_bytes, device, chunk_size, None)  # validates it
-            budget = memory_budget if memory_budget is not None else default_memory_budget(device)
-            if budget <= 0:
-                raise ValueError(f"memory_budget must be a positive number of bytes, got {budget!r}")
+            budget = native_budget(device, chunk_size, memory_budget)
             native, trace = engine
-            _run_native(native, trace, tokens, sweeps, locations, clean, metrics, values, budget, chunk_size, dtype_bytes, bar)
+            groups, no_ops = native_backend.group_cells(native, trace, sweeps, locations, clean)
+            run_native_cells(
+                native, trace, metrics, groups, no_ops,
+                lambda start: native_backend.sweep_resid(native, trace, sweeps, locations, clean, start),
+                values, budget=budget, chunk_size=chunk_size, dtype_bytes=dtype_bytes, bar=bar,
+            )
     # [cells, metrics, batch?] -> per sweep [metrics, cells, batch?]
     out, start = [], 0
     for sweep in sweeps:

@@ -12,7 +12,7 @@ and only the read vocabulary columns when they name them.
 from __future__ import annotations
 
 from collections import defaultdict
-from typing import Any, Dict, List, Mapping, Optional, Tuple
+from typing import Callable, Dict, List, Mapping, Optional, Tuple
 
 import torch
 from torch import Tensor
@@ -54,18 +54,31 @@ def group_cells(
     return dict(sorted(groups.items())), no_ops
 
 
+def sweep_resid(
+    native: NativeModel, trace: Trace, sweeps: List[Sweep], locations: List[Tuple[int, int]], clean: Mapping[str, Tensor], start: int
+) -> Callable[[int], Tensor]:
+    """``cell -> [batch, pos - start, d_model]`` entry residual of a plan's activation-patching cells."""
+
+    def resid(cell: int) -> Tensor:
+        s, r = locations[cell]
+        sweep = sweeps[s]
+        index = sweep.indices[r].tolist()
+        clean_act = clean[sweep.hook_name(index[0])]
+        return cell_resid(native, trace, sweep.activation_name, index, sweep.patch_setter, clean_act, start)
+
+    return resid
+
+
 def run_chunk(
     native: NativeModel,
     trace: Trace,
-    sweeps: List[Sweep],
-    locations: List[Tuple[int, int]],
-    clean: Mapping[str, Tensor],
     start: int,
     cells: List[_Cell],
+    resid_of: Callable[[int], Tensor],
     read_index: Optional[int] = None,
 ) -> Tuple[Tensor, List[int]]:
     """Final residual of a chunk of cells sharing ``start``, and the cell numbers in row order
-    (``batch`` rows each).
+    (``batch`` rows each). ``resid_of(cell)`` gives a cell's entry residual ``[batch, pos - start, d_model]``.
 
     The residual is ``[rows, pos - start, d_model]``; with ``read_index`` (the one position a
     metric reads, counted from ``start``) the last block computes its queries, attention output
@@ -83,14 +96,7 @@ def run_chunk(
         if not joining:
             return x
         order.extend(joining)
-        resids = []
-        for cell in joining:
-            s, r = locations[cell]
-            sweep = sweeps[s]
-            index = sweep.indices[r].tolist()
-            clean_act = clean[sweep.hook_name(index[0])]
-            resids.append(cell_resid(native, trace, sweep.activation_name, index, sweep.patch_setter, clean_act, start)[:, positions])
-        new = torch.cat(resids, dim=0)
+        new = torch.cat([resid_of(cell)[:, positions] for cell in joining], dim=0)
         return new if x is None else torch.cat([x, new], dim=0)
 
     everything = slice(None)
@@ -131,7 +137,21 @@ def read_logits(native: NativeModel, x_final: Tensor, tokens: Optional[Tensor], 
     return out if native.b_U is None else out + native.b_U[cols]
 
 
-def cell_logits(native: NativeModel, trace: Trace, x_final: Tensor, start: int):
+class LogitsWorkspace:
+    """Reused output buffers for full logits: fresh multi-gigabyte tensors per chunk would be paid
+    for in page faults (large CPU allocations go back to the OS when freed)."""
+
+    def __init__(self) -> None:
+        self._flat: Optional[Tensor] = None
+
+    def suffix(self, rows: int, d_vocab: int, like: Tensor) -> Tensor:
+        need = rows * d_vocab
+        if self._flat is None or self._flat.numel() < need or self._flat.dtype != like.dtype or self._flat.device != like.device:
+            self._flat = torch.empty(need, dtype=like.dtype, device=like.device)
+        return self._flat[:need].view(rows, d_vocab)
+
+
+def cell_logits(native: NativeModel, trace: Trace, x_final: Tensor, start: int, workspace: LogitsWorkspace):
     """Yield each cell's full ``[batch, pos, d_vocab]`` logits, in row order.
 
     Positions before ``start`` hold the corrupted logits, the same for every cell: they are
@@ -140,9 +160,17 @@ def cell_logits(native: NativeModel, trace: Trace, x_final: Tensor, start: int):
     value copied out) before asking for the next.
     """
     batch = trace.logits.shape[0]
-    suffix = native.unembed(native.final_norm(x_final))  # [rows, pos - start, d_vocab]
+    rows, n_new = x_final.shape[:2]
+    x_norm = native.final_norm(x_final).reshape(rows * n_new, -1)
+    d_vocab = native.W_U.shape[1]
+    suffix = workspace.suffix(rows * n_new, d_vocab, x_norm)
+    if native.b_U is None:
+        torch.matmul(x_norm, native.W_U, out=suffix)
+    else:
+        torch.addmm(native.b_U, x_norm, native.W_U, out=suffix)
+    suffix = suffix.view(rows, n_new, d_vocab)
     buffer = torch.empty_like(trace.logits)
     buffer[:, :start] = trace.logits[:, :start]
-    for i in range(x_final.shape[0] // batch):
+    for i in range(rows // batch):
         buffer[:, start:] = suffix[i * batch : (i + 1) * batch]
         yield buffer

@@ -19,6 +19,8 @@ import torch.nn.functional as F
 from jaxtyping import Float, Int
 from torch import Tensor
 
+from fastpatch.ops.norms import linearised_norm_delta, normalize
+
 
 class UnsupportedModel(ValueError):
     """The model has a feature the native forward does not implement."""
@@ -105,6 +107,7 @@ class Trace:
     attn_out: List[Tensor] = field(default_factory=list)
     resid_mid: List[Tensor] = field(default_factory=list)  # sequential blocks only
     mlp_out: List[Tensor] = field(default_factory=list)
+    resid_final: Optional[Tensor] = None  # resid_post of the last block
     logits: Optional[Tensor] = None
 
     def hook_values(self, parallel: bool) -> Dict[str, Tensor]:
@@ -184,11 +187,7 @@ class NativeModel:
 
     # ---- pieces -------------------------------------------------------------------------------
     def normalize(self, x: Tensor, w: Tensor, b: Optional[Tensor]) -> Tensor:
-        if self.norm == "RMS":
-            return x * torch.rsqrt(x.pow(2).mean(-1, keepdim=True) + self.eps) * w
-        x = x - x.mean(-1, keepdim=True)
-        x = x * torch.rsqrt(x.pow(2).mean(-1, keepdim=True) + self.eps) * w
-        return x if b is None else x + b
+        return normalize(x, w, b, self.norm, self.eps)
 
     def rotate(self, layer: int, x: Tensor, start: int) -> Tensor:
         """Rotary embedding of ``[rows, pos, heads, d_head]`` for positions ``start, start+1, ...``."""
@@ -242,9 +241,17 @@ class NativeModel:
         out = z.reshape(*z.shape[:-2], -1) @ L.W_O_flat
         return out if L.b_O is None else out + L.b_O
 
+    def linearised_norm_delta(self, x: Tensor, delta: Tensor, w: Tensor) -> Tensor:
+        """First-order change of ``normalize(x)`` with the scale frozen (see ``fastpatch.ops.norms``)."""
+        return linearised_norm_delta(x, delta, w, self.norm, self.eps)
+
     def mlp(self, layer: int, x: Tensor) -> Tensor:
         L = self.layers[layer]
-        h = self.normalize(x, L.ln2_w, L.ln2_b)
+        return self.mlp_from_normalized(layer, self.normalize(x, L.ln2_w, L.ln2_b))
+
+    def mlp_from_normalized(self, layer: int, h: Tensor) -> Tensor:
+        """The MLP of block ``layer`` on its already normalised input."""
+        L = self.layers[layer]
         pre = h @ L.W_in
         if L.b_in is not None:
             pre = pre + L.b_in
@@ -338,4 +345,5 @@ class NativeModel:
             if not self.parallel:
                 t.resid_mid.append(cache[f"blocks.{l}.hook_resid_mid"])
             t.k_rot.append(self.rotate(l, t.k[l], 0))
+        t.resid_final = cache[f"blocks.{self.n_layers - 1}.hook_resid_post"]
         return t
