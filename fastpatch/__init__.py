@@ -5,8 +5,9 @@
 
 from fastpatch import metrics, patching
 from fastpatch.engine.model_state import hook_count, model_flags
+from fastpatch.engine.stats import last_run_stats
 from fastpatch.patching import PatchingResult
 
 __version__ = "0.1.0"
 
-__all__ = ["patching", "metrics", "PatchingResult", "hook_count", "model_flags", "__version__"]
+__all__ = ["patching", "metrics", "PatchingResult", "hook_count", "model_flags", "last_run_stats", "__version__"]

@@ -9,6 +9,8 @@ patch. Extra keyword-only arguments, all optional:
 - ``memory_budget``: bytes one batched forward may use (default: half the free GPU memory, or a
   quarter of free RAM capped at 4 GiB on CPU). Results never depend on the chunking.
 - ``progress``: show a tqdm progress bar over the sweep's cells (default ``True``).
+- ``distributed``: shard the cells over ``torch.distributed`` ranks; ``None`` (default) does so
+  whenever a process group of more than one rank is initialised. Every rank gets the full result.
 - ``backend``: ``"auto"`` (default: the native backend where the model and sweep are supported
   and its parity check against the model's own forward passes, else the hook backend),
   ``"native"`` (raise instead of falling back) or ``"hooks"`` (batched ``run_with_hooks``).
@@ -40,6 +42,8 @@ from transformer_lens.patching import (
 
 from tqdm.auto import tqdm
 
+from fastpatch.engine import stats as run_stats
+from fastpatch.engine.distributed import gather, my_cells, shard
 from fastpatch.engine.checks import (
     cached_activation,
     check_cached_activation,
@@ -172,6 +176,7 @@ def _run(
     progress: bool,
     backend: str,
     desc: str,
+    distributed: Optional[bool] = None,
 ) -> List[Tuple[SweepReturn, Optional[torch.Tensor], MetricSet, pd.DataFrame, Optional[tuple], Optional[Sequence[str]]]]:
     """Validate, run every requested sweep in one plan, and return the pieces of each result."""
     require_eval_mode(model, operation="activation patching")
@@ -194,6 +199,7 @@ def _run(
             sweeps,
             metrics,
             backend=backend,
+            distributed=distributed,
             chunk_size=chunk_size,
             memory_budget=memory_budget,
             progress=progress,
@@ -222,6 +228,7 @@ def generic_activation_patch(
     memory_budget: Optional[int] = None,
     progress: bool = True,
     backend: str = "auto",
+    distributed: Optional[bool] = None,
 ) -> SweepReturn:
     """Batched ``transformer_lens.patching.generic_activation_patch``: same arguments, same values.
 
@@ -248,6 +255,7 @@ def generic_activation_patch(
         memory_budget=memory_budget,
         progress=progress,
         backend=backend,
+        distributed=distributed,
         desc=f"patching {activation_name}",
     )
     return _as_result(store, metrics, df, grid, axes, base, baseline, return_index_df)
@@ -292,7 +300,7 @@ def _every(
     once) and wraps the other sweeps' tensors into results; so do we.
     """
     baseline = bool(kwargs.pop("baseline", False))
-    unknown = set(kwargs) - {"reduce", "chunk_size", "memory_budget", "progress", "backend"}
+    unknown = set(kwargs) - {"reduce", "chunk_size", "memory_budget", "progress", "backend", "distributed"}
     if unknown:
         raise TypeError(f"unexpected keyword arguments {sorted(unknown)}")
     pieces = _run(
@@ -308,6 +316,7 @@ def _every(
         memory_budget=kwargs.get("memory_budget"),
         progress=kwargs.get("progress", True),
         backend=kwargs.get("backend", "auto"),
+        distributed=kwargs.get("distributed"),
         desc=desc,
     )
     results = []
@@ -405,6 +414,7 @@ def _direct_path(
     chunk_size: Optional[int],
     memory_budget: Optional[int],
     operation: str,
+    distributed: Optional[bool],
 ) -> torch.Tensor:
     """Values ``[n_sources, n_cells_per_source...]`` flattened per the reader; see the public functions."""
     from fastpatch.engine import direct_path as dp
@@ -427,6 +437,7 @@ def _direct_path(
             check_cached_activation(cached_activation(cache, name, what), name, corrupted_tokens)
     metrics = MetricSet(patching_metric, "scalar", int(corrupted_tokens.shape[0]))
     device = torch.device(cfg.device) if getattr(cfg, "device", None) is not None else corrupted_tokens.device
+    rank_world = shard(distributed)
     with preserved_model_state(model), torch.no_grad():
         engine = select_backend(model, corrupted_tokens, [], backend)
         if engine is None and method == "linear":
@@ -434,16 +445,22 @@ def _direct_path(
         deltas = dp.source_writes(model, clean_cache, corrupted_cache, sources)
         native = engine[0] if engine is not None else None
         cells = dp.path_cells(model, sources, component, parallel=bool(cfg.parallel_attn_mlp))
-        values = torch.empty((len(cells), 1), device=device)
+        mine = my_cells(len(cells), rank_world)
+        local_cells = [cells[i] for i in mine]
+        values = torch.empty((len(local_cells), 1), device=device)
         dtype_bytes = torch.finfo(deltas.dtype).bits // 8
-        with tqdm(total=len(cells), desc=f"direct path [{component}]", disable=not verbose, unit="path") as bar:
+        with run_stats.recording(device, len(local_cells)) as stats, tqdm(
+            total=len(local_cells), desc=f"direct path [{component}]", disable=not verbose, unit="path"
+        ) as bar:
+            stats.backend = "hooks" if engine is None else "native"
             if engine is None:
                 per_chunk = cells_per_chunk(cfg, corrupted_tokens.shape[0], corrupted_tokens.shape[1], dtype_bytes, device, chunk_size, memory_budget)
-                dp.run_hooks(model, corrupted_tokens, deltas, cells, component, metrics, values, per_chunk, bar)
+                dp.run_hooks(model, corrupted_tokens, deltas, local_cells, component, metrics, values, per_chunk, bar)
             else:
                 budget = native_budget(device, chunk_size, memory_budget)
                 paths = dp.NativePaths(native, engine[1], deltas, sources, component, method)
-                paths.run(cells, metrics, values, budget=budget, chunk_size=chunk_size, dtype_bytes=dtype_bytes, bar=bar)
+                paths.run(local_cells, metrics, values, budget=budget, chunk_size=chunk_size, dtype_bytes=dtype_bytes, bar=bar)
+        values = gather(values, mine, len(cells), rank_world)
     n_layers, n_heads = cfg.n_layers, cfg.n_heads
     shape = {"logits": (), "mlp_in": (n_layers,)}.get(component, (n_layers, n_heads))
     out = torch.zeros((len(sources),) + shape, device=device)
@@ -468,6 +485,7 @@ def get_act_patch_direct_path(
     backend: str = "auto",
     chunk_size: Optional[int] = None,
     memory_budget: Optional[int] = None,
+    distributed: Optional[bool] = None,
 ) -> Float[torch.Tensor, "n_layers n_heads"]:
     """Batched ``transformer_lens.patching.get_act_patch_direct_path``: same arguments, same values.
 
@@ -485,7 +503,7 @@ def get_act_patch_direct_path(
     """
     out = _direct_path(
         model, corrupted_tokens, clean_cache, corrupted_cache, patching_metric, [(src_layer, src_head)],
-        component, verbose, method, backend, chunk_size, memory_budget, "get_act_patch_direct_path()",
+        component, verbose, method, backend, chunk_size, memory_budget, "get_act_patch_direct_path()", distributed,
     )
     return out[0]
 
@@ -503,6 +521,7 @@ def get_act_patch_direct_path_all_sources(
     backend: str = "auto",
     chunk_size: Optional[int] = None,
     memory_budget: Optional[int] = None,
+    distributed: Optional[bool] = None,
 ) -> Float[torch.Tensor, "n_layers n_heads n_layers n_heads"]:
     """:func:`get_act_patch_direct_path` from every source head, all in one batched plan.
 
@@ -514,6 +533,6 @@ def get_act_patch_direct_path_all_sources(
     sources = [(l, h) for l in range(cfg.n_layers) for h in range(cfg.n_heads)]
     out = _direct_path(
         model, corrupted_tokens, clean_cache, corrupted_cache, patching_metric, sources, component, verbose,
-        method, backend, chunk_size, memory_budget, "get_act_patch_direct_path_all_sources()",
+        method, backend, chunk_size, memory_budget, "get_act_patch_direct_path_all_sources()", distributed,
     )
     return out.reshape((cfg.n_layers, cfg.n_heads) + out.shape[1:])

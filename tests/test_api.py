@@ -10,7 +10,7 @@ from fastpatch import patching as fp
 
 def test_top_level_exports():
     assert sorted(fastpatch.__all__) == sorted(
-        ["patching", "metrics", "PatchingResult", "hook_count", "model_flags", "__version__"]
+        ["patching", "metrics", "PatchingResult", "hook_count", "model_flags", "last_run_stats", "__version__"]
     )
     assert fastpatch.PatchingResult is tl.PatchingResult
 
@@ -39,5 +39,5 @@ def test_generic_activation_patch_signature_extends_transformer_lens():
         assert ours[name].default == param.default, name
     assert list(ours)[: len(theirs)] == list(theirs)
     extra = [n for n in ours if n not in theirs]
-    assert extra == ["chunk_size", "memory_budget", "progress", "backend"]
+    assert extra == ["chunk_size", "memory_budget", "progress", "backend", "distributed"]
     assert all(ours[n].kind is inspect.Parameter.KEYWORD_ONLY for n in extra)

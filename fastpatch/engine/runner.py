@@ -10,6 +10,9 @@ import torch
 from tqdm.auto import tqdm
 
 from fastpatch.engine import hooks_backend
+from fastpatch.engine import stats as run_stats
+from fastpatch.engine.distributed import gather, my_cells
+from fastpatch.engine.distributed import shard as distributed_shard
 from fastpatch.engine.native import backend as native_backend
 from fastpatch.engine.native.cells import SUPPORTED_ACTIVATIONS
 from fastpatch.engine.native.model import NativeModel, ParityError, UnsupportedModel
@@ -109,13 +112,20 @@ def _is_oom(error: BaseException) -> bool:
 def _with_oom_retry(chunks: List[Chunk], run: Callable[[Chunk], None]) -> None:
     """Run each chunk; one that does not fit in memory is halved and retried, down to one cell."""
     pending = deque(chunks)
+    stats = run_stats.current()
     while pending:
         chunk = pending.popleft()
         try:
             run(chunk)
+            if stats is not None:
+                stats.chunk_done(len(chunk))
         except RuntimeError as error:
             if not _is_oom(error) or len(chunk) == 1:
                 raise
+            if stats is not None:
+                stats.oom_retries += 1
+            if torch.cuda.is_available():
+                torch.cuda.empty_cache()
             mid = chunk.start + len(chunk) // 2
             pending.extendleft([Chunk(mid, chunk.stop), Chunk(chunk.start, mid)])
 
@@ -230,15 +240,26 @@ def run_plan(
     memory_budget: Optional[int] = None,
     progress: bool = True,
     desc: str = "patching",
+    distributed: Optional[bool] = None,
 ) -> List[torch.Tensor]:
-    """Run every cell of every sweep; one ``[n_metrics, n_cells, batch?]`` tensor per sweep."""
+    """Run every cell of every sweep; one ``[n_metrics, n_cells, batch?]`` tensor per sweep.
+
+    Under ``torch.distributed`` (see ``fastpatch.engine.distributed``) this rank runs its share
+    of the cells and every rank returns the full result.
+    """
     device = torch.device(model.cfg.device) if getattr(model.cfg, "device", None) is not None else tokens.device
+    rank_world = distributed_shard(distributed)
     engine = select_backend(model, tokens, sweeps, backend)
     clean = clean_activations_for(model, tokens, clean_cache, sweeps)
-    locations = cell_locations(sweeps)
+    all_locations = cell_locations(sweeps)
+    mine = my_cells(len(all_locations), rank_world)
+    locations = [all_locations[i] for i in mine]
     dtype_bytes = torch.finfo(getattr(model.cfg, "dtype", torch.float32) or torch.float32).bits // 8
     values = torch.empty((len(locations),) + metrics.value_shape(), device=device)
-    with torch.no_grad(), tqdm(total=len(locations), desc=desc, disable=not progress, unit="cell") as bar:
+    with torch.no_grad(), run_stats.recording(device, len(locations)) as stats, tqdm(
+        total=len(locations), desc=desc, disable=not progress, unit="cell"
+    ) as bar:
+        stats.backend = "hooks" if engine is None else "native"
         if engine is None:
             per_chunk = cells_per_chunk(
                 model.cfg, tokens.shape[0], tokens.shape[1], dtype_bytes, device, chunk_size, memory_budget
@@ -253,6 +274,7 @@ def run_plan(
                 lambda start: native_backend.sweep_resid(native, trace, sweeps, locations, clean, start),
                 values, budget=budget, chunk_size=chunk_size, dtype_bytes=dtype_bytes, bar=bar,
             )
+    values = gather(values, mine, len(all_locations), rank_world)
     # [cells, metrics, batch?] -> per sweep [metrics, cells, batch?]
     out, start = [], 0
     for sweep in sweeps:
