@@ -1,0 +1,7 @@
+"""``python -m fastpatch`` is the ``fastpatch`` command."""
+
+import sys
+
+from fastpatch.cli import main
+
+sys.exit(main())

@@ -1,0 +1,5 @@
+"""The ``fastpatch`` command line: ``fastpatch demo`` and ``fastpatch sweep`` (see ``fastpatch --help``)."""
+
+from fastpatch.cli.main import main
+
+__all__ = ["main"]

@@ -1,0 +1,179 @@
+"""``fastpatch demo`` runs the main jobs on the embedded model; ``fastpatch sweep`` runs one sweep on
+a local Hugging Face model folder. Bad input gives a one-line error and exit code 2."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+import time
+from pathlib import Path
+from typing import List, Optional, Sequence
+
+SWEEPS = {
+    "heads": "get_act_patch_attn_head_out_all_pos",
+    "heads-every": "get_act_patch_attn_head_all_pos_every",
+    "resid": "get_act_patch_resid_pre",
+    "blocks": "get_act_patch_block_every",
+    "heads-by-pos": "get_act_patch_attn_head_out_by_pos",
+}
+
+
+class UsageError(Exception):
+    """Bad input: reported as one line on stderr with exit code 2."""
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="fastpatch",
+        description="Batched, exact activation and path patching for TransformerLens models.",
+    )
+    sub = parser.add_subparsers(dest="command", required=True)
+    demo = sub.add_parser(
+        "demo",
+        help="patch the embedded induction model: sweeps, direct paths, speed against TransformerLens, HTML report",
+        description="Runs offline on the small induction model shipped with fastpatch: head and residual "
+        "sweeps, direct path patching between heads, the top components, the speed against "
+        "TransformerLens's loop on the same sweep, and a self-contained HTML report.",
+    )
+    demo.add_argument("--out", type=Path, default=Path("fastpatch-demo.html"), help="where to write the HTML report")
+    demo.add_argument("--prompts", type=int, default=16, help="number of clean/corrupted prompt pairs")
+    demo.add_argument("--half-len", type=int, default=12, help="length of the repeated random sequence in each prompt")
+    demo.add_argument("--top", type=int, default=5, help="how many top components to print")
+    demo.add_argument("--no-compare", action="store_true", help="skip timing TransformerLens's loop")
+    demo.add_argument("--quiet", action="store_true", help="no progress bars")
+
+    sweep = sub.add_parser(
+        "sweep",
+        help="run one sweep on a local Hugging Face model folder and prompt pairs from a file",
+        description="Loads a causal LM from a local folder (no download), tokenizes prompt pairs from a "
+        "JSON-lines file with fields clean, corrupted, answer, wrong (answer/wrong must be single "
+        "tokens; clean and corrupted prompts must have the same number of tokens), runs the sweep "
+        "with a logit-difference metric and writes the values as JSON and an HTML report.",
+    )
+    sweep.add_argument("model_dir", type=Path, help="folder with config.json, weights and tokenizer files")
+    sweep.add_argument("prompts", type=Path, help="JSON lines: {\"clean\": ..., \"corrupted\": ..., \"answer\": ..., \"wrong\": ...}")
+    sweep.add_argument("--sweep", choices=sorted(SWEEPS), default="heads", help="which sweep to run")
+    sweep.add_argument("--out", type=Path, default=Path("fastpatch-sweep"), help="output prefix (.json and .html are added)")
+    sweep.add_argument("--backend", choices=("auto", "native", "hooks"), default="auto", help="execution backend")
+    sweep.add_argument("--device", default="cpu", help="torch device, e.g. cpu or cuda")
+    sweep.add_argument("--quiet", action="store_true", help="no progress bars")
+    return parser
+
+
+def main(argv: Optional[Sequence[str]] = None) -> int:
+    args = build_parser().parse_args(argv)
+    try:
+        if args.command == "demo":
+            from fastpatch.cli.demo import run_demo
+
+            run_demo(args)
+        else:
+            run_sweep(args)
+    except UsageError as error:
+        print(f"fastpatch: error: {error}", file=sys.stderr)
+        return 2
+    return 0
+
+
+# ---- fastpatch sweep -----------------------------------------------------------------------------
+def _load_prompts(path: Path) -> List[dict]:
+    if not path.is_file():
+        raise UsageError(f"prompt file {path} does not exist")
+    pairs = []
+    for n, line in enumerate(path.read_text().splitlines(), 1):
+        if not line.strip():
+            continue
+        try:
+            pair = json.loads(line)
+        except json.JSONDecodeError as error:
+            raise UsageError(f"{path}:{n}: not valid JSON ({error.msg})") from None
+        missing = [k for k in ("clean", "corrupted", "answer", "wrong") if not isinstance(pair.get(k), str)]
+        if missing:
+            raise UsageError(f"{path}:{n}: missing string field(s) {missing}")
+        pairs.append(pair)
+    if not pairs:
+        raise UsageError(f"{path} holds no prompt pairs")
+    return pairs
+
+
+def _load_model(model_dir: Path, device: str):
+    if not model_dir.is_dir():
+        raise UsageError(f"model folder {model_dir} does not exist")
+    if not (model_dir / "config.json").is_file():
+        raise UsageError(f"model folder {model_dir} has no config.json")
+    from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
+    from transformer_lens.model_bridge.sources._bridge_builder import build_bridge_from_module
+
+    try:
+        config = AutoConfig.from_pretrained(model_dir, local_files_only=True)
+        tokenizer = AutoTokenizer.from_pretrained(model_dir, local_files_only=True)
+        hf_model = AutoModelForCausalLM.from_pretrained(model_dir, local_files_only=True).eval().to(device)
+    except (OSError, ValueError) as error:
+        raise UsageError(f"cannot load a causal LM and tokenizer from {model_dir}: {str(error).splitlines()[0]}") from None
+    architecture = (config.architectures or [type(hf_model).__name__])[0]
+    bridge = build_bridge_from_module(hf_model, architecture, hf_config=config)
+    bridge.enable_compatibility_mode(disable_warnings=True)
+    return bridge.eval(), tokenizer
+
+
+def _single_token(tokenizer, text: str, what: str, n: int) -> int:
+    ids = tokenizer(text, add_special_tokens=False)["input_ids"]
+    if len(ids) != 1:
+        raise UsageError(f"prompt pair {n}: {what} {text!r} is {len(ids)} tokens, it must be exactly one")
+    return ids[0]
+
+
+def _tokenize(tokenizer, pairs: List[dict]):
+    import torch
+
+    clean, corrupted, answer, wrong = [], [], [], []
+    for n, pair in enumerate(pairs, 1):
+        c = tokenizer(pair["clean"], add_special_tokens=False)["input_ids"]
+        k = tokenizer(pair["corrupted"], add_special_tokens=False)["input_ids"]
+        if len(c) != len(k):
+            raise UsageError(f"prompt pair {n}: clean is {len(c)} tokens but corrupted is {len(k)}; they must align position by position")
+        if clean and len(c) != len(clean[0]):
+            raise UsageError(f"prompt pair {n} is {len(c)} tokens but pair 1 is {len(clean[0])}; all prompts must have the same length")
+        clean.append(c)
+        corrupted.append(k)
+        answer.append(_single_token(tokenizer, pair["answer"], "answer", n))
+        wrong.append(_single_token(tokenizer, pair["wrong"], "wrong", n))
+    return torch.tensor(clean), torch.tensor(corrupted), torch.tensor(answer), torch.tensor(wrong)
+
+
+def run_sweep(args: argparse.Namespace) -> None:
+    pairs = _load_prompts(args.prompts)
+    model, tokenizer = _load_model(args.model_dir, args.device)
+    clean, corrupted, answer, wrong = (t.to(args.device) for t in _tokenize(tokenizer, pairs))
+    import torch
+
+    from fastpatch import analysis, figures
+    from fastpatch import patching as fp
+    from fastpatch.metrics import LogitDiff
+
+    metric = LogitDiff(answer, wrong)
+    with torch.no_grad():
+        _, clean_cache = model.run_with_cache(clean)
+    name = SWEEPS[args.sweep]
+    start = time.perf_counter()
+    values = getattr(fp, name)(model, corrupted, clean_cache, metric, progress=not args.quiet, backend=args.backend)
+    seconds = time.perf_counter() - start
+    axes = {"heads": ("layer", "head"), "resid": ("layer", "pos"), "heads-by-pos": ("layer", "pos", "head"),
+            "heads-every": ("patch_type", "layer", "head"), "blocks": ("patch_type", "layer", "pos")}[args.sweep]
+    table = analysis.top_k(values, axes, k=10)
+    print(f"{name}: {values.numel()} cells in {seconds:.2f} s")
+    print(table.to_string(index=False))
+    args.out.parent.mkdir(parents=True, exist_ok=True)
+    Path(f"{args.out}.json").write_text(json.dumps({"sweep": name, "axes": list(axes), "values": values.tolist()}))
+    sections = [("Top cells", table)]
+    if values.ndim == 2:
+        tokens = [tokenizer.decode([t]) for t in corrupted[0].tolist()]
+        fig = figures.layer_head_heatmap(values) if axes[1] == "head" else figures.layer_position_heatmap(values, tokens)
+        sections.insert(0, (name, fig))
+    figures.write_report(f"{args.out}.html", sections, title=f"fastpatch sweep: {name}")
+    print(f"wrote {args.out}.json and {args.out}.html")
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,78 @@
+"""The command line: ``fastpatch sweep`` on a local model folder built offline, and its input errors."""
+
+import json
+import subprocess
+import sys
+
+import pytest
+import torch
+
+from fastpatch.cli import main
+
+WORDS = ["<bos>", "the", "cat", "dog", "sat", "ran", "on", "mat", "rug", "and", "then", "a", "big", "small"]
+
+
+@pytest.fixture(scope="module")
+def model_dir(tmp_path_factory):
+    """A random GPT-2 and a word-level tokenizer, saved like any Hugging Face model folder."""
+    from tokenizers import Tokenizer, models, pre_tokenizers
+    from transformers import GPT2Config, GPT2LMHeadModel, PreTrainedTokenizerFast
+
+    folder = tmp_path_factory.mktemp("hf_model")
+    tok = Tokenizer(models.WordLevel({w: i for i, w in enumerate(WORDS)}, unk_token="<bos>"))
+    tok.pre_tokenizer = pre_tokenizers.Whitespace()
+    PreTrainedTokenizerFast(tokenizer_object=tok, bos_token="<bos>", unk_token="<bos>").save_pretrained(folder)
+    torch.manual_seed(0)
+    cfg = GPT2Config(n_layer=2, n_embd=32, n_head=4, vocab_size=len(WORDS), n_positions=16, initializer_range=0.2,
+                     bos_token_id=0, eos_token_id=0)
+    GPT2LMHeadModel(cfg).save_pretrained(folder)
+    return folder
+
+
+def _prompts(tmp_path, pairs):
+    path = tmp_path / "prompts.jsonl"
+    path.write_text("\n".join(json.dumps(p) for p in pairs))
+    return path
+
+
+GOOD = [
+    {"clean": "the cat sat on the mat and the cat", "corrupted": "the dog sat on the mat and the dog", "answer": "sat", "wrong": "ran"},
+    {"clean": "a big dog ran on the rug and big", "corrupted": "a small dog ran on the rug and small", "answer": "dog", "wrong": "cat"},
+]
+
+
+def test_sweep_on_a_local_model_folder(tmp_path, model_dir, capsys):
+    out = tmp_path / "result"
+    assert main(["sweep", str(model_dir), str(_prompts(tmp_path, GOOD)), "--out", str(out), "--quiet"]) == 0
+    record = json.loads((tmp_path / "result.json").read_text())
+    values = torch.tensor(record["values"])
+    assert record["axes"] == ["layer", "head"] and values.shape == (2, 4)
+    assert float(values.max() - values.min()) > 1e-4
+    assert "Plotly.newPlot" in (tmp_path / "result.html").read_text()
+    assert "get_act_patch_attn_head_out_all_pos" in capsys.readouterr().out
+
+
+@pytest.mark.parametrize(
+    "pairs, folder, message",
+    [
+        (GOOD, "missing", "does not exist"),
+        ([{**GOOD[0], "corrupted": "the dog sat"}], None, "must align position by position"),
+        ([{**GOOD[0], "answer": "sat on"}], None, "must be exactly one"),
+        ([GOOD[0], {**GOOD[1], "clean": "a big dog", "corrupted": "a small dog"}], None, "same length"),
+        ([{"clean": "the cat"}], None, "missing string field"),
+    ],
+)
+def test_bad_input_is_one_line_and_exit_2(tmp_path, model_dir, capsys, pairs, folder, message):
+    target = tmp_path / folder if folder else model_dir
+    code = main(["sweep", str(target), str(_prompts(tmp_path, pairs)), "--out", str(tmp_path / "x"), "--quiet"])
+    err = capsys.readouterr().err.strip()
+    assert code == 2
+    assert message in err and err.startswith("fastpatch: error:") and "\n" not in err
+
+
+def test_help_and_module_entry_point():
+    done = subprocess.run([sys.executable, "-m", "fastpatch", "--help"], capture_output=True, text=True, timeout=120)
+    assert done.returncode == 0 and "demo" in done.stdout and "sweep" in done.stdout
+    done = subprocess.run([sys.executable, "-m", "fastpatch", "sweep", "/nonexistent", "/nonexistent.jsonl"],
+                          capture_output=True, text=True, timeout=120)
+    assert done.returncode == 2 and done.stderr.strip().count("\n") == 0
