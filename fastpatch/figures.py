@@ -1,7 +1,7 @@
 """Plotly figures of sweep results, and a one-call self-contained HTML report.
 
-Heatmaps use a diverging colour scale centred on 0 (patch effects have signs), layer on the y axis
-from the bottom up, and token strings on position axes when given.
+Heatmaps use a diverging colour scale centred on 0 when values have both signs (effects), a
+sequential one otherwise; layer on the y axis from the bottom up, token strings on position axes.
 """
 
 from __future__ import annotations
@@ -31,13 +31,16 @@ def heatmap(values: Values, *, x_label: str, y_label: str = "layer", x_ticks: Op
     z = _tensor(values).detach().float().cpu()
     if z.ndim != 2:
         raise ValueError(f"a heatmap needs a 2-D result, got shape {tuple(z.shape)}")
-    bound = float(z.abs().max()) or 1.0
+    low, high = float(z.min()), float(z.max())
+    diverging = low < 0 < high  # signed effects: white at 0; otherwise a sequential scale
+    bound = max(abs(low), abs(high)) or 1.0
+    colours = dict(colorscale="RdBu", zmid=0, zmin=-bound, zmax=bound) if diverging else dict(colorscale="Viridis")
     x = list(x_ticks) if x_ticks is not None else list(range(z.shape[1]))
     if len(x) != z.shape[1]:
         raise ValueError(f"{len(x)} x labels for {z.shape[1]} columns")
     x = [f"{i}: {t}" for i, t in enumerate(x)] if x_ticks is not None else x
     y = list(y_ticks) if y_ticks is not None else list(range(z.shape[0]))
-    fig = go.Figure(go.Heatmap(z=z.tolist(), x=x, y=y, colorscale="RdBu", zmid=0, zmin=-bound, zmax=bound,
+    fig = go.Figure(go.Heatmap(z=z.tolist(), x=x, y=y, **colours,
                                colorbar={"title": colorbar}, hovertemplate=f"{y_label} %{{y}}<br>{x_label} %{{x}}<br>{colorbar} %{{z:.4g}}<extra></extra>"))
     fig.update_layout(title=title, xaxis_title=x_label, yaxis_title=y_label, template="plotly_white",
                       xaxis={"type": "category"}, yaxis={"type": "category"})
