@@ -117,29 +117,14 @@ def _load_model(model_dir: Path, device: str):
     return bridge.eval(), tokenizer
 
 
-def _single_token(tokenizer, text: str, what: str, n: int) -> int:
-    ids = tokenizer(text, add_special_tokens=False)["input_ids"]
-    if len(ids) != 1:
-        raise UsageError(f"prompt pair {n}: {what} {text!r} is {len(ids)} tokens, it must be exactly one")
-    return ids[0]
-
-
 def _tokenize(tokenizer, pairs: List[dict]):
-    import torch
+    from fastpatch.datasets import from_pairs
 
-    clean, corrupted, answer, wrong = [], [], [], []
-    for n, pair in enumerate(pairs, 1):
-        c = tokenizer(pair["clean"], add_special_tokens=False)["input_ids"]
-        k = tokenizer(pair["corrupted"], add_special_tokens=False)["input_ids"]
-        if len(c) != len(k):
-            raise UsageError(f"prompt pair {n}: clean is {len(c)} tokens but corrupted is {len(k)}; they must align position by position")
-        if clean and len(c) != len(clean[0]):
-            raise UsageError(f"prompt pair {n} is {len(c)} tokens but pair 1 is {len(clean[0])}; all prompts must have the same length")
-        clean.append(c)
-        corrupted.append(k)
-        answer.append(_single_token(tokenizer, pair["answer"], "answer", n))
-        wrong.append(_single_token(tokenizer, pair["wrong"], "wrong", n))
-    return torch.tensor(clean), torch.tensor(corrupted), torch.tensor(answer), torch.tensor(wrong)
+    try:
+        data = from_pairs(tokenizer, *([p[k] for p in pairs] for k in ("clean", "corrupted", "answer", "wrong")))
+    except ValueError as error:
+        raise UsageError(str(error)) from None
+    return data.clean_tokens, data.corrupted_tokens, data.answer_tokens, data.wrong_tokens
 
 
 def run_sweep(args: argparse.Namespace) -> None:
