@@ -10,7 +10,7 @@ from fastpatch import patching as fp
 
 def test_top_level_exports():
     assert sorted(fastpatch.__all__) == sorted(
-        ["patching", "metrics", "PatchingResult", "hook_count", "model_flags", "last_run_stats", "__version__"]
+        ["patching", "attribution", "metrics", "PatchingResult", "hook_count", "model_flags", "last_run_stats", "__version__"]
     )
     assert fastpatch.PatchingResult is tl.PatchingResult
 
