@@ -184,6 +184,46 @@ def _hook_names(model: Any, activations: Sequence[str]) -> List[str]:
 
 
 # ---- the single pass --------------------------------------------------------------------------
+def gradients(
+    model: Any,
+    tokens: Tensor,
+    metric: MetricFn,
+    names: Sequence[str],
+    reduce: str,
+    values: Optional[Dict[str, Tensor]] = None,
+    record: Optional[Dict[str, Tensor]] = None,
+) -> Dict[str, Tensor]:
+    """``d metric / d act`` at every hook name, from one forward and one ``autograd.grad``.
+
+    Zero probes: each hook returns ``act + zeros(requires_grad)``, so the forward is unchanged and
+    the probe's gradient is the activation's. Where ``values`` has a name, the activation is *set*
+    to it in the forward with an identity backward (the model's total derivative at that state);
+    ``record`` receives each activation as the hook saw it.
+    """
+    values = values or {}
+    probes: Dict[str, Tensor] = {}
+
+    def probe(name: str):
+        def hook(tensor: Tensor, hook: Any) -> Tensor:
+            if record is not None:
+                record[name] = tensor.detach().clone()
+            if name in values:
+                tensor = tensor + (values[name].to(tensor.dtype) - tensor).detach()
+            probes[name] = torch.zeros_like(tensor, requires_grad=True)
+            return tensor + probes[name]
+
+        return hook
+
+    with torch.enable_grad(), model.hooks(fwd_hooks=[(n, probe(n)) for n in names]):
+        logits = model(tokens)
+        target = _check_metric(metric(logits), reduce, int(tokens.shape[0]))
+        missing = [n for n in names if n not in probes]
+        if missing:
+            raise ValueError(f"hook points {missing} did not fire during the forward pass")
+        grads = torch.autograd.grad(target, [probes[n] for n in names], allow_unused=True)
+    return {n: (g if g is not None else torch.zeros_like(probes[n])).detach() for n, g in zip(names, grads)}
+
+
 def _scores(
     model: Any, clean_tokens: Tensor, corrupted_tokens: Tensor, metric: MetricFn, hook_names: Sequence[str], reduce: str
 ) -> Dict[str, Tensor]:
@@ -193,7 +233,6 @@ def _scores(
     """
     clean: Dict[str, Tensor] = {}
     corrupted: Dict[str, Tensor] = {}
-    probes: Dict[str, Tensor] = {}
 
     def capture(name: str):
         def hook(tensor: Tensor, hook: Any) -> None:
@@ -201,25 +240,11 @@ def _scores(
 
         return hook
 
-    def probe(name: str):
-        def hook(tensor: Tensor, hook: Any) -> Tensor:
-            corrupted[name] = tensor.detach().clone()
-            probes[name] = torch.zeros_like(tensor, requires_grad=True)
-            return tensor + probes[name]
-
-        return hook
-
     # The clean forward runs last: TransformerBridge keeps the last forward's attention pattern
     # on its attention modules, and a no-grad one leaves no autograd graph attached to the model.
     with preserved_model_state(model):
-        with torch.enable_grad(), model.hooks(fwd_hooks=[(n, probe(n)) for n in hook_names]):
-            logits = model(corrupted_tokens)
-            target = _check_metric(metric(logits), reduce, int(corrupted_tokens.shape[0]))
-            missing = [n for n in hook_names if n not in probes]
-            if missing:
-                raise ValueError(f"hook points {missing} did not fire during the forward pass")
-            grads = torch.autograd.grad(target, [probes[n] for n in hook_names], allow_unused=True)
-        del logits, target, probes
+        by_name = gradients(model, corrupted_tokens, metric, hook_names, reduce, record=corrupted)
+        grads = [by_name[n] for n in hook_names]
         with torch.no_grad(), model.hooks(fwd_hooks=[(n, capture(n)) for n in hook_names]):
             model(clean_tokens)
     out = {}

@@ -1,0 +1,318 @@
+"""Refinements of node attribution patching: integrated gradients, AtP*'s QK fix, exact verification.
+
+Built on :mod:`fastpatch.attribution.nodes` (same sweep names, cell grids, result shapes,
+``reduce`` conventions and zero-probe gradients).
+
+- :func:`get_attr_patch_ig`: integrated gradients. Instead of the gradient at the corrupted run,
+  the gradient is averaged over ``ig_steps`` points of the straight path from the corrupted to
+  the clean activation. What is interpolated (exactly):
+
+  * default (``cell=None``): EVERY site of the sweep at once -- the sweep's activation at every
+    layer, all positions and heads -- is *set* to ``corrupted + alpha * (clean - corrupted)``,
+    both taken from the unpatched clean and corrupted runs (so a site's value ignores the
+    interpolation upstream of it). The backward treats that setting as the identity
+    (straight-through), so a site's gradient is the model's ordinary total derivative at the
+    interpolated state, including the paths through later sites -- exactly the gradient
+    ``nodes.py`` takes, only evaluated at ``alpha`` instead of ``0``. This is the usual
+    EAP-IG / "ig-activations" approximation: cell ``c``'s estimate is
+    ``delta_c . mean_alpha grad_c(alpha)`` where at ``alpha`` all cells, not only ``c``, are
+    part-way patched. Cost: one clean forward, one corrupted forward, and ``ig_steps``
+    forward+backward passes (independent of the number of cells).
+  * ``cell=(layer, ...)`` (an index of the exact sweep, as in its ``index_df``): only that cell's
+    slice is interpolated (the exact sweep's own patch setter defines the slice) and only that
+    cell's estimate is returned. Then the estimate is a quadrature of
+    ``integral_0^1 d metric(alpha) / d alpha`` along the exact patch's own path, so it converges
+    to the exact patch effect (fundamental theorem of calculus); the midpoint rule's error is
+    ``O(1 / ig_steps^2)`` for a smooth metric.
+
+  ``alpha`` takes the midpoints ``(k + 0.5) / ig_steps`` (``rule="midpoint"``, default) or the
+  left points ``k / ig_steps`` (``rule="left"``). With ``ig_steps=1`` the midpoint rule is the
+  first-order estimate with the gradient taken at the *half-patched* run (``alpha = 0.5``, every
+  site halfway between corrupted and clean); ``rule="left"`` with ``ig_steps=1`` is ``alpha = 0``
+  and reproduces ``get_attr_patch_<sweep>`` (plain attribution) exactly.
+
+- :func:`get_attr_patch_attn_head_q_all_pos_atpstar` and the ``k``/``by_pos`` variants: the QK
+  fix of AtP* (Kramar et al., 2024, "AtP*: An efficient and scalable method for localizing LLM
+  behaviour to components"). A query/key patch acts on the metric only through the attention
+  pattern of its head, and a saturated softmax has a vanishing gradient, so plain attribution
+  misses patches that move the argmax. Here the patched pattern is recomputed *exactly*
+  (``softmax`` of the attention scores with the clean ``q`` -- or ``k`` -- of that head, at the
+  patched positions, and the corrupted scores elsewhere), and only the step from the pattern to
+  the metric is linearised::
+
+      estimate = sum (pattern_patched - pattern_corrupted) * d metric / d pattern   (at corrupted)
+
+  Scores are read at ``hook_attn_scores`` (masked, pre-softmax) of a corrupted forward in which
+  one layer's ``hook_q``/``hook_k`` is replaced by the clean one (one extra forward per layer),
+  so rotary embeddings, scaling and grouped-query sharing are whatever the model does. On a
+  grouped-query model a K/V head's estimate sums the query heads that share it. GradDrop
+  (AtP*'s other fix) is not implemented.
+
+- :func:`verify`: measure the top-``k`` cells of any estimate exactly with
+  :func:`fastpatch.patching.generic_activation_patch` (``index_df`` mode) and put estimate and
+  exact effect side by side.
+"""
+
+from __future__ import annotations
+
+from typing import Any, Callable, Dict, Optional, Sequence, Tuple
+
+import pandas as pd
+import torch
+import transformer_lens.utilities as tl_utils
+from jaxtyping import Int
+from torch import Tensor
+
+from fastpatch import patching as _patching
+from fastpatch.attribution.nodes import (
+    SWEEPS,
+    MetricFn,
+    _check_inputs,
+    _check_metric,
+    _finish,
+    _hook_names,
+    _layer_stack,
+    gradients,
+)
+from fastpatch.engine.model_state import preserved_model_state
+
+__all__ = [
+    "IG_RULES",
+    "get_attr_patch_ig",
+    "get_attr_patch_attn_head_q_all_pos_atpstar",
+    "get_attr_patch_attn_head_k_all_pos_atpstar",
+    "get_attr_patch_attn_head_q_by_pos_atpstar",
+    "get_attr_patch_attn_head_k_by_pos_atpstar",
+    "verify",
+]
+
+IG_RULES = ("midpoint", "left")
+
+
+def _neuron_setter(corrupted_activation: Tensor, index: Sequence[int], clean_activation: Tensor) -> Tensor:
+    """One MLP neuron at one position: ``index = (layer, pos, neuron)`` on ``[batch, pos, d_mlp]``."""
+    _, pos, neuron = index
+    corrupted_activation[:, pos, neuron] = clean_activation[:, pos, neuron]
+    return corrupted_activation
+
+
+def _exact_sweep(sweep: str) -> Tuple[str, Callable, Tuple[str, ...]]:
+    """(activation name, patch setter, index axis names) of ``fastpatch.patching.get_act_patch_<sweep>``."""
+    if sweep == "mlp_neuron_by_pos":
+        return "post", _neuron_setter, ("layer", "pos", "neuron")
+    fn = getattr(_patching, f"get_act_patch_{sweep}", None)
+    if fn is None or sweep not in SWEEPS:
+        raise ValueError(f"unknown sweep {sweep!r}; known: {sorted(SWEEPS)}")
+    kw = fn.keywords
+    return kw["activation_name"], kw["patch_setter"], tuple(kw["index_axis_names"])
+
+
+def _dtype(t: Tensor) -> torch.dtype:
+    return torch.promote_types(t.dtype, torch.float32)
+
+
+# ---- passes -------------------------------------------------------------------------------------
+def _capture(model: Any, tokens: Tensor, names: Sequence[str], fwd_hooks: Sequence = ()) -> Dict[str, Tensor]:
+    """Activations at ``names`` of one no-grad forward (optionally with extra editing hooks)."""
+    store: Dict[str, Tensor] = {}
+
+    def capture(name: str):
+        def hook(tensor: Tensor, hook: Any) -> None:
+            store[name] = tensor.detach().clone()
+
+        return hook
+
+    with torch.no_grad(), model.hooks(fwd_hooks=list(fwd_hooks) + [(n, capture(n)) for n in names]):
+        model(tokens)
+    missing = [n for n in names if n not in store]
+    if missing:
+        raise ValueError(f"hook points {missing} did not fire during the forward pass")
+    return store
+
+
+def get_attr_patch_ig(
+    model: Any,
+    clean_tokens: Int[Tensor, "batch pos"],
+    corrupted_tokens: Int[Tensor, "batch pos"],
+    patching_metric: MetricFn,
+    sweep: str,
+    ig_steps: int = 8,
+    *,
+    reduce: str = "scalar",
+    rule: str = "midpoint",
+    cell: Optional[Sequence[int]] = None,
+) -> Tensor:
+    """Integrated-gradients estimate of ``get_act_patch_<sweep>`` minus the corrupted baseline.
+
+    ``sweep`` is a name of :data:`fastpatch.attribution.nodes.SWEEPS`. Without ``cell`` every
+    site of the sweep is interpolated at once and the result is shaped like
+    ``get_attr_patch_<sweep>``; with ``cell`` (an index of the exact sweep, layer first) only that
+    cell is interpolated and its estimate is returned (0-d, or ``[batch]`` for ``reduce='none'``),
+    which converges to the exact patch effect as ``ig_steps`` grows. See the module docstring for
+    what exactly is interpolated and what ``ig_steps=1`` equals.
+    """
+    if sweep not in SWEEPS:
+        raise ValueError(f"unknown sweep {sweep!r}; known: {sorted(SWEEPS)}")
+    if not isinstance(ig_steps, int) or ig_steps < 1:
+        raise ValueError(f"ig_steps must be a positive integer, got {ig_steps!r}")
+    if rule not in IG_RULES:
+        raise ValueError(f"rule must be one of {IG_RULES}, got {rule!r}")
+    _check_inputs(model, clean_tokens, corrupted_tokens, reduce, "get_attr_patch_ig()")
+    act = SWEEPS[sweep][0]
+    names = _hook_names(model, [act])
+    if cell is not None:
+        cell = tuple(int(i) for i in cell)
+        if not 0 <= cell[0] < model.cfg.n_layers:
+            raise ValueError(f"cell {cell}: layer out of range for {model.cfg.n_layers} layers")
+        names = [tl_utils.get_act_name(act, cell[0])]
+    with preserved_model_state(model):
+        clean = _capture(model, clean_tokens, names)
+        corrupted = _capture(model, corrupted_tokens, names)
+        delta = {n: clean[n].to(_dtype(clean[n])) - corrupted[n].to(_dtype(clean[n])) for n in names}
+        if cell is not None:
+            (n,) = names
+            setter = _exact_sweep(sweep)[1]
+            mask = setter(torch.zeros_like(delta[n]), cell, torch.ones_like(delta[n]))
+            delta[n] = delta[n] * mask
+        total = {n: torch.zeros_like(delta[n]) for n in names}
+        for k in range(ig_steps):
+            alpha = (k + 0.5) / ig_steps if rule == "midpoint" else k / ig_steps
+            values = {n: corrupted[n].to(delta[n].dtype) + alpha * delta[n] for n in names}
+            grads = gradients(model, corrupted_tokens, patching_metric, names, reduce, values)
+            for n in names:
+                total[n] += grads[n].to(total[n].dtype)
+    scores = {n: delta[n] * (total[n] / ig_steps) for n in names}
+    if cell is not None:
+        return _finish(scores[names[0]].flatten(1).sum(1), reduce)
+    return _finish(_layer_stack(model, scores, sweep), reduce)
+
+
+# ---- 2. AtP* QK fix ------------------------------------------------------------------------------
+def _atpstar(
+    model: Any, clean_tokens: Tensor, corrupted_tokens: Tensor, metric: MetricFn, which: str, by_pos: bool, reduce: str, operation: str
+) -> Tensor:
+    _check_inputs(model, clean_tokens, corrupted_tokens, reduce, operation)
+    cfg = model.cfg
+    n_layers, n_heads = cfg.n_layers, cfg.n_heads
+    n_kv = getattr(cfg, "n_key_value_heads", None) or n_heads
+    pattern_names = _hook_names(model, ["pattern"])
+    score_names = _hook_names(model, ["attn_scores"])
+    qk_names = _hook_names(model, [which])
+    per_layer = []
+    with preserved_model_state(model):
+        grads = gradients(model, corrupted_tokens, metric, pattern_names, reduce)
+        clean_qk = _capture(model, clean_tokens, qk_names)
+        corrupted_scores = _capture(model, corrupted_tokens, score_names)
+        for layer in range(n_layers):
+            qk_name, score_name = qk_names[layer], score_names[layer]
+            patched = clean_qk[qk_name]
+
+            def swap(tensor: Tensor, hook: Any, patched: Tensor = patched) -> Tensor:
+                return patched.to(tensor.dtype)
+
+            hybrid = _capture(model, corrupted_tokens, [score_name], fwd_hooks=[(qk_name, swap)])[score_name]
+            dtype = _dtype(hybrid)
+            s_corr = corrupted_scores[score_name].to(dtype)  # [batch, head, dest, src], masked
+            s_hyb = hybrid.to(dtype)
+            grad = grads[pattern_names[layer]].to(dtype)
+            p_corr = s_corr.softmax(-1)
+            if not by_pos:
+                est = ((s_hyb.softmax(-1) - p_corr) * grad).sum((2, 3))  # [batch, head]
+            elif which == "q":
+                # patching q at position p changes destination row p only
+                est = ((s_hyb.softmax(-1) - p_corr) * grad).sum(-1).transpose(1, 2)  # [batch, pos, head]
+            else:
+                # patching k at position p changes source column p of every row
+                n_pos = s_corr.shape[-1]
+                cols = []
+                for p in range(n_pos):
+                    s = s_corr.clone()
+                    s[..., p] = s_hyb[..., p]
+                    cols.append(((s.softmax(-1) - p_corr) * grad).sum((2, 3)))
+                est = torch.stack(cols, dim=1)  # [batch, pos, head]
+            if which == "k" and n_kv != n_heads:
+                est = est.unflatten(-1, (n_kv, n_heads // n_kv)).sum(-1)
+            per_layer.append(est)
+    return _finish(torch.stack(per_layer, dim=1), reduce)
+
+
+def get_attr_patch_attn_head_q_all_pos_atpstar(
+    model: Any, clean_tokens: Tensor, corrupted_tokens: Tensor, patching_metric: MetricFn, *, reduce: str = "scalar"
+) -> Tensor:
+    """AtP* (QK-fixed) estimate of ``get_act_patch_attn_head_q_all_pos``: ``[n_layers, n_heads]``."""
+    return _atpstar(model, clean_tokens, corrupted_tokens, patching_metric, "q", False, reduce, "get_attr_patch_attn_head_q_all_pos_atpstar()")
+
+
+def get_attr_patch_attn_head_k_all_pos_atpstar(
+    model: Any, clean_tokens: Tensor, corrupted_tokens: Tensor, patching_metric: MetricFn, *, reduce: str = "scalar"
+) -> Tensor:
+    """AtP* (QK-fixed) estimate of ``get_act_patch_attn_head_k_all_pos``: ``[n_layers, n_kv_heads]``."""
+    return _atpstar(model, clean_tokens, corrupted_tokens, patching_metric, "k", False, reduce, "get_attr_patch_attn_head_k_all_pos_atpstar()")
+
+
+def get_attr_patch_attn_head_q_by_pos_atpstar(
+    model: Any, clean_tokens: Tensor, corrupted_tokens: Tensor, patching_metric: MetricFn, *, reduce: str = "scalar"
+) -> Tensor:
+    """AtP* (QK-fixed) estimate of ``get_act_patch_attn_head_q_by_pos``: ``[n_layers, pos, n_heads]``."""
+    return _atpstar(model, clean_tokens, corrupted_tokens, patching_metric, "q", True, reduce, "get_attr_patch_attn_head_q_by_pos_atpstar()")
+
+
+def get_attr_patch_attn_head_k_by_pos_atpstar(
+    model: Any, clean_tokens: Tensor, corrupted_tokens: Tensor, patching_metric: MetricFn, *, reduce: str = "scalar"
+) -> Tensor:
+    """AtP* (QK-fixed) estimate of ``get_act_patch_attn_head_k_by_pos``: ``[n_layers, pos, n_kv_heads]``."""
+    return _atpstar(model, clean_tokens, corrupted_tokens, patching_metric, "k", True, reduce, "get_attr_patch_attn_head_k_by_pos_atpstar()")
+
+
+# ---- 3. exact verification of the top cells --------------------------------------------------------
+def verify(
+    model: Any,
+    clean_tokens: Int[Tensor, "batch pos"],
+    corrupted_tokens: Int[Tensor, "batch pos"],
+    clean_cache: Any,
+    patching_metric: MetricFn,
+    estimate: Tensor,
+    sweep: str,
+    k: int = 10,
+    **patch_kwargs: Any,
+) -> pd.DataFrame:
+    """Measure the top-``k`` cells (by ``|estimate|``) of an attribution sweep exactly.
+
+    ``estimate`` is a scalar-metric sweep result shaped like ``get_act_patch_<sweep>``'s grid
+    (e.g. from ``get_attr_patch_<sweep>``, :func:`get_attr_patch_ig` or an AtP* function).
+    The cells run in one batched :func:`fastpatch.patching.generic_activation_patch` call with
+    ``index_df`` and the activation name and patch setter of ``get_act_patch_<sweep>``
+    (``patch_kwargs`` go to it, e.g. ``backend``, ``chunk_size``).
+
+    Returns a DataFrame, one row per cell in decreasing ``|estimate|`` (ties by flat index): the
+    index axes of the exact sweep (``layer``, ``pos``, ``head``...), ``estimate``, ``exact``
+    (patched metric minus the corrupted baseline) and ``abs_error``.
+    """
+    if sweep == "mlp_neuron_by_pos":
+        raise ValueError("verify() needs an exact sweep in fastpatch.patching; mlp_neuron_by_pos has none")
+    act, setter, axes = _exact_sweep(sweep)
+    estimate = torch.as_tensor(estimate)
+    if estimate.ndim != len(axes):
+        raise ValueError(
+            f"estimate has shape {tuple(estimate.shape)}, but sweep {sweep!r} has axes {axes}: pass a "
+            "reduce='scalar' result (no trailing batch axis)"
+        )
+    if tuple(clean_tokens.shape) != tuple(corrupted_tokens.shape):
+        raise ValueError("clean_tokens and corrupted_tokens must have the same shape")
+    if k < 1:
+        raise ValueError(f"k must be positive, got {k}")
+    flat = estimate.detach().reshape(-1).cpu()
+    k = min(int(k), flat.numel())
+    order = torch.argsort(flat.abs(), descending=True, stable=True)[:k]
+    cells = torch.unravel_index(order, tuple(estimate.shape))
+    index_df = pd.DataFrame({a: c.tolist() for a, c in zip(axes, cells)})
+    patch_kwargs.setdefault("progress", False)
+    result = _patching.generic_activation_patch(
+        model, corrupted_tokens, clean_cache, patching_metric, setter, act, index_df=index_df, baseline=True, **patch_kwargs
+    )
+    exact = (result.values - result.baseline).detach().float().cpu()
+    out = index_df.copy()
+    out["estimate"] = flat[order].float().numpy()
+    out["exact"] = exact.numpy()
+    out["abs_error"] = (out["estimate"] - out["exact"]).abs()
+    return out
