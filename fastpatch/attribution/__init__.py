@@ -4,12 +4,14 @@
 baseline from one clean forward, one corrupted forward and one backward; see
 :mod:`fastpatch.attribution.nodes`. Refinements (:mod:`fastpatch.attribution.refine`): integrated
 gradients, the AtP* fix for query/key patches through saturated softmaxes, and ``verify`` (the
-top-k cells of an estimate measured by exact batched patching).
+top-k cells of an estimate measured by exact batched patching). Edges (:mod:`fastpatch.attribution.edges`):
+every writer -> later reader score from the same three passes.
 """
 
 from fastpatch.attribution.nodes import *  # noqa: F401,F403
 from fastpatch.attribution.nodes import __all__ as _nodes_all
+from fastpatch.attribution.edges import EdgeScores, get_attr_patch_edges
 from fastpatch.attribution.refine import *  # noqa: F401,F403
 from fastpatch.attribution.refine import __all__ as _refine_all
 
-__all__ = list(_nodes_all) + list(_refine_all)
+__all__ = list(_nodes_all) + list(_refine_all) + ["EdgeScores", "get_attr_patch_edges"]

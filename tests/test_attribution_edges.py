@@ -1,0 +1,261 @@
+"""Edge attribution patching (fastpatch.attribution.edges) on the zoo.
+
+What is checked, and against what:
+
+1. TransformerLens's ``attribution_patch(..., EdgeAttributionConfig(granularity="edge"))``
+   ``edge_scores`` (gpt2, neox), summed over positions. The definitions coincide:
+   TransformerLens scores the per-position edge ``(writer@p, reader@p)`` as
+   ``(a_clean - a_corrupt)[writer, p] . d metric / d input[reader, p]`` with the writer's write at
+   ``attn.hook_result`` (head ``h``'s ``z @ W_O[h]``; the bias belongs to no head and would cancel)
+   / ``hook_mlp_out`` / ``hook_embed`` and the reader's gradient at the split
+   ``attn.hook_{q,k,v}_input`` / ``hook_mlp_in`` / the final ``hook_resid_post``. Ours uses the
+   same writes, and the same gradients: ``J_ln1^T (dq_h @ W_Q[h]^T)`` is the gradient at head
+   ``h``'s own copy of the residual (what the split fork reads), ``ln2.hook_in`` is the MLP's copy
+   (``hook_mlp_in``) and ``ln_final.hook_in`` is the final residual. TransformerLens only pairs
+   a writer and a reader at the same position, so summing its edges over positions gives our
+   position-summed cells, and its edge set is exactly our ``valid`` mask. It runs one prompt at
+   a time and averages; our metric is the batch mean of a per-prompt quantity with fixed token
+   ids, whose gradient summed over prompts is that average. float32, different batching and
+   summation order: 1e-5 of the largest score.
+   The native model (``AttentionBridge``) has no split Q/K/V fork, so TransformerLens refuses it
+   (checked); there, and everywhere, the checks below pin the scores down instead.
+2. Linearity: a reader's input is the sum of the writes before it plus constants (equal position
+   embeddings, biases), so its incoming edges summed over all writers equal the reader's node
+   score, computed independently as ``d metric / d alpha`` at 0 with the reader's input moved
+   to ``x + alpha (x_clean - x)`` (for Q/K/V: head ``h``'s projection recomputed from
+   ``ln1(x + alpha_h dx)``, the other heads untouched): the exact directional derivative, one
+   alpha per reader, one backward for all.
+3. A writer's outgoing edges summed over readers equal its node attribution score
+   (``fastpatch.attribution.attribute_nodes``): ``node_scores()``.
+4. Mask, names, ``top_edges``, refusals (GQA, training mode), hygiene.
+5. Speed versus TransformerLens (printed, not asserted).
+"""
+
+from __future__ import annotations
+
+import time
+
+import pytest
+import torch
+from helpers import assert_close, assert_varies
+from transformer_lens.tools.analysis.attribution_patching import EdgeAttributionConfig, attribution_patch
+
+import fastpatch
+import zoo
+from fastpatch import attribution as fa
+from fastpatch.attribution.edges import EdgeScores, get_attr_patch_edges
+from fastpatch.engine.model_state import model_flags
+
+MODELS = ["gpt2", "neox", "native"]
+_KIND = {"q_input": "q", "k_input": "k", "v_input": "v"}
+
+
+def _metric(logits):
+    """Batch mean of a per-prompt logit difference at fixed token ids (TransformerLens-compatible)."""
+    return (logits[:, -1, 7] - logits[:, -1, 11]).mean()
+
+
+@pytest.fixture(scope="module", params=MODELS)
+def case(request):
+    return zoo.Case.build(request.param, batch=3, n_pos=6, first_diff=2)
+
+
+@pytest.fixture(scope="module")
+def edges(case):
+    return get_attr_patch_edges(case.model, case.clean, case.corrupted, _metric)
+
+
+def _writer_name(node):
+    if node.kind == "embed":
+        return "embed"
+    if node.kind == "attn_head_out":
+        return f"L{node.layer}H{node.head}"
+    return f"MLP{node.layer}"
+
+
+def _reader_name(node):
+    if node.kind in _KIND:
+        return f"L{node.layer}H{node.head}.{_KIND[node.kind]}"
+    if node.kind == "mlp_in":
+        return f"MLP{node.layer}.in"
+    return "logits"
+
+
+def _tl_matrix(ours: EdgeScores, edge_scores) -> tuple:
+    """TransformerLens's per-position edges summed over positions, on our grid, and its edge set."""
+    W = {n: i for i, n in enumerate(ours.writer_names)}
+    R = {n: i for i, n in enumerate(ours.reader_names)}
+    theirs = torch.zeros_like(ours.scores)
+    seen = torch.zeros_like(ours.valid)
+    for (w, r), score in edge_scores.items():
+        i, j = W[_writer_name(w)], R[_reader_name(r)]
+        theirs[i, j] += score
+        seen[i, j] = True
+    return theirs, seen
+
+
+# ---- 1. TransformerLens ---------------------------------------------------------------------------
+def test_edges_match_transformer_lens(case, edges):
+    model = case.model
+    flags = model_flags(model)
+    if case.name == "native":
+        with pytest.raises(NotImplementedError):
+            attribution_patch(model, case.clean, case.corrupted, _metric, EdgeAttributionConfig(granularity="edge"))
+        assert model_flags(model) == flags
+        return
+    ref = attribution_patch(model, case.clean, case.corrupted, _metric, EdgeAttributionConfig(granularity="edge"))
+    theirs, seen = _tl_matrix(edges, ref.edge_scores)
+    assert torch.equal(seen, edges.valid), "the edge sets differ"
+    assert_varies(theirs[seen], "TransformerLens edge scores")
+    assert_close(edges.scores, theirs)
+    # TransformerLens's edge-sweep node_scores (summed over positions) are our node_scores()
+    node = edges.node_scores()
+    for name in edges.writer_names:
+        total = sum(s for n, s in ref.node_scores.items() if _writer_name(n) == name)
+        assert abs(node[name] - total) <= 1e-5 * float(theirs.abs().max()), name
+
+
+# ---- 2. linearity on the reader side --------------------------------------------------------------
+def _reader_node_scores(model, clean_tokens, corrupted_tokens, metric) -> torch.Tensor:
+    """d metric / d alpha_r at 0, reader r's input moved to x + alpha_r (x_clean - x): ``[n_readers]``."""
+    L, H = model.cfg.n_layers, model.cfg.n_heads
+    names = [f"blocks.{l}.ln1.hook_in" for l in range(L)] + [f"blocks.{l}.ln2.hook_in" for l in range(L)] + ["ln_final.hook_in"]
+    clean = {}
+
+    def grab(name):
+        def hook(act, hook):
+            clean[name] = act.detach().clone()
+
+        return hook
+
+    with torch.no_grad(), model.hooks(fwd_hooks=[(n, grab(n)) for n in names]):
+        model(clean_tokens)
+
+    a_qkv = torch.zeros(L, 3, H, requires_grad=True)
+    a_mlp = torch.zeros(L, requires_grad=True)
+    a_logits = torch.zeros((), requires_grad=True)
+    resid = {}
+
+    def keep(l):
+        def hook(act, hook):
+            resid.setdefault(l, act)  # the block's own call (ln1 below re-fires it on stacked inputs)
+
+        return hook
+
+    def shift_qkv(l, c):
+        W = getattr(model.blocks[l].attn, "W_" + "QKV"[c])  # [H, d_model, d_head]
+
+        def hook(act, hook):
+            x = resid[l]
+            dx = clean[f"blocks.{l}.ln1.hook_in"] - x.detach()
+            moved = x[None] + a_qkv[l, c][:, None, None, None] * dx[None]  # [H, b, p, d]
+            ln1 = model.blocks[l].ln1
+            y = ln1(moved.flatten(0, 1)).view(moved.shape)
+            y0 = ln1(x)
+            shift = torch.einsum("hbpd,hde->bphe", y, W) - torch.einsum("bpd,hde->bphe", y0, W)
+            return act + shift
+
+        return hook
+
+    def shift(alpha, name):
+        def hook(act, hook):
+            return act + alpha * (clean[name] - act.detach())
+
+        return hook
+
+    hooks = [(f"blocks.{l}.ln1.hook_in", keep(l)) for l in range(L)]
+    hooks += [(f"blocks.{l}.attn.hook_{'qkv'[c]}", shift_qkv(l, c)) for l in range(L) for c in range(3)]
+    hooks += [(f"blocks.{l}.ln2.hook_in", shift(a_mlp[l], f"blocks.{l}.ln2.hook_in")) for l in range(L)]
+    hooks += [("ln_final.hook_in", shift(a_logits, "ln_final.hook_in"))]
+    with torch.enable_grad(), model.hooks(fwd_hooks=hooks):
+        value = metric(model(corrupted_tokens))
+        g_qkv, g_mlp, g_logits = torch.autograd.grad(value, [a_qkv, a_mlp, a_logits])
+    per_layer = torch.cat([g_qkv.flatten(1), g_mlp[:, None]], dim=1)  # [L, 3H + 1]: q heads, k, v, mlp
+    return torch.cat([per_layer.flatten(), g_logits[None]])
+
+
+def test_reader_incoming_edges_sum_to_reader_node_score(case, edges):
+    ref = _reader_node_scores(case.model, case.clean, case.corrupted, _metric)
+    assert fastpatch.hook_count(case.model) == 0
+    assert_varies(ref, "reader node scores")
+    assert_close(edges.scores.sum(0), ref)
+
+
+# ---- 3. linearity on the writer side --------------------------------------------------------------
+def test_writer_outgoing_edges_sum_to_node_score(case, edges):
+    model = case.model
+    L, H = model.cfg.n_layers, model.cfg.n_heads
+    nodes = fa.attribute_nodes(model, case.clean, case.corrupted, _metric, ["attn_head_out_all_pos", "mlp_out", "resid_pre"])
+    expected = [nodes["resid_pre"][0].sum()]
+    for l in range(L):
+        expected += list(nodes["attn_head_out_all_pos"][l]) + [nodes["mlp_out"][l].sum()]
+    expected = torch.stack(expected)
+    got = torch.tensor(edges.node_scores().values, dtype=expected.dtype)
+    assert list(edges.node_scores().index) == edges.writer_names
+    assert_close(got, expected)
+
+
+# ---- 4. structure, refusals, hygiene --------------------------------------------------------------
+def test_mask_names_and_top_edges(case, edges):
+    model = case.model
+    L, H = model.cfg.n_layers, model.cfg.n_heads
+    parallel = bool(getattr(model.cfg, "parallel_attn_mlp", False))
+    assert edges.scores.shape == edges.valid.shape == (1 + L * (H + 1), L * (3 * H + 1) + 1)
+    assert edges.writer_names[:3] == ["embed", "L0H0", "L0H1"] and edges.writer_names[-1] == f"MLP{L - 1}"
+    assert edges.reader_names[:2] == ["L0H0.q", "L0H1.q"] and edges.reader_names[H] == "L0H0.k"
+    assert edges.reader_names[-2:] == [f"MLP{L - 1}.in", "logits"]
+    W = {n: i for i, n in enumerate(edges.writer_names)}
+    R = {n: i for i, n in enumerate(edges.reader_names)}
+    assert edges.valid[W["embed"]].all() and edges.valid[:, R["logits"]].all()
+    assert not edges.valid[W["L0H0"], R["L0H1.q"]] and edges.valid[W["L0H0"], R["L1H1.k"]]
+    assert bool(edges.valid[W["L0H0"], R["MLP0.in"]]) == (not parallel)
+    assert not edges.valid[W["MLP0"], R["MLP0.in"]] and edges.valid[W["MLP0"], R["MLP1.in"]]
+    assert not edges.valid[W["MLP1"], R["L1H0.v"]] and edges.valid[W["MLP1"], R["L2H0.v"]]
+    assert torch.all(edges.scores[~edges.valid] == 0) and torch.isfinite(edges.scores).all()
+    assert_varies(edges.scores[edges.valid], "edge scores")
+    top = edges.top_edges(5)
+    assert list(top.columns) == ["writer", "reader", "score"] and len(top) == 5
+    best = edges.scores.abs().max()
+    assert abs(abs(top.score[0]) - float(best)) < 1e-12
+    assert (top.score.abs().diff().dropna() <= 0).all()
+    assert len(edges.to_frame()) == int(edges.valid.sum())
+
+
+def test_refusals_and_state():
+    model = zoo.llama()
+    clean, corrupted = zoo.prompt_pair()
+    with pytest.raises(ValueError, match="GQA"):
+        get_attr_patch_edges(model, clean, corrupted, _metric)
+    model = zoo.gpt2()
+    flags = model_flags(model)
+    model.train()
+    with pytest.raises(ValueError, match="train"):
+        get_attr_patch_edges(model, clean, corrupted, _metric)
+    model.eval()
+    with pytest.raises(ValueError, match="0-d"):
+        get_attr_patch_edges(model, clean, corrupted, lambda logits: logits[:, -1, 7])
+    assert fastpatch.hook_count(model) == 0 and model_flags(model) == flags and not model.training
+    get_attr_patch_edges(model, clean, corrupted, _metric)
+    assert fastpatch.hook_count(model) == 0 and model_flags(model) == flags
+    assert all(p.grad is None for p in model.parameters())
+
+
+# ---- 5. speed (printed) ---------------------------------------------------------------------------
+def test_speed_versus_transformer_lens(capsys):
+    model = zoo.gpt2(n_layers=4, d_model=64, n_heads=4)
+    clean, corrupted = zoo.prompt_pair(batch=16, n_pos=4, first_diff=2)
+    get_attr_patch_edges(model, clean[:2], corrupted[:2], _metric)  # warm-up
+    t_ours = float("inf")
+    for _ in range(3):  # best of 3 (a shared 2-core machine is noisy); TransformerLens once
+        t0 = time.perf_counter()
+        ours = get_attr_patch_edges(model, clean, corrupted, _metric)
+        t_ours = min(t_ours, time.perf_counter() - t0)
+    t0 = time.perf_counter()
+    ref = attribution_patch(model, clean, corrupted, _metric, EdgeAttributionConfig(granularity="edge"))
+    t_tl = time.perf_counter() - t0
+    theirs, seen = _tl_matrix(ours, ref.edge_scores)
+    assert torch.equal(seen, ours.valid)
+    assert_close(ours.scores, theirs)
+    with capsys.disabled():
+        print(f"\nedge attribution, gpt2 4L d64 4H, batch 16 x 4 pos: TransformerLens {t_tl:.3f}s, "
+              f"fastpatch {t_ours:.4f}s, speed-up {t_tl / t_ours:.0f}x")
