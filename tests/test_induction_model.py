@@ -59,6 +59,3 @@ def test_second_half_accuracy(model):
         hits += (pred[:, n + 1 : 2 * n] == tokens[:, n + 2 :]).sum().item()
         total += tokens[:, n + 2 :].numel()
     assert hits / total > 0.9
-
-
-@torch.no_grad()
