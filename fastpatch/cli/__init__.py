@@ -1,4 +1,4 @@
-"""The ``fastpatch`` command line: ``fastpatch demo`` and ``fastpatch sweep`` (see ``fastpatch --help``)."""
+"""The ``fastpatch`` command line: ``fastpatch sweep`` (see ``fastpatch --help``)."""
 
 from fastpatch.cli.main import main
 

@@ -1,5 +1,5 @@
-"""``fastpatch demo`` runs the main jobs on the embedded model; ``fastpatch sweep`` runs one sweep on
-a local Hugging Face model folder. Bad input gives a one-line error and exit code 2."""
+"""``fastpatch sweep`` runs one sweep on a local Hugging Face model folder. Bad input gives a one-line
+error and exit code 2. (``fastpatch demo`` on the shipped model comes with its circuit analysis.)"""
 
 from __future__ import annotations
 
@@ -29,20 +29,6 @@ def build_parser() -> argparse.ArgumentParser:
         description="Batched, exact activation and path patching for TransformerLens models.",
     )
     sub = parser.add_subparsers(dest="command", required=True)
-    demo = sub.add_parser(
-        "demo",
-        help="patch the embedded induction model: sweeps, direct paths, speed against TransformerLens, HTML report",
-        description="Runs offline on the small induction model shipped with fastpatch: head and residual "
-        "sweeps, direct path patching between heads, the top components, the speed against "
-        "TransformerLens's loop on the same sweep, and a self-contained HTML report.",
-    )
-    demo.add_argument("--out", type=Path, default=Path("fastpatch-demo.html"), help="where to write the HTML report")
-    demo.add_argument("--prompts", type=int, default=16, help="number of clean/corrupted prompt pairs")
-    demo.add_argument("--half-len", type=int, default=12, help="length of the repeated random sequence in each prompt")
-    demo.add_argument("--top", type=int, default=5, help="how many top components to print")
-    demo.add_argument("--no-compare", action="store_true", help="skip timing TransformerLens's loop")
-    demo.add_argument("--quiet", action="store_true", help="no progress bars")
-
     sweep = sub.add_parser(
         "sweep",
         help="run one sweep on a local Hugging Face model folder and prompt pairs from a file",
@@ -64,12 +50,7 @@ def build_parser() -> argparse.ArgumentParser:
 def main(argv: Optional[Sequence[str]] = None) -> int:
     args = build_parser().parse_args(argv)
     try:
-        if args.command == "demo":
-            from fastpatch.cli.demo import run_demo
-
-            run_demo(args)
-        else:
-            run_sweep(args)
+        run_sweep(args)
     except UsageError as error:
         print(f"fastpatch: error: {error}", file=sys.stderr)
         return 2
