@@ -53,7 +53,7 @@ import torch
 from jaxtyping import Int
 from torch import Tensor
 
-from fastpatch.engine.checks import check_tokens, require_eval_mode
+from fastpatch.attribution.nodes import _check_inputs
 from fastpatch.engine.model_state import preserved_model_state
 
 __all__ = ["EdgeScores", "get_attr_patch_edges"]
@@ -108,17 +108,7 @@ class EdgeScores:
 
 
 def _check(model: Any, clean_tokens: Any, corrupted_tokens: Any) -> None:
-    operation = "get_attr_patch_edges()"
-    require_eval_mode(model, operation=operation)
-    check_tokens(model, clean_tokens, "clean_tokens")
-    check_tokens(model, corrupted_tokens, "corrupted_tokens")
-    if clean_tokens.shape != corrupted_tokens.shape:
-        raise ValueError(
-            f"clean_tokens {tuple(clean_tokens.shape)} and corrupted_tokens {tuple(corrupted_tokens.shape)} "
-            "must have the same shape: attribution pairs activations prompt by prompt, position by position"
-        )
-    if torch.is_inference_mode_enabled():
-        raise ValueError(f"{operation} needs autograd, but torch.inference_mode() is active")
+    _check_inputs(model, clean_tokens, corrupted_tokens, "scalar", "get_attr_patch_edges()")
     cfg = model.cfg
     kv = getattr(cfg, "n_key_value_heads", None)
     if kv is not None and kv != cfg.n_heads:
