@@ -187,16 +187,15 @@ def main() -> None:
     scores = analyse()
     prev, ind = scores["previous_token_scores"], scores["induction_scores"]
     effect1 = scores["patch_head_out_logit_diff"][1]
-    prev_head = max(range(len(prev)), key=prev.__getitem__)
+    # Only heads that pass the attention tests are named: an empty list means "not found".
+    previous = [h for h in range(len(prev)) if prev[h] > 0.5]
     top_effect = max(range(len(effect1)), key=effect1.__getitem__)
     induction = sorted((h for h in range(len(ind)) if ind[h] > 0.5), key=lambda h: -effect1[h])
-    if not induction:
-        induction = [max(range(len(ind)), key=ind.__getitem__)]
     # Keep only the heads whose patching effect is above every non-induction layer-1 head's.
     others = max([effect1[h] for h in range(len(ind)) if h not in induction], default=float("-inf"))
     induction = [h for h in induction if effect1[h] > others]
     meta["circuit"] = {
-        "previous_token_heads": [[0, prev_head]],
+        "previous_token_heads": [[0, h] for h in previous],
         "induction_heads": [[1, h] for h in induction],
         "definition": {
             "previous_token_scores": "layer-0 heads: mean attention from position i to i-1 (i >= 1)",
@@ -210,7 +209,7 @@ def main() -> None:
     with open(INDUCTION_META, "w") as f:
         json.dump(meta, f, indent=2)
     print(json.dumps(meta["circuit"], indent=1))
-    ok = prev[prev_head] > 0.5 and bool(induction) and top_effect in induction and acc["second_half"] > 0.9
+    ok = bool(previous) and bool(induction) and top_effect in induction and acc["second_half"] > 0.9
     if not ok:
         print("ERROR: no clean induction circuit (or accuracy <= 0.9): do not ship these weights")
     print(f"trained in {seconds:.1f}s; wrote {INDUCTION_WEIGHTS} ({INDUCTION_WEIGHTS.stat().st_size} bytes), "
