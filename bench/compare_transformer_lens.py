@@ -320,7 +320,6 @@ def run(args: argparse.Namespace) -> Dict[str, Any]:
         model = model.to(device, print_details=False)
     pair = ioi_like_tokens(args.vocab, args.batch, args.positions, args.corrupt_from, args.seed)
     clean, corrupted = pair.clean.to(device), pair.corrupted.to(device)
-    from fastpatch.engine.native.flops import sweep_lower_bound_flops
     from fastpatch.metrics import LogitDiff
 
     metric = logit_diff_metric(pair.answer.to(device), pair.wrong.to(device))

@@ -53,7 +53,7 @@ import torch
 from jaxtyping import Int
 from torch import Tensor
 
-from fastpatch.attribution.nodes import _check_inputs
+from fastpatch.attribution.nodes import _check_inputs, gradients
 from fastpatch.engine.model_state import preserved_model_state
 
 __all__ = ["EdgeScores", "get_attr_patch_edges"]
@@ -196,41 +196,20 @@ def get_attr_patch_edges(
 
     clean: Dict[str, Tensor] = {}
     corrupted: Dict[str, Tensor] = {}
-    probes: Dict[str, Tensor] = {}
 
-    # Closures keyed by the name asked for (an alias's HookPoint may carry its canonical name).
-    def capture(store: Dict[str, Tensor], name: str):
+    def capture(name: str):
         def hook(tensor: Tensor, hook: Any) -> None:
-            store[name] = tensor.detach().clone()
-
-        return hook
-
-    def probe(name: str):
-        def hook(tensor: Tensor, hook: Any) -> Tensor:
-            probes[name] = torch.zeros_like(tensor, requires_grad=True)
-            return tensor + probes[name]
+            clean[name] = tensor.detach().clone()
 
         return hook
 
     with preserved_model_state(model):
-        # The clean forward runs last (no graph left attached to the model), as in nodes.py.
-        fwd = [(n, capture(corrupted, n)) for n in writer_hooks + ln1_hooks] + [(n, probe(n)) for n in reader_hooks]
-        with torch.enable_grad(), model.hooks(fwd_hooks=fwd):
-            logits = model(corrupted_tokens)
-            target = patching_metric(logits)
-            if not isinstance(target, Tensor) or not target.is_floating_point() or target.ndim != 0:
-                what = tuple(target.shape) if isinstance(target, Tensor) else type(target).__name__
-                raise ValueError(f"the patching metric must return a 0-d floating-point tensor (e.g. the batch mean), got {what}")
-            if not target.requires_grad:
-                raise ValueError("the patching metric does not depend on the logits (its value carries no gradient)")
-            missing = [n for n in reader_hooks + writer_hooks + ln1_hooks if n not in probes and n not in corrupted]
-            if missing:
-                raise ValueError(f"hook points {missing} did not fire during the forward pass")
-            grads = torch.autograd.grad(target, [probes[n] for n in reader_hooks], allow_unused=True, materialize_grads=True)
-        del logits, target, probes
-        with torch.no_grad(), model.hooks(fwd_hooks=[(n, capture(clean, n)) for n in writer_hooks]):
+        # One probed corrupted forward and backward (the writers' and ln1 inputs are only recorded;
+        # their zero probes change nothing), then the clean forward last, as in nodes.py.
+        probed = reader_hooks + writer_hooks + ln1_hooks
+        grad = gradients(model, corrupted_tokens, patching_metric, probed, "scalar", record=corrupted)
+        with torch.no_grad(), model.hooks(fwd_hooks=[(n, capture(n)) for n in writer_hooks]):
             model(clean_tokens)
-        grad = {n: g for n, g in zip(reader_hooks, grads)}
         g_qkv = torch.stack([_qkv_input_grads(model, l, corrupted[ln1_hooks[l]], [grad[f"blocks.{l}.attn.hook_{c}"] for c in QKV])
                              for l in range(n_layers)])  # [L, 3, H, b, p, d_model]
 

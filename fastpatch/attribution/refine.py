@@ -68,7 +68,6 @@ from fastpatch.attribution.nodes import (
     SWEEPS,
     MetricFn,
     _check_inputs,
-    _check_metric,
     _finish,
     _hook_names,
     _layer_stack,
