@@ -1,19 +1,14 @@
 """Small trained models shipped with fastpatch (no hub downloads needed).
 
-``load_induction_model()`` returns a TransformerLens bridge around a 2-layer GPT-2
-(``GPT2LMHeadModel``: d_model 64, 4 heads of d_head 16, MLPs, n_ctx 64, vocabulary 64 with token
-0 reserved as BOS) trained by ``scripts/train_induction_model.py`` (seed 0, 5000 steps, about two
-minutes on 2 CPU cores) on ``BOS, x_1..x_p, r_1..r_n, r_1..r_n, r_1`` (a random prefix, then a
-repeated sequence of distinct random tokens), with the loss on the second repeat only. It
-continues repeated sequences with 99.96% next-token accuracy on held-out prompts (see
-``fastpatch/data/induction_2l.json``).
-
-Work in progress: its circuit is not identified yet. The training script's attention analysis
-finds no classic previous-token head (attention i -> i-1) in layer 0 nor a head in layer 1
-attending to the token after the current token's earlier occurrence, so the JSON's
-``"induction_heads"`` is empty and no test claims a circuit. Exact patching
-(``get_act_patch_attn_head_out_all_pos``) shows which heads matter: L0H1 (9.6 of the 11.2 logit
-difference) and L1H2, L1H3 (6.9, 6.8). ``info = induction_model_info()`` gives the metadata.
+``load_induction_model()`` returns a TransformerLens bridge around a 2-layer Pythia-style
+GPT-NeoX (``GPTNeoXForCausalLM``: d_model 64, 4 heads of d_head 16, full rotary positions,
+sequential attention then MLP, vocabulary 64 with token 0 reserved as BOS) trained by
+``scripts/train_induction_model.py`` on ``BOS, x_1..x_p, r_1..r_n, r_1..r_n, r_1`` (a random
+prefix, then a repeated sequence of distinct random tokens), with the loss on the second repeat
+only. It continues repeated sequences almost perfectly and implements the classic induction
+circuit: layer-0 previous-token heads whose output the layer-1 induction heads read through their
+keys. ``induction_model_info()["circuit"]`` names the heads and the measurements that found them
+(attention scores and exact patching); the tests re-derive them from the weights.
 """
 
 from __future__ import annotations
@@ -49,22 +44,22 @@ def induction_model_info() -> Dict[str, Any]:
 
 
 def induction_model_config() -> Dict[str, Any]:
-    """``GPT2Config`` keyword arguments of the shipped induction model."""
+    """``GPTNeoXConfig`` keyword arguments of the shipped induction model."""
     return dict(induction_model_info()["config"])
 
 
 def build_induction_hf_model(config: Dict[str, Any] | None = None):
-    """An untrained ``GPT2LMHeadModel`` (and its config) with the induction model's architecture."""
-    from transformers import GPT2Config, GPT2LMHeadModel
+    """An untrained ``GPTNeoXForCausalLM`` (and its config) with the induction model's architecture."""
+    from transformers import GPTNeoXConfig, GPTNeoXForCausalLM
 
-    cfg = GPT2Config(**(config if config is not None else induction_model_config()))
-    return GPT2LMHeadModel(cfg), cfg
+    cfg = GPTNeoXConfig(**(config if config is not None else induction_model_config()))
+    return GPTNeoXForCausalLM(cfg), cfg
 
 
 def load_induction_model(device: str | torch.device = "cpu"):
     """The shipped 2-layer induction model as a TransformerLens ``TransformerBridge`` (eval mode).
 
-    Built fully offline: ``GPT2LMHeadModel`` from the stored config, stored fp32 weights loaded
+    Built fully offline: ``GPTNeoXForCausalLM`` from the stored config, stored fp32 weights loaded
     strictly, wrapped with ``build_bridge_from_module`` and put in compatibility mode.
     """
     from transformer_lens.model_bridge.sources._bridge_builder import build_bridge_from_module
@@ -72,12 +67,10 @@ def load_induction_model(device: str | torch.device = "cpu"):
     saved = torch.load(INDUCTION_WEIGHTS, map_location="cpu", weights_only=True)
     hf_model, cfg = build_induction_hf_model(saved["config"])
     missing, unexpected = hf_model.load_state_dict(saved["state_dict"], strict=False)
-    # Only derived / tied entries may be absent (lm_head is tied to wte; causal-mask buffers).
-    bad = [k for k in missing if not (k == "lm_head.weight" or k.endswith(".attn.bias") or k.endswith("masked_bias"))]
-    if bad or unexpected:
-        raise RuntimeError(f"induction model weights do not match: missing {bad}, unexpected {unexpected}")
+    if missing or unexpected:
+        raise RuntimeError(f"induction model weights do not match: missing {missing}, unexpected {unexpected}")
     hf_model = hf_model.to(device).eval()
-    bridge = build_bridge_from_module(hf_model, "GPT2LMHeadModel", hf_config=cfg)
+    bridge = build_bridge_from_module(hf_model, "GPTNeoXForCausalLM", hf_config=cfg)
     bridge.enable_compatibility_mode(disable_warnings=True)
     bridge = bridge.to(device) if hasattr(bridge, "to") else bridge
     return bridge.eval()

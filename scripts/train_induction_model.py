@@ -1,13 +1,17 @@
 #!/usr/bin/env python
 """Train the small induction model shipped as ``fastpatch/data/induction_2l.{pt,json}``.
 
-A 2-layer GPT-2 (``GPT2LMHeadModel``: d_model 64, 4 heads, MLPs, n_positions 64, vocabulary 64
-with token 0 as BOS, no dropout) is trained with Adam and a fixed seed on sequences
-``BOS, x_1..x_p, r_1..r_n, r_1..r_n, r_1`` (n in [12, 20] and a random-length prefix p in
-[0, 22]; all p + n tokens distinct, from [1, 64); one n, p per batch). The loss is on the second
-repeat only, which includes r_n predicting r_1 — the last position of the ``induction_prompts``
-used for patching. The random prefix stops the model from locating the earlier occurrence by
-absolute position (without it, it learns a positional shortcut instead of a previous-token head).
+A 2-layer Pythia-style GPT-NeoX (``GPTNeoXForCausalLM``: d_model 64, 4 heads, MLPs, full
+rotary position embeddings, sequential attention then MLP, vocabulary 64 with token 0 as BOS, no
+dropout) is trained with Adam and a fixed seed on sequences ``BOS, x_1..x_p, r_1..r_n, r_1..r_n, r_1``
+(n in [12, 20] and a random-length prefix p in [0, 8]; all p + n tokens distinct, from [1, 64);
+one n, p per batch). The loss is on the second repeat only, which includes r_n predicting r_1 —
+the last position of the ``induction_prompts`` used for patching.
+
+Why rotary: a GPT-2 with learned absolute positions trained this way reaches 99.96% accuracy
+without a previous-token or induction head (it finds the earlier occurrence through absolute
+positions). Rotary attention sees only relative offsets, and the classic two-head circuit (a
+layer-0 previous-token head, K-composed into layer-1 induction heads) forms within 500 steps.
 
 After training it measures, on fresh ``BOS + seq + seq`` prompts through the TransformerLens
 bridge (exactly as the tests do), the second-half accuracy and the circuit:
@@ -17,7 +21,7 @@ bridge (exactly as the tests do), the second-half accuracy and the circuit:
 - activation patching of each head's output (clean into corrupted ``induction_prompts``,
   logit difference answer - wrong at the last position),
 
-and writes weights (fp32) and metadata. Runs in about 2.5 minutes on 2 idle CPU cores (3000 steps)::
+and writes weights (fp32) and metadata. Runs in about 40 seconds on one idle CPU core (2000 steps)::
 
     python scripts/train_induction_model.py
 """
@@ -45,12 +49,12 @@ from fastpatch.models import (  # noqa: E402
 )
 
 CONFIG = dict(
-    n_layer=2, n_embd=64, n_head=4, n_positions=64, vocab_size=64, n_inner=256,
-    activation_function="gelu_new", resid_pdrop=0.0, embd_pdrop=0.0, attn_pdrop=0.0,
-    layer_norm_epsilon=1e-5, initializer_range=0.02, bos_token_id=0, eos_token_id=0,
-    tie_word_embeddings=True,
+    num_hidden_layers=2, hidden_size=64, num_attention_heads=4, max_position_embeddings=64, vocab_size=64,
+    intermediate_size=256, hidden_act="gelu", rotary_pct=1.0, use_parallel_residual=False,
+    hidden_dropout=0.0, attention_dropout=0.0, layer_norm_eps=1e-5, initializer_range=0.02,
+    bos_token_id=0, eos_token_id=0, tie_word_embeddings=False,
 )
-MIN_N, MAX_N, MAX_PREFIX = 12, 20, 22
+MIN_N, MAX_N, MAX_PREFIX = 12, 20, 8
 
 
 def training_batch(batch: int, n: int, prefix: int, g: torch.Generator) -> torch.Tensor:
@@ -145,8 +149,8 @@ def analyse(n_prompts: int = 64, half_len: int = 16, seed: int = 7) -> dict:
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    ap.add_argument("--steps", type=int, default=3000)
-    ap.add_argument("--batch", type=int, default=64)
+    ap.add_argument("--steps", type=int, default=2000)
+    ap.add_argument("--batch", type=int, default=32)
     ap.add_argument("--lr", type=float, default=1e-3)
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--max-prefix", type=int, default=MAX_PREFIX)
@@ -159,12 +163,11 @@ def main() -> None:
     print(f"final: second-half accuracy {acc['second_half']:.4f}, last-position accuracy {acc['last_position']:.4f}")
 
     INDUCTION_WEIGHTS.parent.mkdir(parents=True, exist_ok=True)
-    state = {k: v.detach().clone().float().contiguous() for k, v in model.state_dict().items()
-             if k != "lm_head.weight" and not k.endswith(".attn.bias") and not k.endswith("masked_bias")}
+    state = {k: v.detach().clone().float().contiguous() for k, v in model.state_dict().items()}
     torch.save({"state_dict": state, "config": CONFIG}, INDUCTION_WEIGHTS)
 
     meta = {
-        "architecture": "GPT2LMHeadModel",
+        "architecture": "GPTNeoXForCausalLM",
         "config": CONFIG,
         "training": {
             "seed": args.seed, "max_prefix": args.max_prefix, "steps": args.steps, "batch_size": args.batch, "lr": args.lr,

@@ -1,6 +1,6 @@
 """Package data: the small trained models fastpatch ships (see :mod:`fastpatch.models`).
 
-- ``induction_2l.pt``: ``{"state_dict": ..., "config": ...}`` of a 2-layer GPT-2 trained on
+- ``induction_2l.pt``: ``{"state_dict": ..., "config": ...}`` of a 2-layer rotary GPT-NeoX trained on
   repeated random token sequences; ``induction_2l.json``: its config, training metadata and the
   circuit found in it (written by ``scripts/train_induction_model.py``).
 """
