@@ -185,14 +185,17 @@ def run_demo(
 
     tokens = [str(t) for t in corrupted[0].tolist()]
     labels = [f"L{l}H{h}" for l in range(2) for h in range(model.cfg.n_heads)]
+    every = analysis.normalized_effect(values["every"], clean_value, corrupted_value)
     sections = [
         ("Summary", "\n".join(summary)),
-        ("Head outputs: patched logit difference", figures.layer_head_heatmap(values["heads"])),
+        ("Head outputs: normalised effect (patched - corrupted) / (clean - corrupted)",
+         figures.layer_head_heatmap(normalised, title="Head output")),
     ]
-    sections += [(f"Head {p}: patched logit difference", figures.layer_head_heatmap(values["every"][i], title=f"Head {p}"))
-                 for i, p in enumerate(PATCH_TYPES)]
+    sections += [(f"Head {p}: normalised effect", figures.layer_head_heatmap(every[i], title=f"Head {p}"))
+                 for i, p in enumerate(PATCH_TYPES) if p != "output"]  # the output grid is shown above
     sections += [
-        ("Residual stream by position (prompt 0's corrupted tokens)", figures.layer_position_heatmap(values["resid"], tokens)),
+        ("Residual stream by position: normalised effect (prompt 0's corrupted tokens)",
+         figures.layer_position_heatmap(analysis.normalized_effect(values["resid"], clean_value, corrupted_value), tokens)),
         ("Direct paths layer 0 -> layer 1 keys (effect on the logit difference)",
          figures.heatmap(paths["k"], x_label="destination head (layer 1)", y_label="source head (layer 0)", title="K-composition")),
         ("Direct paths layer 0 -> layer 1 queries", figures.heatmap(paths["q"], x_label="destination head (layer 1)",
