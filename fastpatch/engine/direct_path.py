@@ -35,7 +35,7 @@ from typing import Any, Callable, Dict, List, Optional, Tuple
 import torch
 from torch import Tensor
 
-from fastpatch.engine.native.cells import ATTN, entry_point
+from fastpatch.engine.native.cells import ATTN, entry_point, first_changed_positions
 from fastpatch.engine.native.model import NativeModel, Trace
 from fastpatch.engine.plan import Chunk, make_chunks
 from fastpatch.engine.runner import MetricSet, _with_oom_retry, run_native_cells
@@ -143,11 +143,10 @@ class NativePaths:
             self._ln_w = torch.stack([L.ln1_w for L in native.layers])
             self._ln_b = None if native.layers[0].ln1_b is None else torch.stack([L.ln1_b for L in native.layers])
 
-    def start(self, source: int) -> Optional[int]:
-        """First position the source's write changes (``None``: it writes nothing different)."""
-        changed = (self.deltas[source] != 0).flatten(2).any(-1).any(0)
-        hits = torch.nonzero(changed)
-        return int(hits[0]) if len(hits) else None
+    def starts(self) -> List[Optional[int]]:
+        """Each source's first position whose write changes (``None``: it writes nothing different),
+        read back to the host in one transfer."""
+        return first_changed_positions(torch.stack([(d != 0).flatten(2).any(-1).any(0) for d in self.deltas]))
 
     def entry(self, cell: PathCell) -> Tuple[int, int]:
         _, layer, _ = cell
@@ -222,7 +221,7 @@ class NativePaths:
         self.cells = cells
         groups: Dict[int, list] = defaultdict(list)
         no_ops = []
-        starts = {source: self.start(source) for source in range(len(self.sources))}
+        starts = self.starts()
         for i, cell in enumerate(cells):
             start = starts[cell[0]]
             if start is None:

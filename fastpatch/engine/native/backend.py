@@ -17,7 +17,7 @@ from typing import Callable, Dict, List, Mapping, Optional, Tuple
 import torch
 from torch import Tensor
 
-from fastpatch.engine.native.cells import ATTN, MLP, cell_resid, cell_start, entry_point
+from fastpatch.engine.native.cells import ATTN, MLP, cell_resid, changed_positions, entry_point, first_changed_positions
 from fastpatch.engine.native.model import NativeModel, Trace
 from fastpatch.engine.plan import Sweep
 
@@ -41,10 +41,12 @@ def group_cells(
     """Cells by first changed position, each group sorted by entry; and the no-op cells."""
     groups: Dict[int, List[_Cell]] = defaultdict(list)
     no_ops = []
-    for cell, (s, r) in enumerate(locations):
-        sweep = sweeps[s]
-        index = sweep.indices[r].tolist()
-        start = cell_start(native, trace, sweep.activation_name, index, sweep.patch_setter, clean[sweep.hook_name(index[0])])
+    if not locations:
+        return {}, no_ops
+    cells = [(sweeps[s], sweeps[s].indices[r].tolist()) for s, r in locations]
+    changed = torch.stack([changed_positions(native, trace, sweep.activation_name, index, sweep.patch_setter,
+                                             clean[sweep.hook_name(index[0])]) for sweep, index in cells])
+    for cell, ((sweep, index), start) in enumerate(zip(cells, first_changed_positions(changed))):
         if start is None:
             no_ops.append(cell)
             continue

@@ -27,9 +27,10 @@ values must be TransformerLens's.
 
 from __future__ import annotations
 
-from typing import Callable, Optional, Tuple
+from typing import Callable, List, Optional, Tuple
 
 import torch
+from jaxtyping import Bool
 from torch import Tensor
 
 from fastpatch.engine.native.model import NativeModel, Trace
@@ -38,12 +39,6 @@ SUPPORTED_ACTIVATIONS = ("resid_pre", "resid_mid", "attn_out", "mlp_out", "z", "
 
 # Entry stages within a block: before its attention, or before its MLP (sequential blocks).
 ATTN, MLP = 0, 1
-
-
-def _first_changed_position(patched: Tensor, corrupted: Tensor, pos_axis: int) -> Optional[int]:
-    changed = (patched != corrupted).movedim(pos_axis, 0).reshape(patched.shape[pos_axis], -1).any(dim=1)
-    hits = torch.nonzero(changed)
-    return int(hits[0]) if len(hits) else None
 
 
 def _trace_activation(native: NativeModel, trace: Trace, name: str, layer: int) -> Tensor:
@@ -66,10 +61,23 @@ def _patched(native: NativeModel, trace: Trace, activation_name: str, index: lis
     return patch_setter(corrupted.clone(), index, clean), corrupted
 
 
-def cell_start(native: NativeModel, trace: Trace, activation_name: str, index: list, patch_setter: Callable, clean: Tensor) -> Optional[int]:
-    """First position the cell's patch changes (``None``: the patch changes nothing)."""
+def changed_positions(
+    native: NativeModel, trace: Trace, activation_name: str, index: list, patch_setter: Callable, clean: Tensor
+) -> Bool[Tensor, "pos"]:
+    """Which (query) positions the cell's patch changes, on the activations' device.
+
+    Kept on the device so that a whole plan's cells are read back to the host in one transfer
+    (:func:`first_changed_positions`), not one synchronisation per cell."""
     patched, corrupted = _patched(native, trace, activation_name, index, patch_setter, clean)
-    return _first_changed_position(patched, corrupted, 2 if activation_name == "pattern" else 1)
+    pos_axis = 2 if activation_name == "pattern" else 1
+    return (patched != corrupted).movedim(pos_axis, 0).reshape(patched.shape[pos_axis], -1).any(dim=1)
+
+
+def first_changed_positions(changed: Bool[Tensor, "cells pos"]) -> List[Optional[int]]:
+    """Each cell's first changed position (``None``: its patch changes nothing), one host transfer."""
+    changed = changed.cpu()
+    first = changed.to(torch.uint8).argmax(dim=1)  # argmax returns the first maximal index
+    return [int(f) if any_ else None for f, any_ in zip(first.tolist(), changed.any(dim=1).tolist())]
 
 
 def cell_resid(
