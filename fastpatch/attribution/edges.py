@@ -19,12 +19,23 @@ its per-position edges summed over positions are exactly our cells.
 Three passes for the whole batch, as for node attribution: one clean forward (writes only), one
 corrupted forward with zero probes at every reader input (``activation + zeros(requires_grad)``:
 the forward is unchanged bit for bit), and ONE ``torch.autograd.grad`` for all the readers'
-input gradients. Q/K/V inputs are read at TransformerLens's ``use_split_qkv_input`` fork
-(``blocks.{l}.attn.hook_{q,k,v}_input``, ``[batch, pos, n_heads, d_model]``: one copy of the
-residual per head and projection, so its gradient is that head's projection's alone), MLP inputs
-at ``blocks.{l}.ln2.hook_in`` (the MLP's copy only; on parallel attention+MLP blocks too), the
-logits at ``ln_final.hook_in``. The contraction is one einsum per reader type,
-``[writers, batch, pos, d_model] x [readers, batch, pos, d_model] -> [writers, readers]``.
+input gradients. MLP inputs are read at ``blocks.{l}.ln2.hook_in`` (the MLP's copy only; on
+parallel attention+MLP blocks too), the logits at ``ln_final.hook_in``, and Q/K/V inputs at the
+gradient TransformerLens's ``use_split_qkv_input`` fork (``attn.hook_{q,k,v}_input``) would read:
+head ``h``'s own copy of the residual gets ``J_ln1(x)^T (gamma * (dq_h @ W_Q[h]^T))``, from the
+gradient at ``hook_q`` (before rotary) and the corrupted residual ``x`` at ``ln1``'s input, without
+the fork (which not every attention bridge has). MLP and logits readers are one einsum each,
+``[writers, batch, pos, d_model] x [readers, batch, pos, d_model] -> [writers, readers]``; the
+``3 * n_layers * n_heads`` Q/K/V readers go through :func:`fastpatch.ops.edge_scores.qkv_edge_scores`
+(``backend``): the fused Triton kernel on CUDA, a row-chunked PyTorch contraction elsewhere, both
+with the analytic LayerNorm/RMSNorm VJP (checked against autograd through the model's own ``ln1``
+on the run) and neither materialising the ``[batch, pos, n_readers, d_model]`` reader gradients;
+``backend="autograd"`` is the VJP of the ``ln1`` module itself, materialised.
+
+Integrated gradients (``ig_steps``; EAP-IG, Hanna et al. 2024): the reader gradients (and the Q/K/V
+norm linearisation point) are taken on ``ig_steps`` corrupted runs with the token embedding
+interpolated towards the clean one, and the per-step scores averaged; see
+:func:`get_attr_patch_edges`.
 
 Valid edges (the reader comes after the writer): the embedding feeds every reader; a head of
 layer ``l`` feeds the Q/K/V of layers ``> l``, the MLPs of layers ``>= l`` (``> l`` on parallel
@@ -46,7 +57,7 @@ heads) and models in training mode. The model is handed back with its hooks, fla
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Any, Callable, Dict, List, Tuple
+from typing import Any, Callable, Dict, List, Optional, Tuple
 
 import pandas as pd
 import torch
@@ -54,12 +65,17 @@ from jaxtyping import Int
 from torch import Tensor
 
 from fastpatch.attribution.nodes import _check_inputs, gradients
+from fastpatch.attribution.refine import IG_RULES, _capture
 from fastpatch.engine.model_state import preserved_model_state
+from fastpatch.ops.edge_scores import norm_vjp, qkv_edge_scores
 
-__all__ = ["EdgeScores", "get_attr_patch_edges"]
+__all__ = ["BACKENDS", "EdgeScores", "get_attr_patch_edges"]
 
 MetricFn = Callable[[Tensor], Tensor]
 QKV = ("q", "k", "v")
+BACKENDS = ("auto", "torch", "triton", "autograd")
+# TransformerLens normalization_type -> the analytic VJP that models it (checked against autograd)
+_NORM_KINDS = {"LN": "LN", "LNPre": "LN", "RMS": "RMS", "RMSPre": "RMS"}
 
 
 @dataclass
@@ -171,19 +187,117 @@ def _qkv_input_grads(model: Any, layer: int, resid: Tensor, grads: List[Tensor])
     return gx.detach().view(cot.shape)
 
 
+def _ln1_eps(model: Any, ln1: Any) -> float:
+    """The epsilon ``ln1`` actually uses: a ``TransformerBridge`` norm computes with ``cfg.eps``
+    unless it runs the wrapped HuggingFace module's own forward (native autograd, folded norms)."""
+    cfg = model.cfg
+    if hasattr(ln1, "use_native_layernorm_autograd"):
+        if ln1.use_native_layernorm_autograd or getattr(cfg, "layer_norm_folding", False):
+            component = getattr(ln1, "original_component", None)
+            for attr in ("eps", "variance_epsilon"):
+                value = getattr(component, attr, None)
+                if isinstance(value, (int, float)) and not isinstance(value, bool):
+                    return float(value)
+        return float(getattr(cfg, "eps", 1e-5))
+    value = getattr(ln1, "eps", None)
+    return float(value) if isinstance(value, (int, float)) else float(getattr(cfg, "eps", 1e-5))
+
+
+def _ln1_spec(model: Any, resid: List[Tensor]) -> Tuple[Optional[Tuple[str, Tensor, float]], str]:
+    """``((norm, gamma [L, d_model], eps), "")`` when every block's ``ln1`` is a LayerNorm / RMSNorm
+    whose analytic VJP (``fastpatch.ops.edge_scores.norm_vjp``) matches autograd through the module
+    itself at ``resid[l]`` (the run's ln1 input); ``(None, reason)`` otherwise. The check guards
+    against conventions read wrongly (epsilon, a ``1 + w`` weight, a different norm): the kernel
+    never sees the module, so a mismatch would otherwise be a silently different number."""
+    cfg = model.cfg
+    norm = _NORM_KINDS.get(getattr(cfg, "normalization_type", None))
+    if norm is None:
+        return None, f"normalization_type={getattr(cfg, 'normalization_type', None)!r} is not one of {sorted(_NORM_KINDS)}"
+    gammas = []
+    eps = None
+    for l, x in enumerate(resid):
+        ln1 = model.blocks[l].ln1
+        eps_l = _ln1_eps(model, ln1)
+        if eps is not None and eps_l != eps:
+            return None, f"ln1 epsilons differ across layers ({eps} and {eps_l})"
+        eps = eps_l
+        weight = getattr(ln1, "weight", None)
+        if weight is None:
+            weight = getattr(ln1, "w", None)
+        gamma = torch.ones(x.shape[-1], device=x.device) if weight is None else weight.detach().float()
+        if getattr(ln1, "uses_weight_offset", False):
+            gamma = 1.0 + gamma
+        # one VJP of the real module with a fixed pseudo-random cotangent, over every row of this run
+        u = torch.randn(x.shape, generator=torch.Generator().manual_seed(l)).to(device=x.device, dtype=x.dtype)
+        xr = x.detach().clone().requires_grad_(True)
+        try:
+            with torch.enable_grad():
+                out = ln1(xr)
+                (want,) = torch.autograd.grad(out, xr, u.to(out.dtype))
+        except Exception as exc:  # an exotic module: report, never guess
+            return None, f"autograd through blocks.{l}.ln1 failed ({type(exc).__name__}: {exc})"
+        got = norm_vjp(x.float(), gamma * u.float(), norm, eps)
+        err, scale = float((got - want.float()).abs().max()), float(want.abs().max())
+        tol = 1e-4 if x.dtype in (torch.float32, torch.float64) else 5e-2
+        if not err <= tol * max(scale, 1e-30):
+            return None, (
+                f"blocks.{l}.ln1 is not {norm}(eps={eps}) with weight {'1 + w' if getattr(ln1, 'uses_weight_offset', False) else 'w'}: "
+                f"its autograd VJP differs from the analytic one by {err:.3g} (scale {scale:.3g})"
+            )
+        gammas.append(gamma)
+    return (norm, torch.stack(gammas), float(eps)), ""
+
+
 def get_attr_patch_edges(
     model: Any,
     clean_tokens: Int[Tensor, "batch pos"],
     corrupted_tokens: Int[Tensor, "batch pos"],
     patching_metric: MetricFn,
+    *,
+    backend: str = "auto",
+    ig_steps: Optional[int] = None,
+    rule: str = "midpoint",
 ) -> EdgeScores:
     """First-order edge attribution of every writer -> reader edge (see the module docstring).
 
     ``patching_metric(logits)`` returns a 0-d tensor (e.g. the batch mean of a per-prompt
     quantity). One clean forward, one corrupted forward and one backward for the whole batch.
+
+    ``backend`` picks how the Q/K/V readers' scores are contracted
+    (:func:`fastpatch.ops.edge_scores.qkv_edge_scores`): ``"auto"`` (the fused Triton kernel on
+    CUDA, the chunked PyTorch path elsewhere), ``"torch"``, ``"triton"``, or ``"autograd"`` (the
+    VJP of each block's own ``ln1`` module, materialising ``[n_layers, 3, n_heads, batch, pos,
+    d_model]``). The first three use the analytic LayerNorm/RMSNorm VJP, checked against autograd
+    through the model's ``ln1`` on this run before use; where it does not apply (another norm or
+    convention) ``"triton"`` raises ``ValueError`` and ``"auto"``/``"torch"`` use ``"autograd"``.
+
+    ``ig_steps`` (EAP-IG; Hanna et al. 2024, "Have Faith in Faithfulness"): the reader gradients
+    are averaged over ``ig_steps`` runs of the corrupted prompt whose token embedding
+    (``hook_embed``) is set to ``corrupted + alpha * (clean - corrupted)``, alpha at the midpoints
+    ``(k + 0.5) / ig_steps`` (``rule="midpoint"``) or the left points ``k / ig_steps``
+    (``rule="left"``; with ``ig_steps=1`` that is the plain estimate), as
+    ``fastpatch.attribution.get_attr_patch_ig``. Position embeddings are equal in both runs, so the
+    embedding is the whole input difference. Each step's Q/K/V gradients are taken through the norm
+    at that step's own residual, so the per-step scores are averaged (a score is linear in the
+    reader gradient), and contracted with the same clean-minus-corrupted writes. The embedding's
+    outgoing scores then sum to a midpoint-rule quadrature of ``metric(clean) - metric(corrupted)``
+    (error ``O(1 / ig_steps^2)``). Cost: a clean and a corrupted forward, plus ``ig_steps``
+    forward+backward passes.
     """
+    if backend not in BACKENDS:
+        raise ValueError(f"backend must be one of {BACKENDS}, got {backend!r}")
+    if ig_steps is not None and (isinstance(ig_steps, bool) or not isinstance(ig_steps, int) or ig_steps < 1):
+        raise ValueError(f"ig_steps must be None or a positive integer, got {ig_steps!r}")
+    if rule not in IG_RULES:
+        raise ValueError(f"rule must be one of {IG_RULES}, got {rule!r}")
     _check(model, clean_tokens, corrupted_tokens)
     cfg = model.cfg
+    if backend == "triton" and getattr(cfg, "normalization_type", None) not in _NORM_KINDS:
+        # refused before any pass; conventions are checked on the first run's residual (_ln1_spec)
+        raise ValueError(
+            f"backend='triton' needs LayerNorm/RMSNorm pre-attention norms: normalization_type="
+            f"{getattr(cfg, 'normalization_type', None)!r} is not one of {sorted(_NORM_KINDS)}"
+        )
     n_layers, n_heads = int(cfg.n_layers), int(cfg.n_heads)
     parallel = bool(getattr(cfg, "parallel_attn_mlp", False))
 
@@ -193,45 +307,77 @@ def get_attr_patch_edges(
     qkv_hooks = [f"blocks.{l}.attn.hook_{c}" for l in range(n_layers) for c in QKV]
     mlp_hooks = [f"blocks.{l}.ln2.hook_in" for l in range(n_layers)]
     reader_hooks = qkv_hooks + mlp_hooks + ["ln_final.hook_in"]
+    state: Dict[str, Any] = {}
+    dtype = torch.float32  # set from the embedding once captured (float64 models stay float64)
 
-    clean: Dict[str, Tensor] = {}
-    corrupted: Dict[str, Tensor] = {}
+    def writes(clean: Dict[str, Tensor], corrupted: Dict[str, Tensor]) -> Tensor:
+        """``[n_writers, batch, pos, d_model]``: clean minus corrupted, at least float32."""
 
-    def capture(name: str):
-        def hook(tensor: Tensor, hook: Any) -> None:
-            clean[name] = tensor.detach().clone()
+        def diff(name: str) -> Tensor:
+            return clean[name].to(dtype) - corrupted[name].to(dtype)
 
-        return hook
+        W_O = torch.stack([model.blocks[l].attn.W_O.detach() for l in range(n_layers)]).to(dtype)  # [L, H, d_head, d_model]
+        dz = torch.stack([diff(f"blocks.{l}.attn.hook_z") for l in range(n_layers)])  # [L, b, p, H, d_head]
+        heads = torch.einsum("lbphe,lhed->lhbpd", dz, W_O)
+        mlps = torch.stack([diff(f"blocks.{l}.hook_mlp_out") for l in range(n_layers)])  # [L, b, p, d]
+        return torch.cat([diff("hook_embed")[None], torch.cat([heads, mlps[:, None]], dim=1).flatten(0, 1)])
+
+    def qkv_scores(writers: Tensor, grad: Dict[str, Tensor], resid: List[Tensor]) -> Tensor:
+        """``[n_writers, L, 3, H]`` for one run's reader gradients and ln1 inputs ``resid``."""
+        if backend != "autograd" and "spec" not in state:
+            state["spec"] = _ln1_spec(model, resid)  # checked once, on the first run's residual
+            if state["spec"][0] is None and backend == "triton":
+                raise ValueError(f"backend='triton' needs LayerNorm/RMSNorm pre-attention norms: {state['spec'][1]}")
+        spec = state.get("spec", (None, ""))[0]
+        if spec is None:  # the VJP of the model's own ln1, via autograd
+            g_qkv = torch.stack([_qkv_input_grads(model, l, resid[l], [grad[f"blocks.{l}.attn.hook_{c}"] for c in QKV])
+                                 for l in range(n_layers)]).to(dtype)  # [L, 3, H, b, p, d_model]
+            return torch.einsum("wbpd,lchbpd->wlch", writers, g_qkv)
+        norm, gamma, eps = spec
+        n_w, b, p, d = writers.shape
+        g = torch.stack([torch.stack([grad[f"blocks.{l}.attn.hook_{c}"] for c in QKV]) for l in range(n_layers)])
+        g = g.to(dtype).permute(0, 1, 4, 2, 3, 5).reshape(n_layers, 3 * n_heads, b * p, -1)  # [L, 3H, rows, d_head]
+        attn = [model.blocks[l].attn for l in range(n_layers)]
+        W = torch.stack([torch.stack([a.W_Q, a.W_K, a.W_V]) for a in attn]).detach().to(dtype)  # [L, 3, H, d, d_head]
+        x = torch.stack([r.to(dtype).reshape(b * p, d) for r in resid])  # [L, rows, d_model]
+        s = qkv_edge_scores(writers.reshape(n_w, b * p, d), g, W.flatten(1, 2), x, gamma.to(device=x.device, dtype=dtype),
+                            norm=norm, eps=eps, backend=backend)  # [W, L, 3H]
+        return s.to(dtype).view(n_w, n_layers, 3, n_heads)
+
+    def scores_of(writers: Tensor, grad: Dict[str, Tensor], record: Dict[str, Tensor]) -> Tensor:
+        """``[n_writers, n_readers]`` (before masking) from one run's gradients and ln1 inputs."""
+        s_qkv = qkv_scores(writers, grad, [record[n] for n in ln1_hooks])  # [W, L, 3, H]
+        g_mlp = torch.stack([grad[n] for n in mlp_hooks]).to(dtype)
+        s_mlp = torch.einsum("wbpd,lbpd->wl", writers, g_mlp)  # [W, L]
+        s_logits = torch.einsum("wbpd,bpd->w", writers, grad["ln_final.hook_in"].to(dtype))  # [W]
+        return torch.cat([torch.cat([s_qkv.flatten(2), s_mlp[:, :, None]], dim=2).flatten(1), s_logits[:, None]], dim=1)
 
     with preserved_model_state(model):
-        # One probed corrupted forward and backward (the writers' and ln1 inputs are only recorded;
-        # their zero probes change nothing), then the clean forward last, as in nodes.py.
-        probed = reader_hooks + writer_hooks + ln1_hooks
-        grad = gradients(model, corrupted_tokens, patching_metric, probed, "scalar", record=corrupted)
-        with torch.no_grad(), model.hooks(fwd_hooks=[(n, capture(n)) for n in writer_hooks]):
-            model(clean_tokens)
-        g_qkv = torch.stack([_qkv_input_grads(model, l, corrupted[ln1_hooks[l]], [grad[f"blocks.{l}.attn.hook_{c}"] for c in QKV])
-                             for l in range(n_layers)])  # [L, 3, H, b, p, d_model]
-
-    dtype = torch.promote_types(clean["hook_embed"].dtype, torch.float32)
-    grad = {n: g.to(dtype) for n, g in grad.items()}
-    g_qkv = g_qkv.to(dtype)
-
-    def diff(name: str) -> Tensor:
-        return clean[name].to(dtype) - corrupted[name].to(dtype)
-
-    # writers: [n_writers, batch, pos, d_model]
-    W_O = torch.stack([model.blocks[l].attn.W_O.detach() for l in range(n_layers)]).to(dtype)  # [L, H, d_head, d_model]
-    dz = torch.stack([diff(f"blocks.{l}.attn.hook_z") for l in range(n_layers)])  # [L, b, p, H, d_head]
-    heads = torch.einsum("lbphe,lhed->lhbpd", dz, W_O)
-    mlps = torch.stack([diff(f"blocks.{l}.hook_mlp_out") for l in range(n_layers)])  # [L, b, p, d]
-    writers = torch.cat([diff("hook_embed")[None], torch.cat([heads, mlps[:, None]], dim=1).flatten(0, 1)])
-
-    # readers, one einsum per type
-    s_qkv = torch.einsum("wbpd,lchbpd->wlch", writers, g_qkv)  # [W, L, 3, H]
-    s_mlp = torch.einsum("wbpd,lbpd->wl", writers, torch.stack([grad[n] for n in mlp_hooks]))  # [W, L]
-    s_logits = torch.einsum("wbpd,bpd->w", writers, grad["ln_final.hook_in"])  # [W]
-    scores = torch.cat([torch.cat([s_qkv.flatten(2), s_mlp[:, :, None]], dim=2).flatten(1), s_logits[:, None]], dim=1)
+        if ig_steps is None:
+            # One probed corrupted forward and backward (the writers' and ln1 inputs are only
+            # recorded; their zero probes change nothing), then the clean forward last, as in nodes.py.
+            corrupted: Dict[str, Tensor] = {}
+            grad = gradients(model, corrupted_tokens, patching_metric, reader_hooks + writer_hooks + ln1_hooks, "scalar",
+                             record=corrupted)
+            clean = _capture(model, clean_tokens, writer_hooks)
+            dtype = torch.promote_types(clean["hook_embed"].dtype, torch.float32)
+            scores = scores_of(writes(clean, corrupted), grad, corrupted)
+        else:
+            corrupted = _capture(model, corrupted_tokens, writer_hooks)
+            clean = _capture(model, clean_tokens, writer_hooks)
+            dtype = torch.promote_types(clean["hook_embed"].dtype, torch.float32)
+            writers = writes(clean, corrupted)
+            e_corr = corrupted["hook_embed"].to(dtype)
+            e_delta = clean["hook_embed"].to(dtype) - e_corr
+            scores = None
+            for k in range(ig_steps):
+                alpha = (k + 0.5) / ig_steps if rule == "midpoint" else k / ig_steps
+                record: Dict[str, Tensor] = {}
+                grad = gradients(model, corrupted_tokens, patching_metric, reader_hooks + ln1_hooks + ["hook_embed"], "scalar",
+                                 values={"hook_embed": e_corr + alpha * e_delta}, record=record)
+                step = scores_of(writers, grad, record)  # linear in this step's reader gradients
+                scores = step if scores is None else scores + step
+            scores = scores / ig_steps
 
     valid = _valid_mask(n_layers, n_heads, parallel, scores.device)
     scores = torch.where(valid, scores, torch.zeros_like(scores))
