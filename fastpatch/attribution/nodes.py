@@ -153,6 +153,16 @@ def _check_inputs(model: Any, clean_tokens: Any, corrupted_tokens: Any, reduce: 
         raise ValueError(f"{operation} needs autograd, but torch.inference_mode() is active")
 
 
+def _check_input(model: Any, tokens: Any, reduce: str, operation: str, name: str = "tokens") -> None:
+    """:func:`_check_inputs` for an analysis of ONE batch of prompts (no clean/corrupted pair)."""
+    if reduce not in REDUCES:
+        raise ValueError(f"reduce must be one of {REDUCES}, got {reduce!r}")
+    require_eval_mode(model, operation=operation)
+    check_tokens(model, tokens, name)
+    if torch.is_inference_mode_enabled():
+        raise ValueError(f"{operation} needs autograd, but torch.inference_mode() is active")
+
+
 def _check_metric(value: Any, reduce: str, batch: int) -> Tensor:
     if not isinstance(value, Tensor) or not value.is_floating_point():
         got = f"{value.dtype} tensor" if isinstance(value, Tensor) else type(value).__name__
@@ -192,13 +202,19 @@ def gradients(
     reduce: str,
     values: Optional[Dict[str, Tensor]] = None,
     record: Optional[Dict[str, Tensor]] = None,
+    after_hooks: Sequence[Tuple[str, Callable]] = (),
 ) -> Dict[str, Tensor]:
     """``d metric / d act`` at every hook name, from one forward and one ``autograd.grad``.
 
     Zero probes: each hook returns ``act + zeros(requires_grad)``, so the forward is unchanged and
     the probe's gradient is the activation's. Where ``values`` has a name, the activation is *set*
     to it in the forward with an identity backward (the model's total derivative at that state);
-    ``record`` receives each activation as the hook saw it.
+    ``record`` receives each activation as the hook saw it. ``after_hooks`` are extra forward
+    hooks registered *after* the probes, so on a hook point they share with a probe they see the
+    probed activation (GradDrop's stop-gradients: a probe upstream of a ``detach`` on the same
+    point gets a zero gradient).
+
+    Afterwards no autograd graph stays attached to the model (see :func:`_release_graph`).
     """
     values = values or {}
     probes: Dict[str, Tensor] = {}
@@ -214,14 +230,33 @@ def gradients(
 
         return hook
 
-    with torch.enable_grad(), model.hooks(fwd_hooks=[(n, probe(n)) for n in names]):
-        logits = model(tokens)
-        target = _check_metric(metric(logits), reduce, int(tokens.shape[0]))
-        missing = [n for n in names if n not in probes]
-        if missing:
-            raise ValueError(f"hook points {missing} did not fire during the forward pass")
-        grads = torch.autograd.grad(target, [probes[n] for n in names], allow_unused=True)
+    fwd_hooks = [(n, probe(n)) for n in names] + list(after_hooks)
+    try:
+        with torch.enable_grad(), model.hooks(fwd_hooks=fwd_hooks):
+            logits = model(tokens)
+            target = _check_metric(metric(logits), reduce, int(tokens.shape[0]))
+            missing = [n for n in names if n not in probes]
+            if missing:
+                raise ValueError(f"hook points {missing} did not fire during the forward pass")
+            grads = torch.autograd.grad(target, [probes[n] for n in names], allow_unused=True)
+    finally:
+        _release_graph(model)
     return {n: (g if g is not None else torch.zeros_like(probes[n])).detach() for n, g in zip(names, grads)}
+
+
+def _release_graph(model: Any) -> None:
+    """Detach tensors a forward with gradients left on the model's modules.
+
+    ``TransformerBridge``'s attention modules keep the last forward's pattern (``_pattern``); after
+    a forward with gradients it is a non-leaf tensor, which holds its autograd graph alive and makes
+    ``copy.deepcopy(model)`` fail ("Only Tensors created explicitly by the user ... support the
+    deepcopy protocol"). The values are kept; only the graph is dropped, as a no-grad forward
+    would leave it.
+    """
+    for module in model.modules():
+        for key, value in list(vars(module).items()):
+            if isinstance(value, Tensor) and not isinstance(value, torch.nn.Parameter) and value.grad_fn is not None:
+                setattr(module, key, value.detach())
 
 
 def _scores(

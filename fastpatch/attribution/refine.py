@@ -45,8 +45,22 @@ Built on :mod:`fastpatch.attribution.nodes` (same sweep names, cell grids, resul
   Scores are read at ``hook_attn_scores`` (masked, pre-softmax) of a corrupted forward in which
   one layer's ``hook_q``/``hook_k`` is replaced by the clean one (one extra forward per layer),
   so rotary embeddings, scaling and grouped-query sharing are whatever the model does. On a
-  grouped-query model a K/V head's estimate sums the query heads that share it. GradDrop
-  (AtP*'s other fix) is not implemented.
+  grouped-query model a K/V head's estimate sums the query heads that share it.
+
+- :func:`get_attr_patch_graddrop`: GradDrop, AtP*'s other fix (same paper), against
+  *cancellation*: a node's direct and indirect effects can cancel in the gradient at the
+  corrupted run although they do not cancel in the actual patch (e.g. because the indirect path
+  saturates), so plain attribution gives an important node a near-zero estimate. GradDrop takes
+  ``L = n_layers`` extra gradients; the ``l``-th is the gradient of the metric at the corrupted
+  run with the gradient that flows back through layer ``l``'s residual contribution stopped
+  (``x.detach()`` on ``blocks.{l}.hook_attn_out`` and ``blocks.{l}.hook_mlp_out``), and::
+
+      estimate(n) = 1 / (L - 1) * sum_{l=0}^{L-1} (n_clean - n_corrupted) . grad^{(l)}_n
+
+  A path from a node in layer ``l_n`` that avoids layer ``l`` survives drop ``l``; the drop of
+  the node's own layer removes every path, so that term is 0 and the sum averages the ``L - 1``
+  drops that can matter. When the node reaches the metric only directly (no later layer in
+  between, e.g. every node of the last layer) the estimate equals plain attribution.
 
 - :func:`verify`: measure the top-``k`` cells of any estimate exactly with
   :func:`fastpatch.patching.generic_activation_patch` (``index_df`` mode) and put estimate and
@@ -60,7 +74,7 @@ from typing import Any, Callable, Dict, Optional, Sequence, Tuple
 import pandas as pd
 import torch
 import transformer_lens.utilities as tl_utils
-from jaxtyping import Int
+from jaxtyping import Float, Int
 from torch import Tensor
 
 from fastpatch import patching as _patching
@@ -82,6 +96,8 @@ __all__ = [
     "get_attr_patch_attn_head_k_all_pos_atpstar",
     "get_attr_patch_attn_head_q_by_pos_atpstar",
     "get_attr_patch_attn_head_k_by_pos_atpstar",
+    "GRADDROP_SWEEPS",
+    "get_attr_patch_graddrop",
     "verify",
 ]
 
@@ -263,7 +279,92 @@ def get_attr_patch_attn_head_k_by_pos_atpstar(
     return _atpstar(model, clean_tokens, corrupted_tokens, patching_metric, "k", True, reduce, "get_attr_patch_attn_head_k_by_pos_atpstar()")
 
 
-# ---- 3. exact verification of the top cells --------------------------------------------------------
+# ---- 3. GradDrop (AtP*) ---------------------------------------------------------------------------
+# Sweeps whose activation lies inside one layer's residual contribution (its attention or MLP
+# output and what computes it). resid_pre / resid_mid are residual-stream states, not part of any
+# layer's output: no drop removes all their paths, so the 1 / (L - 1) average does not apply.
+GRADDROP_SWEEPS = tuple(s for s, (act, _) in SWEEPS.items() if act not in ("resid_pre", "resid_mid"))
+
+
+def _stop_gradient(tensor: Tensor, hook: Any) -> Tensor:
+    """Identity in the forward, zero gradient in the backward."""
+    return tensor.detach()
+
+
+def get_attr_patch_graddrop(
+    model: Any,
+    clean_tokens: Int[Tensor, "batch pos"],
+    corrupted_tokens: Int[Tensor, "batch pos"],
+    patching_metric: MetricFn,
+    sweep: str = "attn_head_out_all_pos",
+    *,
+    reduce: str = "scalar",
+    absolute: bool = False,
+) -> Float[Tensor, "..."]:
+    """GradDrop estimate (AtP*, Kramar et al. 2024) of ``get_act_patch_<sweep>`` minus the corrupted baseline.
+
+    For every layer ``l`` of the ``L = n_layers`` layers, the gradient of the metric at the
+    corrupted run is taken with the gradient through layer ``l``'s residual contribution dropped
+    (a stop-gradient -- ``x.detach()`` -- on ``blocks.{l}.hook_attn_out`` and
+    ``blocks.{l}.hook_mlp_out``; the forward is unchanged), and the estimate of a cell is::
+
+        1 / (L - 1) * sum_l sum_cell (a_clean - a_corrupted) * d metric^{(l)} / d a
+
+    Nodes inside layer ``l`` (its heads' ``z``/``q``/``k``/``v``/pattern, its ``attn_out`` and
+    ``mlp_out``, its MLP neurons) reach the residual stream only through layer ``l``'s attention or
+    MLP output, so dropping their own layer zeroes their gradient (for ``attn_out``/``mlp_out``
+    the activation is read *before* the stop-gradient on the same hook point): of the ``L``
+    terms one is 0 and ``1 / (L - 1)`` averages the other ``L - 1``. Drops of earlier layers leave
+    the gradient unchanged; the drop of a later layer ``l`` keeps exactly the paths that avoid
+    ``l``. Hence: a last-layer node's estimate equals plain attribution; a node whose effect is
+    split into a direct path and an indirect path through layer ``l`` that cancel in the gradient
+    keeps the direct path's share in the drop-``l`` term; and the estimate is additive over the
+    slices of one activation (heads sum to ``attn_out``, neurons to ``mlp_out``), like plain
+    attribution. ``sweep`` must be one of :data:`GRADDROP_SWEEPS` (every sweep but ``resid_pre``
+    and ``resid_mid``, which lie in no layer's contribution). Needs ``n_layers >= 2``.
+
+    ``absolute=True`` takes ``|.|`` of each drop's estimate before the average (per cell, and per
+    prompt with ``reduce='none'``): the magnitude form for ranking nodes, in which the drops cannot
+    cancel each other either. Default: the signed average above.
+
+    Result shaped like ``get_attr_patch_<sweep>`` (trailing ``batch`` axis for ``reduce='none'``).
+    Cost: one clean forward and ``L`` corrupted forward+backward passes; the model keeps no hooks.
+    """
+    if sweep not in GRADDROP_SWEEPS:
+        if sweep in SWEEPS:
+            raise ValueError(
+                f"GradDrop needs a node inside a layer's residual contribution; {sweep!r} is the residual "
+                f"stream itself. Sweeps: {list(GRADDROP_SWEEPS)}"
+            )
+        raise ValueError(f"unknown sweep {sweep!r}; GradDrop sweeps: {list(GRADDROP_SWEEPS)}")
+    _check_inputs(model, clean_tokens, corrupted_tokens, reduce, "get_attr_patch_graddrop()")
+    n_layers = model.cfg.n_layers
+    if n_layers < 2:
+        raise ValueError(f"GradDrop averages over n_layers - 1 layer drops and needs at least 2 layers, got {n_layers}")
+    names = _hook_names(model, [SWEEPS[sweep][0]])
+    drop_points = _hook_names(model, ["attn_out", "mlp_out"])  # [attn_out 0..L-1, mlp_out 0..L-1]
+    total: Optional[Tensor] = None
+    with preserved_model_state(model):
+        clean = _capture(model, clean_tokens, names)
+        corrupted: Dict[str, Tensor] = {}
+        delta: Dict[str, Tensor] = {}
+        for layer in range(n_layers):
+            drops = [(drop_points[layer], _stop_gradient), (drop_points[n_layers + layer], _stop_gradient)]
+            grads = gradients(
+                model, corrupted_tokens, patching_metric, names, reduce, record=corrupted if layer == 0 else None, after_hooks=drops
+            )
+            if layer == 0:
+                delta = {n: clean[n].to(_dtype(clean[n])) - corrupted[n].to(_dtype(clean[n])) for n in names}
+            scores = {n: delta[n] * grads[n].to(delta[n].dtype) for n in names}
+            est = _finish(_layer_stack(model, scores, sweep), reduce)
+            if absolute:
+                est = est.abs()
+            total = est if total is None else total + est
+    assert total is not None
+    return total / (n_layers - 1)
+
+
+# ---- 4. exact verification of the top cells --------------------------------------------------------
 def verify(
     model: Any,
     clean_tokens: Int[Tensor, "batch pos"],
