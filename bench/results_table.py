@@ -1,5 +1,10 @@
 """Regenerate the performance tables of README.md and bench/README.md from bench/results/*.json.
 
+One row per timed comparison with TransformerLens: the records of ``compare_transformer_lens.py``
+(activation patching sweeps) and ``compare_attribution.py`` (edge attribution, sweep
+``attr_patch_edges``). Other records (``attribution_quality.py``'s rank correlations) have no
+timings and are skipped.
+
     python bench/results_table.py           # print the table
     python bench/results_table.py --write   # replace the table between the markers in both READMEs
 """
@@ -12,6 +17,7 @@ from pathlib import Path
 
 ROOT = Path(__file__).resolve().parent.parent
 START, END = "<!-- perf-table:start -->", "<!-- perf-table:end -->"
+TIMED = ("compare_transformer_lens", "compare_attribution")  # records with TL-vs-fastpatch timings
 
 
 def table() -> str:
@@ -22,15 +28,20 @@ def table() -> str:
     ]
     for path in sorted((ROOT / "bench" / "results").glob("*.json")):
         record = json.loads(path.read_text())
+        if record.get("benchmark", "compare_transformer_lens") not in TIMED:
+            continue
         cfg = record["config"]
         model = cfg["model"]
         shape = f"{model['n_layers']}L d{model['d_model']} {model['n_heads']}H V{model['d_vocab']}, {cfg['batch']}x{cfg['positions']} tok"
+        threads = record.get("torch_threads")
+        if threads is not None and record.get("cpu_count") is not None and threads != record["cpu_count"]:
+            shape += f", {threads} thread{'s' if threads != 1 else ''}"  # only where not the default
         for r in record["results"]:
             flops = r.get("lower_bound_flops")
             gflop = "" if flops is None else f"{flops / 1e9:.0f}"
             rate = "" if flops is None else f"{r['fastpatch_gflops_per_s']:.0f}"
             lines.append(
-                f"| {record['device_name']} | {shape} | {r['sweep'].replace('get_act_patch_', '')} | {r.get('metric', 'plain')} "
+                f"| {record['device_name']} | {shape} | {r['sweep'].replace('get_act_patch_', '').replace('get_attr_patch_', 'attr_patch_')} | {r.get('metric', 'plain')} "
                 f"| {cfg.get('fastpatch_backend', 'default')} | {r['tl_seconds']:.2f} | {r['fastpatch_seconds']:.2f} "
                 f"| **{r['ratio']:.2f}x** | {gflop} | {rate} | {'yes' if r['agree'] else 'NO'} | `{path.name}` |"
             )
