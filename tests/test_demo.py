@@ -1,6 +1,9 @@
 """``fastpatch demo`` on a smaller setting: it recovers the shipped model's circuit from scratch,
 agrees with TransformerLens, and writes a report; its bad options exit with code 2."""
 
+import shutil
+import subprocess
+
 import pytest
 import torch
 
@@ -30,8 +33,9 @@ def test_demo_recovers_the_recorded_circuit(demo):
 
 
 def test_demo_agrees_with_transformer_lens_and_writes_a_report(demo):
-    assert list(demo.timings["sweep"]) == [
-        "get_act_patch_attn_head_out_all_pos", "get_act_patch_attn_head_all_pos_every", "get_act_patch_resid_pre"]
+    assert list(demo.timings["call"]) == [
+        "get_act_patch_attn_head_out_all_pos", "get_act_patch_attn_head_all_pos_every", "get_act_patch_resid_pre"] + [
+        f"get_act_patch_direct_path_all_sources({c})" for c in "qkv"]
     assert (demo.timings["max_abs_diff"] < 1e-4).all()
     assert (demo.timings["speedup"] > 0).all()
     page = demo.report.read_text()
@@ -56,3 +60,15 @@ def test_demo_bad_options_exit_2(option, message, capsys):
     assert main(["demo", "--quiet", *option]) == 2
     err = capsys.readouterr().err
     assert message in err and err.count("\n") == 1
+
+
+CHROMIUM = shutil.which("chromium") or shutil.which("chromium-browser")
+
+
+@pytest.mark.skipif(CHROMIUM is None, reason="needs headless Chromium (apt-get install chromium)")
+def test_demo_report_renders_in_chromium(demo):
+    """Every figure of the demo's report is drawn by the inlined plotly.js in a real browser."""
+    browser = [CHROMIUM, "--headless", "--disable-gpu", "--no-sandbox", "--virtual-time-budget=15000"]
+    dom = subprocess.run(browser + ["--dump-dom", demo.report.as_uri()], capture_output=True, text=True, timeout=180).stdout
+    assert dom.count("heatmaplayer") >= 8  # head output, q/k/v/pattern, residual stream, K and Q paths
+    assert dom.count("scatterlayer") >= 1 and "circuit recovered: yes" in dom

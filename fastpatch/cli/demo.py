@@ -5,13 +5,14 @@ sequences. Clean prompts are ``BOS, r_1..r_n, r_1..r_n``; corrupted prompts repl
 repeat with other tokens, so the last position (``r_n``) can no longer be continued by copying.
 The metric is the logit difference ``r_1 - c_1`` at the last position. The demo then:
 
-1. runs exact sweeps (head outputs; every head component; the residual stream by position) and,
+1. runs exact sweeps (head outputs; every head component; the residual stream by position) and
+   direct path patching from every head into every later head's queries, keys and values, and,
    unless ``compare=False``, the same TransformerLens calls, checking the values agree and timing both;
 2. picks the important heads (normalised effect at least ``threshold``) and classifies each from
    its attention pattern on the clean prompts: previous-token heads (attention from ``i`` to
    ``i - 1``) and induction heads (attention from the second ``r_k`` to the first ``r_{k+1}``);
-3. runs direct path patching from every layer-0 head into every layer-1 head's query, key and
-   value inputs: an induction circuit is K-composition, previous-token head -> induction head keys;
+3. reads the direct paths from layer-0 heads into layer-1 heads: an induction circuit is
+   K-composition, previous-token head -> induction head keys;
 4. estimates the head effects with attribution patching and every edge with edge attribution;
 5. compares what it found with the circuit the training script recorded and writes an HTML report.
 
@@ -46,7 +47,7 @@ class DemoResult:
     strongest_path: Dict[str, Any]  # source, destination, component, effect
     recorded_circuit: Dict[str, List[Tuple[int, int]]]
     recovered: bool
-    timings: pd.DataFrame  # sweep, cells, fastpatch_s, transformer_lens_s, speedup, max_abs_diff
+    timings: pd.DataFrame  # call, cells, fastpatch_s, transformer_lens_s, speedup, max_abs_diff
     report: Path
     values: Dict[str, Tensor] = field(default_factory=dict)
 
@@ -103,22 +104,27 @@ def run_demo(
     echo(f"induction model: {n_prompts} prompts of {clean.shape[1]} tokens; logit difference "
          f"clean {clean_value:.2f}, corrupted {corrupted_value:.2f}")
 
-    # 1. exact sweeps, with TransformerLens beside them
-    sweeps = {
-        "get_act_patch_attn_head_out_all_pos": ("heads", (model, corrupted, clean_cache, metric)),
-        "get_act_patch_attn_head_all_pos_every": ("every", (model, corrupted, clean_cache, metric)),
-        "get_act_patch_resid_pre": ("resid", (model, corrupted, clean_cache, metric)),
-    }
+    # 1. exact sweeps and direct paths, with TransformerLens's same calls beside them
+    sweep_args = (model, corrupted, clean_cache, metric)
+    path_args = (model, corrupted, clean_cache, corrupted_cache, metric)
+    bar = {"progress": progress}  # fastpatch's sweeps take it; TransformerLens's show their own bars
+    calls = [  # (key, function name, positional arguments, keyword arguments, fastpatch-only keyword arguments)
+        ("heads", "get_act_patch_attn_head_out_all_pos", sweep_args, {}, bar),
+        ("every", "get_act_patch_attn_head_all_pos_every", sweep_args, {}, bar),
+        ("resid", "get_act_patch_resid_pre", sweep_args, {}, bar),
+    ] + [(f"paths_{c}", "get_act_patch_direct_path_all_sources", path_args, {"component": c, "verbose": False}, {})
+         for c in "qkv"]
     values: Dict[str, Tensor] = {}
     rows = []
-    for name, (key, call_args) in sweeps.items():
-        ours, seconds = _timed(lambda: getattr(fp, name)(*call_args, progress=progress), repeats)
+    for key, name, call_args, kwargs, own in calls:
+        ours, seconds = _timed(lambda: getattr(fp, name)(*call_args, **kwargs, **own), repeats)
         values[key] = ours
-        row = {"sweep": name, "cells": ours.numel(), "fastpatch_s": seconds}
+        label = name + (f"({kwargs['component']})" if "component" in kwargs else "")
+        row = {"call": label, "cells": ours.numel(), "fastpatch_s": seconds}
         if compare:
             import transformer_lens.patching as tl
 
-            theirs, tl_seconds = _timed(lambda: getattr(tl, name)(*call_args), repeats)
+            theirs, tl_seconds = _timed(lambda: getattr(tl, name)(*call_args, **kwargs), repeats)
             row.update(transformer_lens_s=tl_seconds, speedup=tl_seconds / seconds,
                        max_abs_diff=float((ours - theirs).abs().max()))
         rows.append(row)
@@ -144,9 +150,7 @@ def run_demo(
     induction_heads = [(int(l), int(h)) for l, h, r in zip(important["layer"], important["head"], roles) if r.startswith("induction")]
 
     # 3. direct paths layer 0 -> layer 1 queries, keys and values
-    paths = {c: fp.get_act_patch_direct_path_all_sources(model, corrupted, clean_cache, corrupted_cache, metric,
-                                                          component=c, verbose=False)[0, :, 1, :] - corrupted_value
-             for c in ("q", "k", "v")}  # [source head in layer 0, destination head in layer 1]
+    paths = {c: values.pop(f"paths_{c}")[0, :, 1, :] - corrupted_value for c in "qkv"}  # [layer-0 source, layer-1 destination]
     stacked = torch.stack([paths[c] for c in ("q", "k", "v")])
     component, source, destination = torch.unravel_index(stacked.argmax(), stacked.shape)
     strongest = {"source": (0, int(source)), "destination": (1, int(destination)),
