@@ -39,6 +39,7 @@ import torch
 from bench.compare_transformer_lens import (
     RESULTS_DIR,
     _HelpFormatter,
+    add_shape_arguments,
     _load_average,
     _quiet_tqdm,
     _sync,
@@ -118,19 +119,7 @@ def build_parser() -> argparse.ArgumentParser:
         ),
         formatter_class=_HelpFormatter,
     )
-    p.add_argument("--layers", type=int, default=d["layers"], help="n_layers")
-    p.add_argument("--d-model", type=int, default=d["d_model"], help="d_model")
-    p.add_argument("--heads", type=int, default=d["heads"], help="n_heads (must divide d_model)")
-    p.add_argument("--vocab", type=int, default=d["vocab"], help="vocabulary size")
-    p.add_argument("--batch", type=int, default=d["batch"], help="prompt pairs")
-    p.add_argument("--positions", type=int, default=d["positions"], help="tokens per prompt")
-    p.add_argument("--corrupt-from", type=int, default=None,
-                   help="first position where clean and corrupted prompts differ "
-                        "(default: 10, or positions // 2 for prompts of 10 tokens or fewer)")
-    p.add_argument("--small", action="store_true",
-                   help="smoke-test shape: 2 layers, d_model 64, 4 heads, vocab 211, 4 prompts x 8 tokens "
-                        "(overrides the shape options)")
-    p.add_argument("--device", choices=("cpu", "cuda"), default="cpu", help="where both libraries run")
+    add_shape_arguments(p, d, batch_help="prompt pairs")
     p.add_argument("--repeats", type=int, default=5,
                    help="timing rounds; each round runs TransformerLens once, then fastpatch once; the best "
                         "round of each library is kept")

@@ -201,6 +201,23 @@ class _HelpFormatter(argparse.ArgumentDefaultsHelpFormatter):
         return super()._get_help_string(action)
 
 
+def add_shape_arguments(p: argparse.ArgumentParser, shape: dict, batch_help: str) -> None:
+    """The model-shape, prompt, ``--small`` and ``--device`` options every comparison script takes."""
+    p.add_argument("--layers", type=int, default=shape["layers"], help="n_layers")
+    p.add_argument("--d-model", type=int, default=shape["d_model"], help="d_model")
+    p.add_argument("--heads", type=int, default=shape["heads"], help="n_heads (must divide d_model)")
+    p.add_argument("--vocab", type=int, default=shape["vocab"], help="vocabulary size")
+    p.add_argument("--batch", type=int, default=shape["batch"], help=batch_help)
+    p.add_argument("--positions", type=int, default=shape["positions"], help="tokens per prompt")
+    p.add_argument("--corrupt-from", type=int, default=None,
+                   help="first position where clean and corrupted prompts differ "
+                        "(default: 10, or positions // 2 for prompts of 10 tokens or fewer)")
+    p.add_argument("--small", action="store_true",
+                   help="smoke-test shape: 2 layers, d_model 64, 4 heads, vocab 211, 4 prompts x 8 "
+                        "tokens (overrides the shape options)")
+    p.add_argument("--device", choices=("cpu", "cuda"), default="cpu", help="where both libraries run")
+
+
 def build_parser() -> argparse.ArgumentParser:
     """The command line; ``--help`` documents every option."""
     big = SHAPES["gpt2-small"]
@@ -214,19 +231,7 @@ def build_parser() -> argparse.ArgumentParser:
     )
     p.add_argument("--sweeps", nargs="+", default=list(DEFAULT_SWEEPS), metavar="FN",
                    help=f"sweep functions to time ('all' for every one); choices: {', '.join(SWEEPS)}")
-    p.add_argument("--layers", type=int, default=big["layers"], help="n_layers")
-    p.add_argument("--d-model", type=int, default=big["d_model"], help="d_model")
-    p.add_argument("--heads", type=int, default=big["heads"], help="n_heads (must divide d_model)")
-    p.add_argument("--vocab", type=int, default=big["vocab"], help="vocabulary size")
-    p.add_argument("--batch", type=int, default=big["batch"], help="prompts per sweep")
-    p.add_argument("--positions", type=int, default=big["positions"], help="tokens per prompt")
-    p.add_argument("--corrupt-from", type=int, default=None,
-                   help="first position where clean and corrupted prompts differ "
-                        "(default: 10, or positions // 2 for prompts of 10 tokens or fewer)")
-    p.add_argument("--small", action="store_true",
-                   help="smoke-test shape: 2 layers, d_model 64, 4 heads, vocab 211, 4 prompts x 8 "
-                        "tokens (overrides the shape options)")
-    p.add_argument("--device", choices=("cpu", "cuda"), default="cpu", help="where both libraries run")
+    add_shape_arguments(p, big, batch_help="prompts per sweep")
     p.add_argument("--repeats", type=int, default=1, help="time each library N times and keep the best")
     p.add_argument("--fastpatch-kwargs", type=json.loads, default={}, metavar="JSON",
                    help='extra keyword arguments for every fastpatch call, e.g. \'{"chunk_size": 16}\'')

@@ -18,7 +18,6 @@ The normalisation is ``NativeModel.normalize``'s: LN centres, then multiplies by
 
 from __future__ import annotations
 
-import os
 from typing import Optional
 
 import torch
@@ -26,13 +25,13 @@ from jaxtyping import Float
 from torch import Tensor
 
 from fastpatch.ops.norms import linearised_norm_delta, normalize
+from fastpatch.ops.triton_dispatch import kernel_applies, load_launcher, require_kernel
 
 __all__ = ["delta_projection", "delta_projection_reference"]
 
 _MODES = ("exact", "linear")
 _NORMS = ("LN", "RMS")
 _BACKENDS = ("auto", "triton", "reference")
-_KERNEL_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
 
 
 def _check(
@@ -172,33 +171,17 @@ def delta_projection(
     _check(delta, resid, norm_w, norm_b, W, mode, norm, eps)
     tensors = [t for t in (delta, resid, norm_w, norm_b, W) if t is not None]
     if backend == "auto":
-        use_kernel = (
-            delta.is_cuda
-            and all(t.dtype in _KERNEL_DTYPES for t in tensors)
-            and not (torch.is_grad_enabled() and any(t.requires_grad for t in tensors))
-            and _triton_launcher() is not None
+        use_kernel = kernel_applies(tensors, _triton_launcher()) and not (
+            torch.is_grad_enabled() and any(t.requires_grad for t in tensors)
         )
         backend = "triton" if use_kernel else "reference"
     if backend == "reference":
         return _reference(delta, resid, norm_w, norm_b, W, mode, norm, eps)
 
-    launcher = _triton_launcher()
-    if launcher is None:
-        raise RuntimeError("backend='triton' needs the triton package, which could not be imported")
-    for t in tensors:
-        if t.dtype not in _KERNEL_DTYPES:
-            raise ValueError(f"backend='triton' supports {_KERNEL_DTYPES}, got {t.dtype}")
-    if not delta.is_cuda and os.environ.get("TRITON_INTERPRET") != "1":
-        raise RuntimeError(
-            "backend='triton' on CPU tensors needs TRITON_INTERPRET=1 set before triton is imported"
-        )
+    launcher = require_kernel(tensors, _triton_launcher())
     return launcher(delta, resid, norm_w, norm_b, W, mode=mode, norm=norm, eps=eps)
 
 
 def _triton_launcher():
     """The kernel's launcher, or None where Triton cannot be imported (imported on first use)."""
-    try:
-        from csrc_triton.delta_projection import delta_projection_triton
-    except ImportError:
-        return None
-    return delta_projection_triton
+    return load_launcher("delta_projection", "delta_projection_triton")

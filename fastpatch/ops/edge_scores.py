@@ -39,17 +39,16 @@ What each path materialises (``S`` writers, ``R`` readers per layer, ``M`` rows,
 
 from __future__ import annotations
 
-import os
-
 import torch
 from jaxtyping import Float
 from torch import Tensor
+
+from fastpatch.ops.triton_dispatch import kernel_applies, load_launcher, require_kernel
 
 __all__ = ["norm_vjp", "qkv_edge_scores", "qkv_edge_scores_reference"]
 
 _NORMS = ("LN", "RMS")
 _BACKENDS = ("auto", "torch", "triton")
-_KERNEL_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
 _CHUNK_ELEMENTS = 1 << 24
 
 
@@ -202,26 +201,15 @@ def qkv_edge_scores(
         raise ValueError(f"chunk_elements must be a positive integer, got {chunk_elements!r}")
     tensors = (writers, grads, W, x, norm_w)
     if backend == "auto":
-        use_kernel = writers.is_cuda and all(t.dtype in _KERNEL_DTYPES for t in tensors) and _triton_launcher() is not None
+        use_kernel = kernel_applies(tensors, _triton_launcher())
         backend = "triton" if use_kernel else "torch"
     if backend == "torch":
         return _torch_chunked(writers, grads, W, x, norm_w, norm, eps, chunk_elements)
 
-    launcher = _triton_launcher()
-    if launcher is None:
-        raise RuntimeError("backend='triton' needs the triton package, which could not be imported")
-    for t in tensors:
-        if t.dtype not in _KERNEL_DTYPES:
-            raise ValueError(f"backend='triton' supports {_KERNEL_DTYPES}, got {t.dtype}")
-    if not writers.is_cuda and os.environ.get("TRITON_INTERPRET") != "1":
-        raise RuntimeError("backend='triton' on CPU tensors needs TRITON_INTERPRET=1 set before triton is imported")
+    launcher = require_kernel(tensors, _triton_launcher())
     return launcher(writers, grads, W, x, norm_w, norm=norm, eps=eps)
 
 
 def _triton_launcher():
     """The kernel's launcher, or None where Triton cannot be imported (imported on first use)."""
-    try:
-        from csrc_triton.edge_scores import qkv_edge_scores_triton
-    except ImportError:
-        return None
-    return qkv_edge_scores_triton
+    return load_launcher("edge_scores", "qkv_edge_scores_triton")

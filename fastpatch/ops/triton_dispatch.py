@@ -1,0 +1,40 @@
+"""What every op's dispatcher does before handing tensors to a Triton kernel.
+
+Kernels live in ``csrc_triton`` and are imported on first use, so that importing fastpatch never
+needs Triton (and ``TRITON_INTERPRET=1`` can still be set by a test before the first import).
+"""
+
+from __future__ import annotations
+
+import importlib
+import os
+from typing import Callable, Optional, Sequence
+
+import torch
+
+KERNEL_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
+
+
+def load_launcher(module: str, name: str) -> Optional[Callable]:
+    """``csrc_triton.<module>.<name>``, or ``None`` where Triton cannot be imported."""
+    try:
+        return getattr(importlib.import_module(f"csrc_triton.{module}"), name)
+    except ImportError:
+        return None
+
+
+def kernel_applies(tensors: Sequence[torch.Tensor], launcher: Optional[Callable]) -> bool:
+    """``backend="auto"``: the kernel runs where the data is on CUDA in a kernel dtype."""
+    return tensors[0].is_cuda and all(t.dtype in KERNEL_DTYPES for t in tensors) and launcher is not None
+
+
+def require_kernel(tensors: Sequence[torch.Tensor], launcher: Optional[Callable]) -> Callable:
+    """The launcher for ``backend="triton"``, or a clear error why it cannot run these tensors."""
+    if launcher is None:
+        raise RuntimeError("backend='triton' needs the triton package, which could not be imported")
+    for t in tensors:
+        if t.dtype not in KERNEL_DTYPES:
+            raise ValueError(f"backend='triton' supports {KERNEL_DTYPES}, got {t.dtype}")
+    if not tensors[0].is_cuda and os.environ.get("TRITON_INTERPRET") != "1":
+        raise RuntimeError("backend='triton' on CPU tensors needs TRITON_INTERPRET=1 set before triton is imported")
+    return launcher
