@@ -3,7 +3,7 @@
 #
 # A walkthrough on the induction model shipped with fastpatch (no download; a 2-layer rotary
 # GPT-NeoX trained by `scripts/train_induction_model.py`). It runs as a plain script
-# (`python docs/walkthrough_direct_path.py`, about 20 s on 2 CPU cores) and opens as a notebook
+# (`python docs/walkthrough_direct_path.py`, about 6 s on 2 CPU cores) and opens as a notebook
 # in Jupyter or VS Code (percent-format cells, jupytext). Every number it prints is computed here;
 # the `assert`s check the library against the hand-made version.
 #
