@@ -325,7 +325,9 @@ def get_attr_patch_graddrop(
 
     ``absolute=True`` takes ``|.|`` of each drop's estimate before the average (per cell, and per
     prompt with ``reduce='none'``): the magnitude form for ranking nodes, in which the drops cannot
-    cancel each other either. Default: the signed average above.
+    cancel each other either; the AtP* paper estimates magnitudes ``|c(n)|`` and, as we read it,
+    averages this form. Default: the signed average above, so that, like every ``get_attr_patch_*``,
+    the result estimates the signed ``patched - corrupted`` effect and can be laid beside it.
 
     Result shaped like ``get_attr_patch_<sweep>`` (trailing ``batch`` axis for ``reduce='none'``).
     Cost: one clean forward and ``L`` corrupted forward+backward passes; the model keeps no hooks.
