@@ -58,6 +58,8 @@ import triton.language as tl
 from jaxtyping import Float
 from torch import Tensor
 
+from csrc_triton.row_moments import merge_row_moments
+
 _MAX_GRID_YZ = 65535
 
 
@@ -136,19 +138,7 @@ def _delta_projection_kernel(
             if not IS_RMS:
                 d = tl.load(d_base + ks[None, :] * stride_dd, mask=mask, other=0.0).to(tl.float32)
                 dsum += tl.sum(d, axis=1)
-        if IS_RMS:
-            m2 += tl.sum(x * x, axis=1)
-        else:
-            # Chan et al.: merge this tile's (n_k, mean_k, M2_k) into the running (count, mean, m2).
-            n_k = tl.minimum(D - k0, BLOCK_K).to(tl.float32)
-            mean_k = tl.sum(x, axis=1) / n_k
-            c = tl.where(mask_k[None, :], x - mean_k[:, None], 0.0)
-            m2_k = tl.sum(c * c, axis=1)
-            total = count + n_k
-            diff = mean_k - mean
-            mean += diff * (n_k / total)
-            m2 += m2_k + diff * diff * (count * n_k / total)
-            count = total
+        count, mean, m2 = merge_row_moments(x, mask_k, tl.minimum(D - k0, BLOCK_K).to(tl.float32), count, mean, m2, IS_RMS)
     rstd = tl.rsqrt(m2 / D + eps)
     dmean = dsum / D
 

@@ -59,6 +59,8 @@ import triton.language as tl
 from jaxtyping import Float
 from torch import Tensor
 
+from csrc_triton.row_moments import merge_row_moments
+
 _MAX_GRID_YZ = 65535
 
 
@@ -140,19 +142,7 @@ def _qkv_edge_scores_kernel(
             mask_d = offs_d < D
             x = tl.load(xm_base + offs_d[None, :] * stride_xd, mask=mask_m[:, None] & mask_d[None, :], other=0.0)
             x = x.to(tl.float32)
-            if IS_RMS:
-                m2 += tl.sum(x * x, axis=1)
-            else:
-                # Chan et al.: merge this tile's (n_k, mean_k, M2_k) into the running (count, mean, m2).
-                n_k = tl.minimum(D - d0, BLOCK_D).to(tl.float32)
-                mean_k = tl.sum(x, axis=1) / n_k
-                c = tl.where(mask_d[None, :], x - mean_k[:, None], 0.0)
-                m2_k = tl.sum(c * c, axis=1)
-                total = count + n_k
-                diff = mean_k - mean
-                mean += diff * (n_k / total)
-                m2 += m2_k + diff * diff * (count * n_k / total)
-                count = total
+            count, mean, m2 = merge_row_moments(x, mask_d, tl.minimum(D - d0, BLOCK_D).to(tl.float32), count, mean, m2, IS_RMS)
         rstd = tl.rsqrt(m2 / D + eps)
 
         # ---- pass 2: U~ tile by tile, the main contraction and the correction sums -------------
