@@ -131,6 +131,7 @@ _REDUCE = {"sum", "mean", "amax", "max", "min", "amin", "any", "all", "argmax", 
            "std", "norm", "linalg_vector_norm", "_softmax", "softmax", "_log_softmax", "logsumexp",
            "native_layer_norm", "layer_norm", "cumsum", "topk", "sort", "nonzero", "prod"}
 
+_THIS_FILE = os.path.join("bench", "launch_counts.py")
 _FACTORIES = ("tensor", "as_tensor", "from_numpy", "zeros", "ones", "empty", "full", "arange",
               "randperm", "randint", "linspace")
 
@@ -197,7 +198,7 @@ class OpCounter(TorchDispatchMode):
         f = sys._getframe(2)
         while f is not None and len(frames) < self._depth:
             path = f.f_code.co_filename
-            if path.startswith(self._root):
+            if path.startswith(self._root) and not path.endswith(_THIS_FILE):  # not this script's wrappers
                 frames.append(f"{path[len(self._root):]}:{f.f_code.co_name}")
             f = f.f_back
         return " < ".join(frames) if frames else "(outside)"
@@ -506,8 +507,8 @@ def count_fastpatch(call: Callable[[], Any]) -> Dict[str, Any]:
 
     counter = OpCounter(attribute_to=Path(fastpatch.__file__).resolve().parent.parent)
     with counter.counting():
-        call()
-    return summary(counter)
+        result = call()
+    return {**summary(counter), "cells": int(compare.as_tensor(result).numel())}
 
 
 def run(args: argparse.Namespace) -> Dict[str, Any]:
@@ -537,7 +538,7 @@ def run(args: argparse.Namespace) -> Dict[str, Any]:
                 t2 = time.perf_counter()
                 flops = None if "direct_path" in sweep else lb_flops(
                     getattr(fp, sweep), model, s["corrupted"], s["clean_cache"], metric)
-                row = {"sweep": sweep, "metric": metric_name, "lower_bound_flops": flops,
+                row = {"sweep": sweep, "metric": metric_name, "cells": ours.pop("cells"), "lower_bound_flops": flops,
                        "fastpatch": {**ours, **floors(ours["launches"], flops)},
                        "count_seconds": {"fastpatch": round(t1 - t0, 2), "transformer_lens": round(t2 - t1, 2)}}
                 if theirs is not None:
