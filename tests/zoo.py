@@ -6,12 +6,43 @@ count and vocabulary) so that patch effects differ clearly across cells and posi
 
 from __future__ import annotations
 
+import copy
+import functools
+import inspect
 from typing import Callable, Dict
 
 import torch
 
 VOCAB = 89
 N_CTX = 32
+
+
+_BUILT: Dict[tuple, tuple] = {}
+
+
+def _built_once(build: Callable) -> Callable:
+    """Build each (builder, arguments) once per process and hand out deep copies of that pristine model.
+
+    A copy is a fresh model (a test may move, cast or train it) with the very same weights, and the
+    global RNG is left exactly as the builder leaves it, so a cache hit is indistinguishable from a
+    rebuild. Copies are taken before any forward pass: a used bridge holds non-leaf tensors that
+    ``copy.deepcopy`` refuses.
+    """
+    signature = inspect.signature(build)
+
+    @functools.wraps(build)
+    def cached(*args, **kwargs):
+        bound = signature.bind(*args, **kwargs)
+        bound.apply_defaults()
+        key = (build.__name__, tuple(bound.arguments.items()))
+        if key not in _BUILT:
+            model = build(*args, **kwargs)
+            _BUILT[key] = (model, torch.get_rng_state())
+        model, rng_state = _BUILT[key]
+        torch.set_rng_state(rng_state)
+        return copy.deepcopy(model)
+
+    return cached
 
 
 def _bridge(module: torch.nn.Module, architecture: str, hf_config) -> "torch.nn.Module":
@@ -22,6 +53,7 @@ def _bridge(module: torch.nn.Module, architecture: str, hf_config) -> "torch.nn.
     return bridge.eval()
 
 
+@_built_once
 def gpt2(seed: int = 0, n_layers: int = 3, d_model: int = 48, n_heads: int = 3, vocab: int = VOCAB):
     """GPT-2 style: LayerNorm, learned positions, GELU MLP, sequential blocks."""
     from transformers import GPT2Config, GPT2LMHeadModel
@@ -34,6 +66,7 @@ def gpt2(seed: int = 0, n_layers: int = 3, d_model: int = 48, n_heads: int = 3, 
     return _bridge(GPT2LMHeadModel(cfg), "GPT2LMHeadModel", cfg)
 
 
+@_built_once
 def neox(seed: int = 0):
     """GPT-NeoX / Pythia style: partial rotary, parallel attention and MLP, LayerNorm."""
     from transformers import GPTNeoXConfig, GPTNeoXForCausalLM
@@ -47,6 +80,7 @@ def neox(seed: int = 0):
     return _bridge(GPTNeoXForCausalLM(cfg), "GPTNeoXForCausalLM", cfg)
 
 
+@_built_once
 def llama(seed: int = 0):
     """LLaMA / Mistral style: RMSNorm, rotary, grouped-query attention (4 query, 2 K/V heads), gated MLP."""
     from transformers import LlamaConfig, LlamaForCausalLM
@@ -59,6 +93,7 @@ def llama(seed: int = 0):
     return _bridge(LlamaForCausalLM(cfg), "LlamaForCausalLM", cfg)
 
 
+@_built_once
 def native(seed: int = 0):
     """TransformerLens's own ``boot_native`` model (LayerNorm, learned positions)."""
     from transformer_lens.model_bridge.sources import boot_native
