@@ -33,6 +33,9 @@ from torch import Tensor
 __all__ = ["LogitReads", "LogitMetric", "LogitDiff", "LogProb", "NormalizedEffect", "logit_reads"]
 
 MetricValue = Union[Float[Tensor, ""], Float[Tensor, "batch"]]
+# Every patching metric's type: ``logits [batch, pos, d_vocab] -> MetricValue``. The one definition
+# that the patching engine and the attribution package both annotate with.
+MetricFn = Callable[[Tensor], Tensor]
 
 
 def _as_position(position: Any) -> int:

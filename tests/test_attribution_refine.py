@@ -1,4 +1,4 @@
-"""fastpatch.attribution.refine: integrated gradients, AtP*'s QK fix and exact verification."""
+"""fastpatch.attribution refinements: integrated gradients, AtP*'s QK fix and exact verification."""
 
 from __future__ import annotations
 
@@ -9,7 +9,7 @@ from helpers import assert_close
 import zoo
 from fastpatch import patching
 from fastpatch.attribution import nodes
-from fastpatch.attribution import refine
+from fastpatch import attribution as refine  # integrated_gradients, atpstar, verification
 
 
 @pytest.fixture(scope="module")

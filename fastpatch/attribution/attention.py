@@ -15,15 +15,17 @@ Interactions Inside Transformer".
   where ``metric(alpha * A_l)`` is the run with layer ``l``'s pattern (all heads) *set* to
   ``alpha`` times its value (``A_l``, the unscaled pattern of the same run; later layers compute
   on the scaled layer's output as usual) and every other layer's pattern left alone. Each layer
-  is integrated separately, as in the paper, with ``ig_steps`` points: ``alpha = k / ig_steps``,
-  ``k = 1..ig_steps`` (``rule="right"``: Hao et al.'s Riemann sum, ``alpha`` in ``(0, 1]``; one
-  step is the non-integrated score) or the midpoints ``(k - 0.5) / ig_steps``
-  (``rule="midpoint"``, error ``O(1 / ig_steps^2)`` instead of ``O(1 / ig_steps)``).
+  is integrated separately, as in the paper, with ``ig_steps`` points of the shared schedule
+  (:func:`fastpatch.attribution.passes.ig_alphas`, from the zero pattern at ``alpha = 0`` to the
+  run at ``alpha = 1``): ``alpha = k / ig_steps``, ``k = 1..ig_steps`` (``rule="right"``: Hao et
+  al.'s Riemann sum, ``alpha`` in ``(0, 1]``; one step is the non-integrated score) or the
+  midpoints ``(k - 0.5) / ig_steps`` (``rule="midpoint"``, error ``O(1 / ig_steps^2)`` instead of
+  ``O(1 / ig_steps)``).
   Completeness: summed over one layer's cells it converges to
   ``metric(A) - metric(pattern of layer l set to 0)``. Cost: ``n_layers * ig_steps`` forward +
   backward passes.
 
-Metric conventions as in :mod:`fastpatch.attribution.nodes` (``reduce``): ``"scalar"``, a 0-d
+Metric conventions as in :mod:`fastpatch.attribution.passes` (``reduce``): ``"scalar"``, a 0-d
 metric, and the per-prompt scores are summed over the batch -- so with the batch *mean* of a
 per-prompt quantity as the metric the result is the mean over prompts of each prompt's own score
 (prompts do not interact in eval mode); ``"none"``, a ``[batch]`` metric, and a trailing
@@ -40,20 +42,31 @@ from __future__ import annotations
 from typing import Any, Dict
 
 import torch
-from jaxtyping import Float, Int
+from jaxtyping import Float
 from torch import Tensor
 
-from fastpatch.attribution.nodes import MetricFn, _check_input, _finish, _hook_names, gradients
+from fastpatch.attribution.passes import (
+    Tokens,
+    check_inputs,
+    check_schedule,
+    finish,
+    gradients,
+    hook_names,
+    ig_alphas,
+    score_dtype,
+)
 from fastpatch.engine.model_state import preserved_model_state
+from fastpatch.metrics import MetricFn
 
 __all__ = ["ATTENTION_IG_RULES", "get_attention_attribution"]
 
+# "right" as the end-point rule: one step at alpha = 1 is the plain score (passes.RULES)
 ATTENTION_IG_RULES = ("right", "midpoint")
 
 
 def get_attention_attribution(
     model: Any,
-    tokens: Int[Tensor, "batch pos"],
+    tokens: Tokens,
     metric: MetricFn,
     *,
     integrated: bool = False,
@@ -74,29 +87,25 @@ def get_attention_attribution(
     """
     operation = "get_attention_attribution()"
     if integrated:
-        if isinstance(ig_steps, bool) or not isinstance(ig_steps, int) or ig_steps < 1:
-            raise ValueError(f"ig_steps must be a positive integer, got {ig_steps!r}")
-        if rule not in ATTENTION_IG_RULES:
-            raise ValueError(f"rule must be one of {ATTENTION_IG_RULES}, got {rule!r}")
-    _check_input(model, tokens, reduce, operation)
-    names = _hook_names(model, ["pattern"])
+        check_schedule(ig_steps, rule, ATTENTION_IG_RULES)
+    check_inputs(model, operation, reduce, tokens=tokens)
+    names = hook_names(model, ["pattern"])
     patterns: Dict[str, Tensor] = {}
     with preserved_model_state(model):
         grads = gradients(model, tokens, metric, names, reduce, record=patterns)
         if integrated:
             for name in names:
                 pattern = patterns[name]
-                total = torch.zeros_like(pattern, dtype=torch.promote_types(pattern.dtype, torch.float32))
-                for k in range(ig_steps):
-                    alpha = (k + 1) / ig_steps if rule == "right" else (k + 0.5) / ig_steps
-                    if rule == "right" and k == ig_steps - 1:
-                        grad = grads[name]  # alpha = 1: the unscaled run, already taken
+                total = torch.zeros_like(pattern, dtype=score_dtype(pattern))
+                for alpha in ig_alphas(ig_steps, rule):
+                    if alpha == 1.0:
+                        grad = grads[name]  # the unscaled run, already taken
                     else:
                         grad = gradients(model, tokens, metric, [name], reduce, values={name: alpha * pattern})[name]
                     total += grad.to(total.dtype)
                 grads[name] = total / ig_steps
     scores = []
     for name in names:
-        dtype = torch.promote_types(patterns[name].dtype, torch.float32)
+        dtype = score_dtype(patterns[name])
         scores.append(patterns[name].to(dtype) * grads[name].to(dtype))  # [batch, head, dest, src]
-    return _finish(torch.stack(scores, dim=1), reduce)
+    return finish(torch.stack(scores, dim=1), reduce)

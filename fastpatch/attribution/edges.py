@@ -37,6 +37,10 @@ norm linearisation point) are taken on ``ig_steps`` corrupted runs with the toke
 interpolated towards the clean one, and the per-step scores averaged; see
 :func:`get_attr_patch_edges`.
 
+Code: :class:`_EdgeHooks` names the hook points, :func:`_writes` computes the clean-minus-corrupted
+writes once, and :class:`_EdgeContraction` turns one run's reader gradients into the
+``[n_writers, n_readers]`` scores; :func:`get_attr_patch_edges` runs the passes and averages.
+
 Valid edges (the reader comes after the writer): the embedding feeds every reader; a head of
 layer ``l`` feeds the Q/K/V of layers ``> l``, the MLPs of layers ``>= l`` (``> l`` on parallel
 attention+MLP blocks, whose MLP reads the block input) and the logits; the MLP of layer ``l``
@@ -56,22 +60,33 @@ heads) and models in training mode. The model is handed back with its hooks, fla
 
 from __future__ import annotations
 
+import functools
+import operator
 from dataclasses import dataclass
-from typing import Any, Callable, Dict, List, Optional, Tuple
+from typing import Any, Dict, Iterable, Iterator, List, Optional, Tuple
 
 import pandas as pd
 import torch
-from jaxtyping import Int
+from jaxtyping import Float
 from torch import Tensor
 
-from fastpatch.attribution.nodes import _check_inputs, gradients
-from fastpatch.attribution.refine import IG_RULES, _capture
+from fastpatch.attribution.integrated_gradients import IG_RULES
+from fastpatch.attribution.passes import (
+    Tokens,
+    capture,
+    check_inputs,
+    check_schedule,
+    difference,
+    gradients,
+    ig_alphas,
+    score_dtype,
+)
 from fastpatch.engine.model_state import preserved_model_state
+from fastpatch.metrics import MetricFn
 from fastpatch.ops.edge_scores import norm_vjp, qkv_edge_scores
 
 __all__ = ["BACKENDS", "EdgeScores", "get_attr_patch_edges"]
 
-MetricFn = Callable[[Tensor], Tensor]
 QKV = ("q", "k", "v")
 BACKENDS = ("auto", "torch", "triton", "autograd")
 # TransformerLens normalization_type -> the analytic VJP that models it (checked against autograd)
@@ -123,14 +138,24 @@ class EdgeScores:
         )
 
 
-def _check(model: Any, clean_tokens: Any, corrupted_tokens: Any) -> None:
-    _check_inputs(model, clean_tokens, corrupted_tokens, "scalar", "get_attr_patch_edges()")
+def _check(model: Any, clean_tokens: Any, corrupted_tokens: Any, backend: str, ig_steps: Optional[int], rule: str) -> None:
+    """Refuse bad arguments and unsupported models before any pass."""
+    if backend not in BACKENDS:
+        raise ValueError(f"backend must be one of {BACKENDS}, got {backend!r}")
+    check_schedule(ig_steps, rule, IG_RULES, optional=True)
+    check_inputs(model, "get_attr_patch_edges()", "scalar", clean_tokens=clean_tokens, corrupted_tokens=corrupted_tokens)
     cfg = model.cfg
     kv = getattr(cfg, "n_key_value_heads", None)
     if kv is not None and kv != cfg.n_heads:
         raise ValueError(
             f"n_key_value_heads={kv} for n_heads={cfg.n_heads} (GQA/MQA): K/V inputs are shared across "
             "query heads, so a head's K/V reader is not its own; edge attribution is unsupported here"
+        )
+    if backend == "triton" and getattr(cfg, "normalization_type", None) not in _NORM_KINDS:
+        # refused before any pass; conventions are checked on the corrupted run's residual (_ln1_spec)
+        raise ValueError(
+            f"backend='triton' needs LayerNorm/RMSNorm pre-attention norms: normalization_type="
+            f"{getattr(cfg, 'normalization_type', None)!r} is not one of {sorted(_NORM_KINDS)}"
         )
 
 
@@ -248,15 +273,114 @@ def _ln1_spec(model: Any, resid: List[Tensor]) -> Tuple[Optional[Tuple[str, Tens
     return (norm, torch.stack(gammas), float(eps)), ""
 
 
-def get_attr_patch_edges(
+@dataclass(frozen=True)
+class _EdgeHooks:
+    """The hook points of edge attribution, in the order of the writer and reader axes."""
+
+    writers: List[str]  # hook_embed, every layer's hook_z, every layer's hook_mlp_out
+    ln1: List[str]  # each block's ln1 input: the residual the Q/K/V readers normalise
+    qkv: List[str]  # per layer: hook_q, hook_k, hook_v
+    mlp: List[str]  # each block's ln2 input: the MLP reader
+    readers: List[str]  # qkv + mlp + ln_final.hook_in (the logits reader)
+
+    @classmethod
+    def of(cls, n_layers: int) -> "_EdgeHooks":
+        qkv = [f"blocks.{l}.attn.hook_{c}" for l in range(n_layers) for c in QKV]
+        mlp = [f"blocks.{l}.ln2.hook_in" for l in range(n_layers)]
+        return cls(
+            writers=["hook_embed"]
+            + [f"blocks.{l}.attn.hook_z" for l in range(n_layers)]
+            + [f"blocks.{l}.hook_mlp_out" for l in range(n_layers)],
+            ln1=[f"blocks.{l}.ln1.hook_in" for l in range(n_layers)],
+            qkv=qkv,
+            mlp=mlp,
+            readers=qkv + mlp + ["ln_final.hook_in"],
+        )
+
+
+def _writes(model: Any, clean: Dict[str, Tensor], corrupted: Dict[str, Tensor]) -> Float[Tensor, "writer batch pos d_model"]:
+    """Every writer's clean-minus-corrupted write to the residual stream, at least float32: the
+    embedding, each head's ``dz @ W_O[h]``, each MLP's output."""
+    n_layers = int(model.cfg.n_layers)
+    dtype = score_dtype(clean["hook_embed"])
+    W_O = torch.stack([model.blocks[l].attn.W_O.detach() for l in range(n_layers)]).to(dtype)  # [L, H, d_head, d_model]
+    dz = torch.stack([difference(clean[f"blocks.{l}.attn.hook_z"], corrupted[f"blocks.{l}.attn.hook_z"]) for l in range(n_layers)])
+    heads = torch.einsum("lbphe,lhed->lhbpd", dz, W_O)  # dz: [L, b, p, H, d_head]
+    mlps = torch.stack([difference(clean[f"blocks.{l}.hook_mlp_out"], corrupted[f"blocks.{l}.hook_mlp_out"]) for l in range(n_layers)])
+    embed = difference(clean["hook_embed"], corrupted["hook_embed"])
+    return torch.cat([embed[None], torch.cat([heads, mlps[:, None]], dim=1).flatten(0, 1)])
+
+
+def _embedding_ig_runs(
     model: Any,
-    clean_tokens: Int[Tensor, "batch pos"],
-    corrupted_tokens: Int[Tensor, "batch pos"],
-    patching_metric: MetricFn,
-    *,
-    backend: str = "auto",
-    ig_steps: Optional[int] = None,
-    rule: str = "midpoint",
+    corrupted_tokens: Tensor,
+    metric: MetricFn,
+    hooks: _EdgeHooks,
+    clean: Dict[str, Tensor],
+    corrupted: Dict[str, Tensor],
+    ig_steps: int,
+    rule: str,
+) -> Iterator[Tuple[Dict[str, Tensor], Dict[str, Tensor]]]:
+    """``(reader gradients, ln1 inputs)`` of each EAP-IG step: the corrupted run with its token
+    embedding set to ``corrupted + alpha * (clean - corrupted)``. One run at a time, so only one
+    step's gradients are held."""
+    e_corr = corrupted["hook_embed"].to(score_dtype(clean["hook_embed"]))
+    e_delta = difference(clean["hook_embed"], corrupted["hook_embed"])
+    for alpha in ig_alphas(ig_steps, rule):
+        record: Dict[str, Tensor] = {}
+        grad = gradients(model, corrupted_tokens, metric, hooks.readers + hooks.ln1 + ["hook_embed"], "scalar",
+                         values={"hook_embed": e_corr + alpha * e_delta}, record=record)
+        yield grad, record
+
+
+class _EdgeContraction:
+    """One run's reader gradients -> ``[n_writers, n_readers]`` scores (before the validity mask),
+    against fixed clean-minus-corrupted ``writes``.
+
+    The Q/K/V readers' norm is settled once, at construction, on the corrupted run's ln1 inputs
+    ``resid``: the analytic LayerNorm/RMSNorm VJP for :func:`qkv_edge_scores` where it matches
+    autograd through the model's ``ln1`` (:func:`_ln1_spec`), else the VJP of ``ln1`` itself.
+    """
+
+    def __init__(self, model: Any, hooks: _EdgeHooks, backend: str, writes: Tensor, resid: List[Tensor]):
+        self.model, self.hooks, self.backend, self.writes = model, hooks, backend, writes
+        self.dtype = writes.dtype
+        self.n_layers, self.n_heads = int(model.cfg.n_layers), int(model.cfg.n_heads)
+        self.norm: Optional[Tuple[str, Tensor, float]] = None  # None: autograd through ln1
+        if backend != "autograd":
+            self.norm, reason = _ln1_spec(model, resid)
+            if self.norm is None and backend == "triton":
+                raise ValueError(f"backend='triton' needs LayerNorm/RMSNorm pre-attention norms: {reason}")
+
+    def scores(self, grad: Dict[str, Tensor], record: Dict[str, Tensor]) -> Float[Tensor, "writer reader"]:
+        """Scores from one run's reader gradients ``grad`` and its ln1 inputs in ``record``."""
+        s_qkv = self._qkv([record[n] for n in self.hooks.ln1], grad)  # [W, L, 3, H]
+        g_mlp = torch.stack([grad[n] for n in self.hooks.mlp]).to(self.dtype)
+        s_mlp = torch.einsum("wbpd,lbpd->wl", self.writes, g_mlp)  # [W, L]
+        s_logits = torch.einsum("wbpd,bpd->w", self.writes, grad["ln_final.hook_in"].to(self.dtype))  # [W]
+        return torch.cat([torch.cat([s_qkv.flatten(2), s_mlp[:, :, None]], dim=2).flatten(1), s_logits[:, None]], dim=1)
+
+    def _qkv(self, resid: List[Tensor], grad: Dict[str, Tensor]) -> Float[Tensor, "writer layer 3 head"]:
+        model, dtype, n_layers, n_heads = self.model, self.dtype, self.n_layers, self.n_heads
+        per_layer = [[grad[f"blocks.{l}.attn.hook_{c}"] for c in QKV] for l in range(n_layers)]
+        if self.norm is None:  # the VJP of the model's own ln1, via autograd
+            g_qkv = torch.stack([_qkv_input_grads(model, l, resid[l], per_layer[l]) for l in range(n_layers)]).to(dtype)
+            return torch.einsum("wbpd,lchbpd->wlch", self.writes, g_qkv)  # g_qkv: [L, 3, H, b, p, d_model]
+        norm, gamma, eps = self.norm
+        n_w, b, p, d = self.writes.shape
+        g = torch.stack([torch.stack(gs) for gs in per_layer])  # [L, 3, b, p, H, d_head]
+        g = g.to(dtype).permute(0, 1, 4, 2, 3, 5).reshape(n_layers, 3 * n_heads, b * p, -1)  # [L, 3H, rows, d_head]
+        attn = [model.blocks[l].attn for l in range(n_layers)]
+        W = torch.stack([torch.stack([a.W_Q, a.W_K, a.W_V]) for a in attn]).detach().to(dtype)  # [L, 3, H, d, d_head]
+        x = torch.stack([r.to(dtype).reshape(b * p, d) for r in resid])  # [L, rows, d_model]
+        s = qkv_edge_scores(self.writes.reshape(n_w, b * p, d), g, W.flatten(1, 2), x, gamma.to(device=x.device, dtype=dtype),
+                            norm=norm, eps=eps, backend=self.backend)  # [W, L, 3H]
+        return s.to(dtype).view(n_w, n_layers, 3, n_heads)
+
+
+def get_attr_patch_edges(
+    model: Any, clean_tokens: Tokens, corrupted_tokens: Tokens, patching_metric: MetricFn,
+    *, backend: str = "auto", ig_steps: Optional[int] = None, rule: str = "midpoint",
 ) -> EdgeScores:
     """First-order edge attribution of every writer -> reader edge (see the module docstring).
 
@@ -268,7 +392,7 @@ def get_attr_patch_edges(
     CUDA, the chunked PyTorch path elsewhere), ``"torch"``, ``"triton"``, or ``"autograd"`` (the
     VJP of each block's own ``ln1`` module, materialising ``[n_layers, 3, n_heads, batch, pos,
     d_model]``). The first three use the analytic LayerNorm/RMSNorm VJP, checked against autograd
-    through the model's ``ln1`` on this run before use; where it does not apply (another norm or
+    through the model's ``ln1`` at this corrupted run's ``ln1`` inputs before use; where it does not apply (another norm or
     convention) ``"triton"`` raises ``ValueError`` and ``"auto"``/``"torch"`` use ``"autograd"``.
 
     ``ig_steps`` (EAP-IG; Hanna et al. 2024, "Have Faith in Faithfulness"): the reader gradients
@@ -284,102 +408,27 @@ def get_attr_patch_edges(
     (error ``O(1 / ig_steps^2)``). Cost: a clean and a corrupted forward, plus ``ig_steps``
     forward+backward passes.
     """
-    if backend not in BACKENDS:
-        raise ValueError(f"backend must be one of {BACKENDS}, got {backend!r}")
-    if ig_steps is not None and (isinstance(ig_steps, bool) or not isinstance(ig_steps, int) or ig_steps < 1):
-        raise ValueError(f"ig_steps must be None or a positive integer, got {ig_steps!r}")
-    if rule not in IG_RULES:
-        raise ValueError(f"rule must be one of {IG_RULES}, got {rule!r}")
-    _check(model, clean_tokens, corrupted_tokens)
+    _check(model, clean_tokens, corrupted_tokens, backend, ig_steps, rule)
     cfg = model.cfg
-    if backend == "triton" and getattr(cfg, "normalization_type", None) not in _NORM_KINDS:
-        # refused before any pass; conventions are checked on the first run's residual (_ln1_spec)
-        raise ValueError(
-            f"backend='triton' needs LayerNorm/RMSNorm pre-attention norms: normalization_type="
-            f"{getattr(cfg, 'normalization_type', None)!r} is not one of {sorted(_NORM_KINDS)}"
-        )
     n_layers, n_heads = int(cfg.n_layers), int(cfg.n_heads)
-    parallel = bool(getattr(cfg, "parallel_attn_mlp", False))
-
-    writer_hooks = ["hook_embed"] + [f"blocks.{l}.attn.hook_z" for l in range(n_layers)]
-    writer_hooks += [f"blocks.{l}.hook_mlp_out" for l in range(n_layers)]
-    ln1_hooks = [f"blocks.{l}.ln1.hook_in" for l in range(n_layers)]
-    qkv_hooks = [f"blocks.{l}.attn.hook_{c}" for l in range(n_layers) for c in QKV]
-    mlp_hooks = [f"blocks.{l}.ln2.hook_in" for l in range(n_layers)]
-    reader_hooks = qkv_hooks + mlp_hooks + ["ln_final.hook_in"]
-    state: Dict[str, Any] = {}
-    dtype = torch.float32  # set from the embedding once captured (float64 models stay float64)
-
-    def writes(clean: Dict[str, Tensor], corrupted: Dict[str, Tensor]) -> Tensor:
-        """``[n_writers, batch, pos, d_model]``: clean minus corrupted, at least float32."""
-
-        def diff(name: str) -> Tensor:
-            return clean[name].to(dtype) - corrupted[name].to(dtype)
-
-        W_O = torch.stack([model.blocks[l].attn.W_O.detach() for l in range(n_layers)]).to(dtype)  # [L, H, d_head, d_model]
-        dz = torch.stack([diff(f"blocks.{l}.attn.hook_z") for l in range(n_layers)])  # [L, b, p, H, d_head]
-        heads = torch.einsum("lbphe,lhed->lhbpd", dz, W_O)
-        mlps = torch.stack([diff(f"blocks.{l}.hook_mlp_out") for l in range(n_layers)])  # [L, b, p, d]
-        return torch.cat([diff("hook_embed")[None], torch.cat([heads, mlps[:, None]], dim=1).flatten(0, 1)])
-
-    def qkv_scores(writers: Tensor, grad: Dict[str, Tensor], resid: List[Tensor]) -> Tensor:
-        """``[n_writers, L, 3, H]`` for one run's reader gradients and ln1 inputs ``resid``."""
-        if backend != "autograd" and "spec" not in state:
-            state["spec"] = _ln1_spec(model, resid)  # checked once, on the first run's residual
-            if state["spec"][0] is None and backend == "triton":
-                raise ValueError(f"backend='triton' needs LayerNorm/RMSNorm pre-attention norms: {state['spec'][1]}")
-        spec = state.get("spec", (None, ""))[0]
-        if spec is None:  # the VJP of the model's own ln1, via autograd
-            g_qkv = torch.stack([_qkv_input_grads(model, l, resid[l], [grad[f"blocks.{l}.attn.hook_{c}"] for c in QKV])
-                                 for l in range(n_layers)]).to(dtype)  # [L, 3, H, b, p, d_model]
-            return torch.einsum("wbpd,lchbpd->wlch", writers, g_qkv)
-        norm, gamma, eps = spec
-        n_w, b, p, d = writers.shape
-        g = torch.stack([torch.stack([grad[f"blocks.{l}.attn.hook_{c}"] for c in QKV]) for l in range(n_layers)])
-        g = g.to(dtype).permute(0, 1, 4, 2, 3, 5).reshape(n_layers, 3 * n_heads, b * p, -1)  # [L, 3H, rows, d_head]
-        attn = [model.blocks[l].attn for l in range(n_layers)]
-        W = torch.stack([torch.stack([a.W_Q, a.W_K, a.W_V]) for a in attn]).detach().to(dtype)  # [L, 3, H, d, d_head]
-        x = torch.stack([r.to(dtype).reshape(b * p, d) for r in resid])  # [L, rows, d_model]
-        s = qkv_edge_scores(writers.reshape(n_w, b * p, d), g, W.flatten(1, 2), x, gamma.to(device=x.device, dtype=dtype),
-                            norm=norm, eps=eps, backend=backend)  # [W, L, 3H]
-        return s.to(dtype).view(n_w, n_layers, 3, n_heads)
-
-    def scores_of(writers: Tensor, grad: Dict[str, Tensor], record: Dict[str, Tensor]) -> Tensor:
-        """``[n_writers, n_readers]`` (before masking) from one run's gradients and ln1 inputs."""
-        s_qkv = qkv_scores(writers, grad, [record[n] for n in ln1_hooks])  # [W, L, 3, H]
-        g_mlp = torch.stack([grad[n] for n in mlp_hooks]).to(dtype)
-        s_mlp = torch.einsum("wbpd,lbpd->wl", writers, g_mlp)  # [W, L]
-        s_logits = torch.einsum("wbpd,bpd->w", writers, grad["ln_final.hook_in"].to(dtype))  # [W]
-        return torch.cat([torch.cat([s_qkv.flatten(2), s_mlp[:, :, None]], dim=2).flatten(1), s_logits[:, None]], dim=1)
-
+    hooks = _EdgeHooks.of(n_layers)
     with preserved_model_state(model):
         if ig_steps is None:
             # One probed corrupted forward and backward (the writers' and ln1 inputs are only
             # recorded; their zero probes change nothing), then the clean forward last, as in nodes.py.
             corrupted: Dict[str, Tensor] = {}
-            grad = gradients(model, corrupted_tokens, patching_metric, reader_hooks + writer_hooks + ln1_hooks, "scalar",
+            grad = gradients(model, corrupted_tokens, patching_metric, hooks.readers + hooks.writers + hooks.ln1, "scalar",
                              record=corrupted)
-            clean = _capture(model, clean_tokens, writer_hooks)
-            dtype = torch.promote_types(clean["hook_embed"].dtype, torch.float32)
-            scores = scores_of(writes(clean, corrupted), grad, corrupted)
+            clean = capture(model, clean_tokens, hooks.writers)
+            runs: Iterable[Tuple[Dict[str, Tensor], Dict[str, Tensor]]] = [(grad, corrupted)]
         else:
-            corrupted = _capture(model, corrupted_tokens, writer_hooks)
-            clean = _capture(model, clean_tokens, writer_hooks)
-            dtype = torch.promote_types(clean["hook_embed"].dtype, torch.float32)
-            writers = writes(clean, corrupted)
-            e_corr = corrupted["hook_embed"].to(dtype)
-            e_delta = clean["hook_embed"].to(dtype) - e_corr
-            scores = None
-            for k in range(ig_steps):
-                alpha = (k + 0.5) / ig_steps if rule == "midpoint" else k / ig_steps
-                record: Dict[str, Tensor] = {}
-                grad = gradients(model, corrupted_tokens, patching_metric, reader_hooks + ln1_hooks + ["hook_embed"], "scalar",
-                                 values={"hook_embed": e_corr + alpha * e_delta}, record=record)
-                step = scores_of(writers, grad, record)  # linear in this step's reader gradients
-                scores = step if scores is None else scores + step
-            scores = scores / ig_steps
-
-    valid = _valid_mask(n_layers, n_heads, parallel, scores.device)
+            corrupted = capture(model, corrupted_tokens, hooks.writers + hooks.ln1)
+            clean = capture(model, clean_tokens, hooks.writers)
+            runs = _embedding_ig_runs(model, corrupted_tokens, patching_metric, hooks, clean, corrupted, ig_steps, rule)
+        contraction = _EdgeContraction(model, hooks, backend, _writes(model, clean, corrupted), [corrupted[n] for n in hooks.ln1])
+        # a score is linear in its run's reader gradients, so the runs' scores are averaged
+        scores = functools.reduce(operator.add, (contraction.scores(grad, record) for grad, record in runs)) / (ig_steps or 1)
+    valid = _valid_mask(n_layers, n_heads, bool(getattr(cfg, "parallel_attn_mlp", False)), scores.device)
     scores = torch.where(valid, scores, torch.zeros_like(scores))
     writer_names, reader_names = _names(n_layers, n_heads)
     return EdgeScores(scores=scores, valid=valid, writer_names=writer_names, reader_names=reader_names)
