@@ -1,4 +1,4 @@
-"""Fused delta projection for direct path patching (DESIGN.md section 3, kernel 1).
+"""Fused delta projection for direct path patching (docs/architecture.md, section 5).
 
 For a batch of source residual writes ``delta[s]`` (clean minus corrupted) compute their effect
 on the Q/K/V input of every destination head of every destination layer ``l`` in one launch::
@@ -58,9 +58,8 @@ import triton.language as tl
 from jaxtyping import Float
 from torch import Tensor
 
+from csrc_triton.launch import MAX_GRID_YZ, Launch, check_power_of_two, pick_block, target_arch
 from csrc_triton.row_moments import merge_row_moments
-
-_MAX_GRID_YZ = 65535
 
 
 @triton.jit
@@ -182,8 +181,74 @@ def _delta_projection_kernel(
     tl.store(o_ptrs, acc.to(out_ptr.dtype.element_ty), mask=mask_m[:, None] & mask_n[None, :])
 
 
-def _pick_block(n: int, lo: int, hi: int) -> int:
-    return max(lo, min(hi, triton.next_power_of_2(max(int(n), 1))))
+def plan_delta_projection(
+    delta: Float[Tensor, "src batch pos d_model"],
+    resid: Float[Tensor, "layer batch pos d_model"],
+    norm_w: Float[Tensor, "layer d_model"],
+    norm_b: Optional[Float[Tensor, "layer d_model"]],
+    W: Float[Tensor, "layer d_model n_out"],
+    out: Float[Tensor, "src layer batch pos n_out"],
+    *,
+    mode: str,
+    norm: str,
+    eps: float,
+    block_m: Optional[int] = None,
+    block_n: Optional[int] = None,
+    block_k: Optional[int] = None,
+    allow_tf32: bool = False,
+    num_warps: Optional[int] = None,
+    num_stages: Optional[int] = None,
+    arch: Optional[int] = None,
+) -> Launch:
+    """The launch ``delta_projection_triton`` makes for these tensors (see ``csrc_triton.launch``).
+
+    Works on ``meta`` tensors: ``bench/kernel_resources.py`` plans with them, passing ``arch``.
+    """
+    S, B, P, D = delta.shape
+    L, N = W.shape[0], W.shape[2]
+    M = B * P
+    d3 = delta.reshape(S, M, D)
+    r3 = resid.reshape(L, M, D)
+    o4 = out.view(S, L, M, N)
+    has_bias = mode == "exact" and norm == "LN" and norm_b is not None
+    b = norm_b if has_bias else norm_w  # any valid pointer; never read without HAS_BIAS
+    config = _default_config(M, D, N, W.dtype, target_arch(delta, arch))
+    BLOCK_M = block_m or config["BLOCK_M"]
+    BLOCK_N = block_n or config["BLOCK_N"]
+    BLOCK_K = block_k or config["BLOCK_K"]
+    check_power_of_two(block_m=BLOCK_M, block_n=BLOCK_N, block_k=BLOCK_K)
+    use_dot = min(BLOCK_M, BLOCK_N, BLOCK_K) >= 16
+    half = W.dtype in (torch.float16, torch.bfloat16)
+    grid = (S * L, triton.cdiv(M, BLOCK_M), triton.cdiv(N, BLOCK_N))
+    if grid[1] > MAX_GRID_YZ or grid[2] > MAX_GRID_YZ:
+        raise ValueError(f"grid {grid} exceeds the launch limit; use larger block_m / block_n")
+    args = (
+        d3, r3, norm_w, b, W, o4,
+        S, M, D, N, float(eps),
+        d3.stride(0), d3.stride(1), d3.stride(2),
+        r3.stride(0), r3.stride(1), r3.stride(2),
+        norm_w.stride(0), norm_w.stride(1),
+        b.stride(0), b.stride(1),
+        W.stride(0), W.stride(1), W.stride(2),
+        o4.stride(0), o4.stride(1), o4.stride(2), o4.stride(3),
+    )
+    constexprs = dict(
+        EXACT=mode == "exact",
+        IS_RMS=norm == "RMS",
+        HAS_BIAS=has_bias,
+        USE_DOT=use_dot,
+        INPUT_PRECISION="tf32" if (allow_tf32 or half) else "ieee",
+        BLOCK_M=BLOCK_M,
+        BLOCK_N=BLOCK_N,
+        BLOCK_K=BLOCK_K,
+    )
+    return Launch(
+        _delta_projection_kernel, grid, args, constexprs,
+        num_warps=num_warps or config["num_warps"],
+        num_stages=num_stages or config["num_stages"],
+        arch=target_arch(delta, arch),
+        notes=dict(S=S, L=L, M=M, D=D, N=N, mode=mode, norm=norm),
+    )
 
 
 def delta_projection_triton(
@@ -213,7 +278,6 @@ def delta_projection_triton(
     """
     S, B, P, D = delta.shape
     L, N = W.shape[0], W.shape[2]
-    M = B * P
     if out is None:
         out = torch.empty((S, L, B, P, N), device=delta.device, dtype=delta.dtype)
     elif out.shape != (S, L, B, P, N) or out.dtype != delta.dtype or out.device != delta.device:
@@ -227,48 +291,40 @@ def delta_projection_triton(
         return out
     if D == 0:
         return out.zero_()
-
-    d3 = delta.reshape(S, M, D)
-    r3 = resid.reshape(L, M, D)
-    o4 = out.view(S, L, M, N)
-    has_bias = mode == "exact" and norm == "LN" and norm_b is not None
-    b = norm_b if has_bias else norm_w  # any valid pointer; never read without HAS_BIAS
-
-    half = W.dtype in (torch.float16, torch.bfloat16)
-    BLOCK_M = block_m or (64 if M > 32 else _pick_block(M, 16, 64))
-    BLOCK_N = block_n or _pick_block(N, 16, 128 if half else 64)
-    BLOCK_K = block_k or _pick_block(D, 16, 64 if half else 32)
-    for name, value in (("block_m", BLOCK_M), ("block_n", BLOCK_N), ("block_k", BLOCK_K)):
-        if value < 1 or value & (value - 1):
-            raise ValueError(f"{name} must be a power of two, got {value}")
-    use_dot = min(BLOCK_M, BLOCK_N, BLOCK_K) >= 16
-    precision = "tf32" if (allow_tf32 or half) else "ieee"
-
-    grid = (S * L, triton.cdiv(M, BLOCK_M), triton.cdiv(N, BLOCK_N))
-    if grid[1] > _MAX_GRID_YZ or grid[2] > _MAX_GRID_YZ:
-        raise ValueError(f"grid {grid} exceeds the launch limit; use larger block_m / block_n")
-    kwargs = {}
-    if num_warps is not None:
-        kwargs["num_warps"] = num_warps
-    if num_stages is not None:
-        kwargs["num_stages"] = num_stages
-    _delta_projection_kernel[grid](
-        d3, r3, norm_w, b, W, o4,
-        S, M, D, N, float(eps),
-        d3.stride(0), d3.stride(1), d3.stride(2),
-        r3.stride(0), r3.stride(1), r3.stride(2),
-        norm_w.stride(0), norm_w.stride(1),
-        b.stride(0), b.stride(1),
-        W.stride(0), W.stride(1), W.stride(2),
-        o4.stride(0), o4.stride(1), o4.stride(2), o4.stride(3),
-        EXACT=mode == "exact",
-        IS_RMS=norm == "RMS",
-        HAS_BIAS=has_bias,
-        USE_DOT=use_dot,
-        INPUT_PRECISION=precision,
-        BLOCK_M=BLOCK_M,
-        BLOCK_N=BLOCK_N,
-        BLOCK_K=BLOCK_K,
-        **kwargs,
-    )
+    plan_delta_projection(
+        delta, resid, norm_w, norm_b, W, out, mode=mode, norm=norm, eps=eps,
+        block_m=block_m, block_n=block_n, block_k=block_k, allow_tf32=allow_tf32,
+        num_warps=num_warps, num_stages=num_stages,
+    )()
     return out
+
+
+def _default_config(M: int, D: int, N: int, dtype: torch.dtype, arch: int) -> dict:
+    """Blocks, warps and stages per problem size, dtype and architecture (see docs/design-notes.md)."""
+    half = dtype in (torch.float16, torch.bfloat16)
+    return dict(
+        BLOCK_M=64 if M > 32 else pick_block(M, 16, 64),
+        BLOCK_N=pick_block(N, 16, 128 if half else 64),
+        BLOCK_K=pick_block(D, 16, 64 if half else 32),
+        num_warps=4,
+        num_stages=3,
+    )
+
+
+def delta_projection_cost(launch: Launch) -> dict:
+    """FLOPs and DRAM bytes of one launch (the static roofline of ``bench/kernel_resources.py``).
+
+    With ``e`` the element size and ``T_n = cdiv(N, BLOCK_N)`` the programs along ``n``::
+
+        flops = 2 * S * L * M * D * N              (the dot)
+              + 8 * S * L * M * D * T_n            (statistics and normalisation, redone per n tile)
+        bytes = e * ((S + L) * M * D + L * (D * N + 2 * D))   (delta, resid, W, w, b read once:
+                                                                 repeats are L2 hits)
+              + e * S * L * M * N                  (the output, written once)
+    """
+    n = launch.notes
+    S, L, M, D, N = n["S"], n["L"], n["M"], n["D"], n["N"]
+    e = launch.args[0].element_size()
+    tiles_n = -(-N // launch.constexprs["BLOCK_N"])
+    flops = 2 * S * L * M * D * N + 8 * S * L * M * D * tiles_n
+    return {"flops": float(flops), "bytes": float(e * ((S + L) * M * D + L * (D * N + 2 * D) + S * L * M * N))}

@@ -1,4 +1,4 @@
-"""Fused Q/K/V edge-score contraction for edge attribution (DESIGN.md section 3, kernel 2).
+"""Fused Q/K/V edge-score contraction for edge attribution (docs/architecture.md, section 5).
 
 For writers ``delta[s]`` (residual writes, clean minus corrupted, ``[M, D]`` with ``M = batch *
 pos``) and readers ``r`` of layer ``l`` (one head's Q, K or V projection ``W[l, r]`` ``[D, E]``
@@ -59,9 +59,8 @@ import triton.language as tl
 from jaxtyping import Float
 from torch import Tensor
 
+from csrc_triton.launch import MAX_GRID_YZ, Launch, check_power_of_two, pick_block, target_arch
 from csrc_triton.row_moments import merge_row_moments
-
-_MAX_GRID_YZ = 65535
 
 
 @triton.jit
@@ -220,8 +219,74 @@ def _qkv_edge_scores_kernel(
     tl.store(o_ptrs, acc, mask=mask_s[:, None] & mask_r[None, :])
 
 
-def _pick_block(n: int, lo: int, hi: int) -> int:
-    return max(lo, min(hi, triton.next_power_of_2(max(int(n), 1))))
+def plan_qkv_edge_scores(
+    writers: Float[Tensor, "writer row d_model"],
+    grads: Float[Tensor, "layer reader row d_head"],
+    W: Float[Tensor, "layer reader d_model d_head"],
+    x: Float[Tensor, "layer row d_model"],
+    norm_w: Float[Tensor, "layer d_model"],
+    out: Float[Tensor, "writer layer reader"],
+    *,
+    norm: str,
+    eps: float,
+    block_s: Optional[int] = None,
+    block_r: Optional[int] = None,
+    block_m: Optional[int] = None,
+    block_d: Optional[int] = None,
+    block_e: Optional[int] = None,
+    allow_tf32: bool = False,
+    num_warps: Optional[int] = None,
+    num_stages: Optional[int] = None,
+    arch: Optional[int] = None,
+) -> Launch:
+    """The launch ``qkv_edge_scores_triton`` makes for these tensors (see ``csrc_triton.launch``).
+
+    Works on ``meta`` tensors: ``bench/kernel_resources.py`` plans with them, passing ``arch``.
+    """
+    S, M, D = writers.shape
+    L, R, _, E = grads.shape
+    config = _default_config(D, E, writers.dtype, grads.dtype, target_arch(writers, arch))
+    BLOCK_S = block_s or config["BLOCK_S"]
+    BLOCK_R = block_r or config["BLOCK_R"]
+    BLOCK_M = block_m or config["BLOCK_M"]
+    BLOCK_D = block_d or config["BLOCK_D"]
+    BLOCK_E = block_e or config["BLOCK_E"]
+    check_power_of_two(block_s=BLOCK_S, block_r=BLOCK_R, block_m=BLOCK_M, block_d=BLOCK_D, block_e=BLOCK_E)
+    use_dot = min(BLOCK_S, BLOCK_R, BLOCK_M, BLOCK_D, BLOCK_E) >= 16
+    n_rblocks = triton.cdiv(R, BLOCK_R)
+    grid = (L * n_rblocks, triton.cdiv(S, BLOCK_S))
+    if grid[1] > MAX_GRID_YZ:
+        raise ValueError(f"grid {grid} exceeds the launch limit; use a larger block_s")
+    half_d = writers.dtype in (torch.float16, torch.bfloat16)
+    half_g = grads.dtype in (torch.float16, torch.bfloat16)
+    args = (
+        writers, grads, W, x, norm_w, out,
+        S, M, D, E, R, n_rblocks, float(eps),
+        writers.stride(0), writers.stride(1), writers.stride(2),
+        grads.stride(0), grads.stride(1), grads.stride(2), grads.stride(3),
+        W.stride(0), W.stride(1), W.stride(2), W.stride(3),
+        x.stride(0), x.stride(1), x.stride(2),
+        norm_w.stride(0), norm_w.stride(1),
+        out.stride(0), out.stride(1), out.stride(2),
+    )
+    constexprs = dict(
+        IS_RMS=norm == "RMS",
+        USE_DOT=use_dot,
+        PRECISION_U="tf32" if (allow_tf32 or half_g) else "ieee",
+        PRECISION_MAIN="tf32" if (allow_tf32 or half_d) else "ieee",
+        BLOCK_S=BLOCK_S,
+        BLOCK_R=BLOCK_R,
+        BLOCK_M=BLOCK_M,
+        BLOCK_D=BLOCK_D,
+        BLOCK_E=BLOCK_E,
+    )
+    return Launch(
+        _qkv_edge_scores_kernel, grid, args, constexprs,
+        num_warps=num_warps or (config["num_warps"] if use_dot else 4),
+        num_stages=num_stages or config["num_stages"],
+        arch=target_arch(writers, arch),
+        notes=dict(S=S, L=L, R=R, M=M, D=D, E=E, norm=norm),
+    )
 
 
 def qkv_edge_scores_triton(
@@ -265,46 +330,49 @@ def qkv_edge_scores_triton(
         return out
     if M == 0 or D == 0 or E == 0:
         return out.zero_()
-
-    half_d = writers.dtype in (torch.float16, torch.bfloat16)
-    half_g = grads.dtype in (torch.float16, torch.bfloat16)
-    # Defaults keep the two 3-D register tiles (U~ [R, M, D] and the writers' [S, M, D]) at 8K
-    # elements each for 8 warps; not tuned on hardware yet.
-    BLOCK_S = block_s or 16
-    BLOCK_R = block_r or 16
-    BLOCK_M = block_m or 16
-    BLOCK_D = block_d or _pick_block(D, 16, 32)
-    BLOCK_E = block_e or _pick_block(E, 16, 64)
-    for name, value in (("block_s", BLOCK_S), ("block_r", BLOCK_R), ("block_m", BLOCK_M),
-                        ("block_d", BLOCK_D), ("block_e", BLOCK_E)):
-        if value < 1 or value & (value - 1):
-            raise ValueError(f"{name} must be a power of two, got {value}")
-    use_dot = min(BLOCK_S, BLOCK_R, BLOCK_M, BLOCK_D, BLOCK_E) >= 16
-    n_rblocks = triton.cdiv(R, BLOCK_R)
-    grid = (L * n_rblocks, triton.cdiv(S, BLOCK_S))
-    if grid[1] > _MAX_GRID_YZ:
-        raise ValueError(f"grid {grid} exceeds the launch limit; use a larger block_s")
-    kwargs = {"num_warps": num_warps or (8 if use_dot else 4)}
-    if num_stages is not None:
-        kwargs["num_stages"] = num_stages
-    _qkv_edge_scores_kernel[grid](
-        writers, grads, W, x, norm_w, out,
-        S, M, D, E, R, n_rblocks, float(eps),
-        writers.stride(0), writers.stride(1), writers.stride(2),
-        grads.stride(0), grads.stride(1), grads.stride(2), grads.stride(3),
-        W.stride(0), W.stride(1), W.stride(2), W.stride(3),
-        x.stride(0), x.stride(1), x.stride(2),
-        norm_w.stride(0), norm_w.stride(1),
-        out.stride(0), out.stride(1), out.stride(2),
-        IS_RMS=norm == "RMS",
-        USE_DOT=use_dot,
-        PRECISION_U="tf32" if (allow_tf32 or half_g) else "ieee",
-        PRECISION_MAIN="tf32" if (allow_tf32 or half_d) else "ieee",
-        BLOCK_S=BLOCK_S,
-        BLOCK_R=BLOCK_R,
-        BLOCK_M=BLOCK_M,
-        BLOCK_D=BLOCK_D,
-        BLOCK_E=BLOCK_E,
-        **kwargs,
-    )
+    plan_qkv_edge_scores(
+        writers, grads, W, x, norm_w, out, norm=norm, eps=eps,
+        block_s=block_s, block_r=block_r, block_m=block_m, block_d=block_d, block_e=block_e,
+        allow_tf32=allow_tf32, num_warps=num_warps, num_stages=num_stages,
+    )()
     return out
+
+
+def _default_config(D: int, E: int, writer_dtype: torch.dtype, grad_dtype: torch.dtype, arch: int) -> dict:
+    """Blocks, warps and stages per dtype and architecture (measured: docs/design-notes.md).
+
+    The two 3-D register tiles (``U~`` ``[BLOCK_R, BLOCK_M, BLOCK_D]`` and the writers'
+    ``[BLOCK_S, BLOCK_M, BLOCK_D]``) and their transposition into the main dot's operands decide
+    registers and shared memory. Compiled for sm_80 and sm_90 (``bench/kernel_resources.py``),
+    16 on every block axis with 8 warps and no software pipelining is the largest tiling that
+    spills nothing in fp32, bf16 and fp16; 4 warps, a ``d_model`` tile of 32, or 2 pipeline
+    stages each spill, and the old default (``BLOCK_D`` 32, ``BLOCK_E`` 64, 3 stages) asked for
+    384 KB of shared memory in fp32. On sm_100 ptxas caps that fp32 variant at 128 registers and
+    spills; a ``d_head`` tile of 32 compiles there in 180 registers without a spill.
+    ``BLOCK_S = 16`` rebuilds ``U~`` ``cdiv(S, 16)`` times (see :func:`qkv_edge_scores_cost`).
+    """
+    block_e = 32 if (arch >= 100 and writer_dtype == torch.float32) else 16
+    return dict(BLOCK_S=16, BLOCK_R=16, BLOCK_M=16, BLOCK_D=16, BLOCK_E=block_e, num_warps=8, num_stages=1)
+
+
+def qkv_edge_scores_cost(launch: Launch) -> dict:
+    """FLOPs and DRAM bytes of one launch (the static roofline of ``bench/kernel_resources.py``).
+
+    With ``T_s = cdiv(S, BLOCK_S)`` writer blocks and element sizes ``e_*``::
+
+        flops = 2 * S * L * R * M * D              (the main contraction)
+              + 2 * T_s * L * R * M * D * E        (U~ rebuilt once per writer block)
+              + 6 * T_s * L * R * M * D            (scaling U~ and its two row sums)
+        bytes = e_d * S * M * D                    (writers: programs in flight share a writer tile)
+              + T_s * (e_g * L * R * M * E + e_W * L * R * D * E + e_x * L * M * D)
+              + 4 * S * L * R                      (the scores, fp32)
+    """
+    n = launch.notes
+    S, L, R, M, D, E = n["S"], n["L"], n["R"], n["M"], n["D"], n["E"]
+    writers, grads, W, x = launch.args[:4]
+    tiles_s = -(-S // launch.constexprs["BLOCK_S"])
+    flops = 2 * S * L * R * M * D + 2 * tiles_s * L * R * M * D * E + 6 * tiles_s * L * R * M * D
+    moved = (writers.element_size() * S * M * D
+             + tiles_s * (grads.element_size() * L * R * M * E + W.element_size() * L * R * D * E + x.element_size() * L * M * D)
+             + 4 * S * L * R)
+    return {"flops": float(flops), "bytes": float(moved)}

@@ -274,13 +274,13 @@ def test_auto_backend_on_cpu_is_the_reference():
     kw = dict(mode="exact", norm="RMS", eps=EPS)
     expected = delta_projection_reference(*inputs, **kw)
     assert torch.equal(delta_projection(*inputs, **kw), expected)  # CPU tensors: reference
-    assert torch.equal(delta_projection(*inputs, **kw, backend="reference"), expected)
+    assert torch.equal(delta_projection(*inputs, **kw, backend="torch"), expected)
 
 
 def test_empty_sources(launcher):
     _, resid, norm_w, norm_b, W = make_inputs(ODD, "LN", True, device=DEVICE)
     delta = torch.empty(0, 3, 5, 40, device=DEVICE)
-    for backend in ("reference", "triton"):
+    for backend in ("torch", "triton"):
         out = delta_projection(delta, resid, norm_w, norm_b, W, mode="exact", norm="LN", eps=EPS, backend=backend)
         assert out.shape == (0, 2, 3, 5, 36)
 

@@ -25,13 +25,12 @@ from jaxtyping import Float
 from torch import Tensor
 
 from fastpatch.ops.norms import linearised_norm_delta, normalize
-from fastpatch.ops.triton_dispatch import kernel_applies, load_launcher, require_kernel
+from fastpatch.ops.triton_dispatch import check_backend, kernel_applies, load_launcher, require_kernel
 
 __all__ = ["delta_projection", "delta_projection_reference"]
 
 _MODES = ("exact", "linear")
 _NORMS = ("LN", "RMS")
-_BACKENDS = ("auto", "triton", "reference")
 
 
 def _check(
@@ -161,21 +160,20 @@ def delta_projection(
     ``backend``: ``"auto"`` runs the Triton kernel (``csrc_triton.delta_projection``) on CUDA
     tensors of dtype fp32/fp16/bf16 when Triton is importable and no input needs a gradient, and
     the reference otherwise; ``"triton"`` forces the kernel (on CPU tensors it needs
-    ``TRITON_INTERPRET=1`` set before Triton was imported); ``"reference"`` forces the reference.
+    ``TRITON_INTERPRET=1`` set before Triton was imported); ``"torch"`` forces the reference.
     The kernel is not differentiable. On CUDA the kernel multiplies in the inputs' dtype with
     fp32 accumulation (fp32: IEEE, no TF32), so bf16/fp16 results differ from the fp32
     reference by the rounding of the normalised input to that dtype.
     """
-    if backend not in _BACKENDS:
-        raise ValueError(f"backend must be one of {_BACKENDS}, got {backend!r}")
+    check_backend(backend)
     _check(delta, resid, norm_w, norm_b, W, mode, norm, eps)
     tensors = [t for t in (delta, resid, norm_w, norm_b, W) if t is not None]
     if backend == "auto":
         use_kernel = kernel_applies(tensors, _triton_launcher()) and not (
             torch.is_grad_enabled() and any(t.requires_grad for t in tensors)
         )
-        backend = "triton" if use_kernel else "reference"
-    if backend == "reference":
+        backend = "triton" if use_kernel else "torch"
+    if backend == "torch":
         return _reference(delta, resid, norm_w, norm_b, W, mode, norm, eps)
 
     launcher = require_kernel(tensors, _triton_launcher())

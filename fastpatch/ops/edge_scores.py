@@ -43,12 +43,11 @@ import torch
 from jaxtyping import Float
 from torch import Tensor
 
-from fastpatch.ops.triton_dispatch import kernel_applies, load_launcher, require_kernel
+from fastpatch.ops.triton_dispatch import check_backend, kernel_applies, load_launcher, require_kernel
 
 __all__ = ["norm_vjp", "qkv_edge_scores", "qkv_edge_scores_reference"]
 
 _NORMS = ("LN", "RMS")
-_BACKENDS = ("auto", "torch", "triton")
 _CHUNK_ELEMENTS = 1 << 24
 
 
@@ -187,21 +186,24 @@ def qkv_edge_scores(
     """``qkv_edge_scores_reference``'s result without its ``[reader, row, d_model]`` buffer.
 
     ``backend``: ``"auto"`` runs the fused Triton kernel (``csrc_triton.edge_scores``) on CUDA
-    tensors of dtype fp32/fp16/bf16 when Triton is importable, and the chunked PyTorch path
-    otherwise; ``"torch"`` forces the chunked PyTorch path (``U~`` for at most ``chunk_elements``
+    writers of dtype fp16/bf16 when Triton is importable, and the chunked PyTorch path otherwise
+    (fp32 included: there the chunked path is predicted faster, see the comment below); ``"torch"`` forces the chunked PyTorch path (``U~`` for at most ``chunk_elements``
     reader-row-feature elements at a time, fp32 math); ``"triton"`` forces the kernel (on CPU
     tensors it needs ``TRITON_INTERPRET=1`` set before Triton was imported). Neither path is
     differentiable (they are called on detached gradients). Returns fp32 (fp64 on the torch path
     for fp64 inputs); the kernel accumulates in fp32, multiplying bf16/fp16 inputs in their dtype.
     """
-    if backend not in _BACKENDS:
-        raise ValueError(f"backend must be one of {_BACKENDS}, got {backend!r}")
+    check_backend(backend)
     _check(writers, grads, W, x, norm_w, norm, eps)
     if isinstance(chunk_elements, bool) or not isinstance(chunk_elements, int) or chunk_elements < 1:
         raise ValueError(f"chunk_elements must be a positive integer, got {chunk_elements!r}")
     tensors = (writers, grads, W, x, norm_w)
     if backend == "auto":
-        use_kernel = kernel_applies(tensors, _triton_launcher())
+        # In fp32 the kernel's dots run on FMA units, where rebuilding U~ once per writer block
+        # (cdiv(S, 16) times) costs more than the chunked path's single pass: the static roofline
+        # (bench/kernel_resources.py) predicts it about 3x slower at LLaMA shapes on an H100, and
+        # about 4x faster than the chunked path in bf16/fp16, where its dots use tensor cores.
+        use_kernel = kernel_applies(tensors, _triton_launcher()) and writers.dtype != torch.float32
         backend = "triton" if use_kernel else "torch"
     if backend == "torch":
         return _torch_chunked(writers, grads, W, x, norm_w, norm, eps, chunk_elements)

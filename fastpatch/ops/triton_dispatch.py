@@ -14,6 +14,15 @@ import torch
 
 KERNEL_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
 
+#: Every op's ``backend`` argument: ``"auto"`` (the kernel where it applies), ``"torch"`` (the
+#: plain-PyTorch path) or ``"triton"`` (the kernel, or a clear error why it cannot run).
+BACKENDS = ("auto", "torch", "triton")
+
+
+def check_backend(backend: str) -> None:
+    if backend not in BACKENDS:
+        raise ValueError(f"backend must be one of {BACKENDS}, got {backend!r}")
+
 
 def load_launcher(module: str, name: str) -> Optional[Callable]:
     """``csrc_triton.<module>.<name>``, or ``None`` where Triton cannot be imported."""
