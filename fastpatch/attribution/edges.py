@@ -27,7 +27,8 @@ gradient at ``hook_q`` (before rotary) and the corrupted residual ``x`` at ``ln1
 the fork (which not every attention bridge has). MLP and logits readers are one einsum each,
 ``[writers, batch, pos, d_model] x [readers, batch, pos, d_model] -> [writers, readers]``; the
 ``3 * n_layers * n_heads`` Q/K/V readers go through :func:`fastpatch.ops.edge_scores.qkv_edge_scores`
-(``backend``): the fused Triton kernel on CUDA, a row-chunked PyTorch contraction elsewhere, both
+(``backend``): the fused Triton kernel on CUDA in half precision, a row-chunked PyTorch contraction
+elsewhere (in fp32 it is predicted faster than the kernel, see ``docs/design-notes.md``), both
 with the analytic LayerNorm/RMSNorm VJP (checked against autograd through the model's own ``ln1``
 on the run) and neither materialising the ``[batch, pos, n_readers, d_model]`` reader gradients;
 ``backend="autograd"`` is the VJP of the ``ln1`` module itself, materialised.
@@ -389,7 +390,7 @@ def get_attr_patch_edges(
 
     ``backend`` picks how the Q/K/V readers' scores are contracted
     (:func:`fastpatch.ops.edge_scores.qkv_edge_scores`): ``"auto"`` (the fused Triton kernel on
-    CUDA, the chunked PyTorch path elsewhere), ``"torch"``, ``"triton"``, or ``"autograd"`` (the
+    CUDA in bf16/fp16, the chunked PyTorch path elsewhere, fp32 included), ``"torch"``, ``"triton"``, or ``"autograd"`` (the
     VJP of each block's own ``ln1`` module, materialising ``[n_layers, 3, n_heads, batch, pos,
     d_model]``). The first three use the analytic LayerNorm/RMSNorm VJP, checked against autograd
     through the model's ``ln1`` at this corrupted run's ``ln1`` inputs before use; where it does not apply (another norm or
