@@ -84,6 +84,7 @@ def test_cells_before_the_first_corrupted_position_are_skipped(name):
             assert start == expected
 
 
+@pytest.mark.slow  # TransformerLens's loop over every head, position and activation of four models
 @pytest.mark.parametrize("name", sorted(zoo.ZOO))
 def test_metrics_that_read_a_few_logits_match_full_logits(name):
     case = zoo.Case.build(name)
