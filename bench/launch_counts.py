@@ -64,9 +64,18 @@ when every forward of a kind dispatches the same ops, which the script checks on
 (``per_forward_constant``) and ``--tl-full`` checks outright: on the ``--small`` shape the full
 count equals the sampled estimate (``bench/test_launch_counts.py``).
 
+The JSON is rewritten after every sweep (``"partial": true`` until the run ends), so an
+interrupted run keeps what it counted. Counting runs fastpatch's sweeps for real: on a 2-core CPU
+the four activation sweeps on GPT-2 small take ~30 minutes, and fastpatch's direct path over all
+9,504 GPT-2-small edges (~75 TFLOP) would take hours, so the committed direct-path count uses
+the compare script's 4-layer direct-path shape (``launch-counts-direct-path-4L8H.json``).
+
 Examples::
 
-    python bench/launch_counts.py                  # GPT-2 small shape -> bench/results/launch-counts.json
+    python bench/launch_counts.py --sweeps get_act_patch_attn_head_out_all_pos get_act_patch_resid_pre \
+        get_act_patch_attn_head_all_pos_every get_act_patch_block_every   # -> bench/results/launch-counts.json
+    python bench/launch_counts.py --sweeps get_act_patch_direct_path_all_sources --layers 4 --d-model 512 \
+        --heads 8 --batch 4 --positions 16 --out bench/results/launch-counts-direct-path-4L8H.json
     python bench/launch_counts.py --small --tl-full --out /tmp/launch-counts-small.json
     python bench/launch_counts.py --sweeps get_act_patch_attn_head_out_all_pos --metrics plain
 """
@@ -460,8 +469,7 @@ def build_parser() -> argparse.ArgumentParser:
                    help=f"sweep functions ('all' for every one); choices: {', '.join(compare.SWEEPS)}")
     p.add_argument("--metrics", nargs="+", choices=compare.METRICS, default=list(compare.METRICS),
                    help="'plain' callable and/or fastpatch.metrics.LogitDiff")
-    p.add_argument("--small", action="store_true",
-                   help="the compare script's smoke-test shape (2 layers, d_model 64, 4 heads, vocab 211, 4x8 tokens)")
+    compare.add_shape_arguments(p, compare.SHAPES["gpt2-small"], batch_help="prompts per sweep")
     p.add_argument("--seed", type=int, default=0, help="seed of the model weights and prompts")
     p.add_argument("--tl-samples", type=int, default=2,
                    help="real TransformerLens forwards counted per forward kind; the rest are stood in for")
@@ -475,10 +483,12 @@ def build_parser() -> argparse.ArgumentParser:
     return p
 
 
-def setup(small: bool, seed: int) -> Dict[str, Any]:
-    """Model, prompts, caches and both metric objects, as ``compare_transformer_lens.run`` builds them."""
-    shape = compare.SHAPES["small" if small else "gpt2-small"]
-    corrupt_from = 10 if shape["positions"] > 10 else shape["positions"] // 2
+def setup(small: bool, seed: int, shape: Optional[Dict[str, int]] = None, corrupt_from: Optional[int] = None) -> Dict[str, Any]:
+    """Model, prompts, caches and both metric objects, as ``compare_transformer_lens.run`` builds them
+    (``shape``: the compare script's ``SHAPES`` keys; default its GPT-2-small or ``small`` shape)."""
+    shape = shape or compare.SHAPES["small" if small else "gpt2-small"]
+    if corrupt_from is None:
+        corrupt_from = 10 if shape["positions"] > 10 else shape["positions"] // 2
     model = gpt2_small_shaped(seed, shape["layers"], shape["d_model"], shape["heads"], shape["vocab"])
     pair = ioi_like_tokens(shape["vocab"], shape["batch"], shape["positions"], corrupt_from, seed)
     from fastpatch.metrics import LogitDiff
@@ -515,7 +525,8 @@ def run(args: argparse.Namespace) -> Dict[str, Any]:
     from fastpatch import patching as fp
     from transformer_lens import patching as tl
 
-    s = setup(args.small, args.seed)
+    shape = {k: getattr(args, k) for k in compare.SHAPES["gpt2-small"]}
+    s = setup(args.small, args.seed, shape, args.corrupt_from)
     model, shape = s["model"], s["shape"]
     fp_kwargs = {"progress": False, **args.fastpatch_kwargs}
     lb_flops = flops_function()
@@ -549,6 +560,9 @@ def run(args: argparse.Namespace) -> Dict[str, Any]:
                         **{f"own_flop_ms_h100_{k}": tl_flops / v * 1e3 for k, v in H100_SXM_PEAKS.items()},
                     }
                 rows.append(row)
+                if args.out is not None:  # partial results survive an interrupted run
+                    args.out.parent.mkdir(parents=True, exist_ok=True)
+                    args.out.write_text(json.dumps({"partial": True, "results": rows}, indent=2) + "\n")
                 print(f"  counted {sweep} / {metric_name}: fastpatch {ours['launches']} launches "
                       f"({t1 - t0:.1f} s), TransformerLens "
                       f"{'-' if theirs is None else theirs['launches']} ({t2 - t1:.1f} s)", flush=True)
@@ -606,6 +620,11 @@ def format_table(record: Dict[str, Any]) -> str:
 def main(argv: Optional[Sequence[str]] = None) -> Dict[str, Any]:
     args = build_parser().parse_args(argv)
     args.argv = None if argv is None else list(argv)
+    if args.small:
+        for key, value in compare.SHAPES["small"].items():
+            setattr(args, key, value)
+    if args.device != "cpu":
+        raise SystemExit("launch counts are taken on the CPU (the counts do not depend on the device)")
     if args.sweeps == ["all"]:
         args.sweeps = list(compare.SWEEPS)
     unknown = [s for s in args.sweeps if s not in compare.SWEEPS]
