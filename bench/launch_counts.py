@@ -67,7 +67,7 @@ count equals the sampled estimate (``bench/test_launch_counts.py``).
 The JSON is rewritten after every sweep (``"partial": true`` until the run ends), so an
 interrupted run keeps what it counted. Counting runs fastpatch's sweeps for real: on a 2-core CPU
 the four activation sweeps on GPT-2 small take ~30 minutes, and fastpatch's direct path over all
-9,504 GPT-2-small edges (~75 TFLOP) would take hours, so the committed direct-path count uses
+9,504 GPT-2-small edges would take hours, so the committed direct-path count uses
 the compare script's 4-layer direct-path shape (``launch-counts-direct-path-4L8H.json``).
 
 Examples::
