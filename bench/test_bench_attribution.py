@@ -23,6 +23,7 @@ from fastpatch.attribution import get_attr_patch_edges
 
 SMALL = cli.SHAPES["small"]
 ROUNDS = 5
+pytestmark = pytest.mark.slow  # smoke runs of the benchmarks: `.ci/run` runs them, `-m "not slow"` skips them
 
 
 @pytest.fixture(scope="module")
@@ -64,7 +65,9 @@ def test_cli_small_writes_result(tmp_path: Path) -> None:
     [row] = record["results"]
     assert row["sweep"] == "get_attr_patch_edges"
     assert row["values_agree"] is True and row["edge_sets_equal"] is True and row["agree"] is True
-    assert row["tl_seconds"] > 0 and row["fastpatch_seconds"] > 0 and row["ratio"] > 0
+    assert row["tl_seconds"] == min(row["tl_seconds_all"])
+    assert row["fastpatch_seconds"] == min(row["fastpatch_seconds_all"])
+    assert row["ratio"] == pytest.approx(row["tl_seconds"] / row["fastpatch_seconds"])
     assert row["cells"] == row["tl_edges"] // SMALL["positions"]  # one TL edge per position
 
 
