@@ -421,21 +421,23 @@ def format_table(record: Dict[str, Any]) -> str:
     return "\n".join(lines)
 
 
-def format_markdown(record: Dict[str, Any], model: str = "llama-3-8b") -> str:
-    """The README's summary: per kernel family and dtype, the worst resources over every shape and
-    architecture, and the H100 roofline prediction for ``model``'s shape (fused vs unfused)."""
+def format_markdown(record: Dict[str, Any], model: str = "llama-3-8b", archs: Sequence[str] = ("sm_80", "sm_90")) -> str:
+    """The README's summary: per kernel family and dtype, the worst resources over every shape on
+    ``archs``, viability over all architectures, and the H100 roofline prediction for ``model``'s
+    shape (fused vs unfused)."""
+    archs = [a for a in archs if a in record["archs"]]
     families: Dict[Tuple[str, str], List[Dict[str, Any]]] = {}
     for r in record["variants"]:
         families.setdefault((r["op"] + (f" ({r['mode']})" if r["mode"] else ""), r["dtype"]), []).append(r)
     head = ["kernel", "dtype", "blocks", "warps / stages"]
-    for arch in record["archs"]:
+    for arch in archs:
         head += [f"{arch} regs", f"{arch} smem KB", f"{arch} spills", f"{arch} TC instr"]
-    head += [f"H100 predicted, fused ({model})", "unfused reference", "bound", "viable"]
+    head += ["H100 predicted: fused", "unfused reference", "bound", "viable (" + ", ".join(record["archs"]) + ")"]
     lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
     for (family, dtype), rows in families.items():
         cells = [family, dtype, " / ".join(sorted({"x".join(map(str, r["blocks"].values())) for r in rows})),
                  " / ".join(sorted({f"{r['num_warps']} / {r['num_stages']}" for r in rows}))]
-        for arch in record["archs"]:
+        for arch in archs:
             at = [r for r in rows if r["arch"] == arch]
             cells += [max(r["registers"] for r in at), round(max(r["shared_bytes"] for r in at) / 1024, 1),
                       sum(r["spill_loads"] + r["spill_stores"] for r in at),
