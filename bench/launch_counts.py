@@ -522,8 +522,9 @@ def count_fastpatch(call: Callable[[], Any]) -> Dict[str, Any]:
 
 
 def run(args: argparse.Namespace) -> Dict[str, Any]:
-    from fastpatch import patching as fp
     from transformer_lens import patching as tl
+
+    from fastpatch import patching as fp
 
     shape = {k: getattr(args, k) for k in compare.SHAPES["gpt2-small"]}
     s = setup(args.small, args.seed, shape, args.corrupt_from)

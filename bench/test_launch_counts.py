@@ -39,9 +39,11 @@ def test_counter_rules() -> None:
     assert counter.excluded["aten.t.default"] == 1 and counter.excluded["aten.unsqueeze.default"] == 1
 
 
+@pytest.mark.slow  # builds a model and runs both libraries' sweeps: `-m "not slow"` skips it
 def test_counts_deterministic_and_tl_estimate_exact(small: Dict[str, Any]) -> None:
-    from fastpatch import patching as fp
     from transformer_lens import patching as tl
+
+    from fastpatch import patching as fp
 
     metric = small["metrics"]["plain"]
     with torch.no_grad():
@@ -60,6 +62,7 @@ def test_counts_deterministic_and_tl_estimate_exact(small: Dict[str, Any]) -> No
     assert ours[0]["launches"] < full["launches"]
 
 
+@pytest.mark.slow
 def test_script_writes_json(tmp_path) -> None:
     out = tmp_path / "launch-counts.json"
     record = lc.main(["--small", "--sweeps", HEAD, "get_act_patch_direct_path_all_sources",
