@@ -277,7 +277,7 @@ def _resolve(args: argparse.Namespace) -> argparse.Namespace:
 
 def _time_sweep(tl, fp, sweep, metric_name, metric, model, corrupted, clean_cache, fp_kwargs, args, device):
     """Time one sweep with one metric in both libraries; values, ratio, lower-bound FLOPs."""
-    from fastpatch.engine.native.flops import sweep_lower_bound_flops
+    from bench.flops import sweep_lower_bound_flops
 
     tl_fn, fp_fn = getattr(tl, sweep), getattr(fp, sweep)
     direct_path = "direct_path" in sweep

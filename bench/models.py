@@ -25,8 +25,9 @@ def gpt2_small_shaped(
     n_ctx: int = 1024,
 ) -> torch.nn.Module:
     """A random-init GPT-2 (GPT-2 small's shape by default) as an eval-mode TransformerLens bridge."""
-    from transformer_lens.model_bridge.sources._bridge_builder import build_bridge_from_module
     from transformers import GPT2Config, GPT2LMHeadModel
+
+    from fastpatch._tl_private import build_bridge_from_module
 
     torch.manual_seed(seed)
     cfg = GPT2Config(

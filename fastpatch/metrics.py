@@ -15,9 +15,9 @@ implemented literally that way), so a backend that computes only the selected lo
 logit difference needs two columns of ``W_U`` at one position, not the full
 ``[rows, pos, d_vocab]`` unembedding) gives exactly the numbers of the full-logits path.
 
-Backends should use :func:`logit_reads`: whenever it returns a :class:`LogitReads` (not
-``None``), ``metric.select`` and ``metric.from_selected`` are available; for ``None`` (any other
-callable) the backend must compute and pass the full logits.
+Backends should use :func:`logit_reads` (``fastpatch.engine.metric_set``, re-exported here):
+whenever it returns a :class:`LogitReads` (not ``None``), ``metric.from_selected`` is available;
+for ``None`` (any other callable) the backend must compute and pass the full logits.
 """
 
 from __future__ import annotations
@@ -30,12 +30,14 @@ import torch
 from jaxtyping import Float, Int
 from torch import Tensor
 
+# The engine's metric protocol: ``MetricFn`` (every patching metric's type, the one definition the
+# patching engine and the attribution package annotate with) and ``logit_reads`` (what a metric
+# declares it reads: a ``reads`` attribute and a ``from_selected`` method, as every metric here has).
+from fastpatch.engine.metric_set import MetricFn, logit_reads  # noqa: F401 (MetricFn: re-exported)
+
 __all__ = ["LogitReads", "LogitMetric", "LogitDiff", "LogProb", "NormalizedEffect", "logit_reads"]
 
 MetricValue = Union[Float[Tensor, ""], Float[Tensor, "batch"]]
-# Every patching metric's type: ``logits [batch, pos, d_vocab] -> MetricValue``. The one definition
-# that the patching engine and the attribution package both annotate with.
-MetricFn = Callable[[Tensor], Tensor]
 
 
 def _as_position(position: Any) -> int:
@@ -354,14 +356,3 @@ class NormalizedEffect:
 
     def __repr__(self) -> str:
         return f"NormalizedEffect({self.metric!r}, per_prompt={self.per_prompt})"
-
-
-def logit_reads(metric: Any) -> Optional[LogitReads]:
-    """What ``metric`` reads of the logits, or ``None`` when it needs the full logits.
-
-    ``metric.reads`` for a :class:`LogitMetric` or a :class:`NormalizedEffect` over one (then
-    ``metric.select``/``metric.from_selected`` are available); ``None`` for any other callable.
-    """
-    if isinstance(metric, (LogitMetric, NormalizedEffect)):
-        return metric.reads
-    return None

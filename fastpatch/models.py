@@ -62,7 +62,7 @@ def load_induction_model(device: str | torch.device = "cpu"):
     Built fully offline: ``GPTNeoXForCausalLM`` from the stored config, stored fp32 weights loaded
     strictly, wrapped with ``build_bridge_from_module`` and put in compatibility mode.
     """
-    from transformer_lens.model_bridge.sources._bridge_builder import build_bridge_from_module
+    from fastpatch._tl_private import build_bridge_from_module
 
     saved = torch.load(INDUCTION_WEIGHTS, map_location="cpu", weights_only=True)
     hf_model, cfg = build_induction_hf_model(saved["config"])

@@ -14,12 +14,17 @@ patch. Extra keyword-only arguments, all optional:
 - ``backend``: ``"auto"`` (default: the native backend where the model and sweep are supported
   and its parity check against the model's own forward passes, else the hook backend),
   ``"native"`` (raise instead of falling back) or ``"hooks"`` (batched ``run_with_hooks``).
+
+This module is the API layer only: it validates the arguments, builds a plan
+(``fastpatch.engine.activation_plan`` or ``fastpatch.engine.direct_path``), hands it to the one
+driver (``fastpatch.engine.driver.run_plan``) and shapes the values as TransformerLens returns
+them. See ``docs/architecture.md``.
 """
 
 from __future__ import annotations
 
 from functools import partial
-from typing import Any, Callable, List, Mapping, Optional, Sequence, Tuple, Union
+from typing import Any, Callable, List, Mapping, NamedTuple, Optional, Sequence, Tuple, Union
 
 import pandas as pd
 import torch
@@ -40,20 +45,18 @@ from transformer_lens.patching import (
     make_df_from_ranges,
 )
 
-from tqdm.auto import tqdm
-
-from fastpatch.engine import stats as run_stats
-from fastpatch.engine.distributed import gather, my_cells, shard
-from fastpatch.engine.checks import (
-    cached_activation,
-    check_cached_activation,
-    check_index_df,
-    check_tokens,
-    require_eval_mode,
+from fastpatch._tl_private import (
+    BLOCK_TYPES,
+    HEAD_TYPES,
+    stack_patch_types,
+    wrap_tensor_result,
 )
-from fastpatch.engine.model_state import preserved_model_state
-from fastpatch.engine.plan import Sweep, cells_per_chunk
-from fastpatch.engine.runner import MetricFn, MetricSet, run_plan
+from fastpatch.engine.activation_plan import ActivationPlan
+from fastpatch.engine.checks import check_tokens, require_eval_mode
+from fastpatch.engine.direct_path import DirectPathPlan
+from fastpatch.engine.driver import RunOptions, run_plan
+from fastpatch.engine.metric_set import MetricFn, MetricSet
+from fastpatch.engine.plan import Sweep, index_table
 
 __all__ = [
     "PatchingResult",
@@ -92,68 +95,42 @@ PatchSetter = Callable[[torch.Tensor, Sequence[int], torch.Tensor], torch.Tensor
 SweepReturn = Union[torch.Tensor, Tuple[torch.Tensor, pd.DataFrame], PatchingResult]
 
 
-def _axis_limits(model: Any, activation_name: str, n_pos: int) -> dict:
-    """The range of every axis name TransformerLens knows (K/V heads on grouped-query models)."""
-    n_heads = model.cfg.n_heads
-    if activation_name in ("k", "v") and getattr(model.cfg, "n_key_value_heads", None) is not None:
-        n_heads = model.cfg.n_key_value_heads
-    return {
-        "layer": model.cfg.n_layers,
-        "pos": n_pos,
-        "src_pos": n_pos,
-        "dest_pos": n_pos,
-        "head_index": n_heads,
-        "head": n_heads,
-    }
+class _SweepRequest(NamedTuple):
+    """One sweep a call asks for, as ``generic_activation_patch`` takes it."""
+
+    activation_name: str
+    patch_setter: PatchSetter
+    index_axis_names: Optional[Sequence[str]]
+    index_df: Optional[pd.DataFrame]
 
 
-def _index_table(
-    model: Any,
-    tokens: torch.Tensor,
-    activation_name: str,
-    index_axis_names: Optional[Sequence[str]],
-    index_df: Optional[pd.DataFrame],
-) -> Tuple[pd.DataFrame, Optional[Tuple[int, ...]]]:
-    """The cells to run and, unless ``index_df`` was given (flat output), the grid's shape."""
-    limits = _axis_limits(model, activation_name, tokens.shape[-1])
-    if index_df is None:
-        if index_axis_names is None:
-            raise ValueError("give either index_axis_names or index_df")
-        unknown = [a for a in index_axis_names if a not in limits]
-        if unknown:
-            raise ValueError(f"unknown index axis names {unknown}; known: {sorted(limits)}")
-        grid = tuple(limits[a] for a in index_axis_names)
-        return make_df_from_ranges(grid, index_axis_names), grid
-    if index_axis_names is not None:
-        raise ValueError("give index_axis_names or index_df, not both")
-    check_index_df(index_df, limits)
-    return index_df, None
+class _SweepValues(NamedTuple):
+    """One sweep's values and what shaping them into TransformerLens's return needs."""
+
+    values: torch.Tensor  # [n_metrics, n_cells, batch?]
+    baseline: Optional[torch.Tensor]  # [n_metrics, batch?]
+    metrics: MetricSet
+    index_df: pd.DataFrame
+    grid: Optional[Tuple[int, ...]]  # None: flat output (the caller gave index_df)
+    axis_names: Optional[Sequence[str]]
 
 
-def _as_result(
-    store: torch.Tensor,
-    metrics: MetricSet,
-    index_df: pd.DataFrame,
-    grid: Optional[Tuple[int, ...]],
-    axis_names: Optional[Sequence[str]],
-    baseline_values: Optional[torch.Tensor],
-    baseline_requested: bool,
-    return_index_df: bool,
-) -> SweepReturn:
-    """Shape one sweep's ``[n_metrics, n_cells, batch?]`` values the way TransformerLens returns them."""
-    if grid is not None:
-        store = store.reshape(store.shape[:1] + grid + store.shape[2:])
+def _as_result(sweep: _SweepValues, baseline_requested: bool, return_index_df: bool) -> SweepReturn:
+    """Shape one sweep's values the way TransformerLens returns them."""
+    store, baseline_values, metrics = sweep.values, sweep.baseline, sweep.metrics
+    if sweep.grid is not None:
+        store = store.reshape(store.shape[:1] + sweep.grid + store.shape[2:])
     if metrics.reduce == "mean":
         store = store.mean(dim=-1)
         if baseline_values is not None:
             baseline_values = baseline_values.mean(dim=-1)
     if not (metrics.has_metric_axis or metrics.reduce == "none" or baseline_requested):
-        return (store[0], index_df) if return_index_df else store[0]
+        return (store[0], sweep.index_df) if return_index_df else store[0]
     keep_axis = metrics.has_metric_axis
     return PatchingResult(
         values=store if keep_axis else store[0],
-        axis_names=[] if grid is None else list(axis_names or []),
-        index_df=index_df,
+        axis_names=[] if sweep.grid is None else list(sweep.axis_names or []),
+        index_df=sweep.index_df,
         metric_names=metrics.names,
         reduced=metrics.reduce != "none",
         baseline=None if baseline_values is None else (baseline_values if keep_axis else baseline_values[0]),
@@ -166,48 +143,29 @@ def _run(
     corrupted_tokens: torch.Tensor,
     clean_cache: ActivationCache,
     patching_metric: Union[MetricFn, Mapping[str, MetricFn]],
-    requests: Sequence[Tuple[str, PatchSetter, Optional[Sequence[str]], Optional[pd.DataFrame]]],
+    requests: Sequence[_SweepRequest],
     *,
     return_index_df: bool,
     reduce: str,
     baseline: bool,
-    chunk_size: Optional[int],
-    memory_budget: Optional[int],
-    progress: bool,
-    backend: str,
+    options: RunOptions,
     desc: str,
-    distributed: Optional[bool] = None,
-) -> List[Tuple[SweepReturn, Optional[torch.Tensor], MetricSet, pd.DataFrame, Optional[tuple], Optional[Sequence[str]]]]:
-    """Validate, run every requested sweep in one plan, and return the pieces of each result."""
+) -> List[_SweepValues]:
+    """Validate, then run every requested sweep in one plan."""
     require_eval_mode(model, operation="activation patching")
     metrics = MetricSet(patching_metric, reduce, batch=0)
     if (metrics.has_metric_axis or reduce == "none" or baseline) and return_index_df:
         raise ValueError("return_index_df only applies to the tensor return; a PatchingResult carries index_df")
     check_tokens(model, corrupted_tokens)
     metrics.batch = int(corrupted_tokens.shape[0])
-    tables = [_index_table(model, corrupted_tokens, name, axes, df) for name, _, axes, df in requests]
-    sweeps = [Sweep(name, setter, df) for (name, setter, _, _), (df, _) in zip(requests, tables)]
-    with preserved_model_state(model):
-        baseline_values = None
-        if baseline:
-            with torch.no_grad():
-                baseline_values = metrics.evaluate(model.run_with_hooks(corrupted_tokens, fwd_hooks=[]))
-        stores = run_plan(
-            model,
-            corrupted_tokens,
-            clean_cache,
-            sweeps,
-            metrics,
-            backend=backend,
-            distributed=distributed,
-            chunk_size=chunk_size,
-            memory_budget=memory_budget,
-            progress=progress,
-            desc=desc,
-        )
+    n_pos = corrupted_tokens.shape[-1]
+    tables = [index_table(model, n_pos, r.activation_name, r.index_axis_names, r.index_df) for r in requests]
+    sweeps = [Sweep(r.activation_name, r.patch_setter, df) for r, (df, _) in zip(requests, tables)]
+    plan = ActivationPlan(model, corrupted_tokens, clean_cache, sweeps, label=desc)
+    values, baseline_values = run_plan(model, corrupted_tokens, plan, metrics, options, baseline=baseline)
     return [
-        (store, baseline_values, metrics, df, grid, axes)
-        for store, (df, grid), (_, _, axes, _) in zip(stores, tables, requests)
+        _SweepValues(store, baseline_values, metrics, df, grid, r.index_axis_names)
+        for store, (df, grid), r in zip(plan.per_sweep(values), tables, requests)
     ]
 
 
@@ -242,23 +200,19 @@ def generic_activation_patch(
         ``return_index_df``; a ``PatchingResult`` with ``reduce="none"``, ``baseline=True`` or a
         mapping of metrics. Values live on ``model.cfg.device`` in float32.
     """
-    [(store, base, metrics, df, grid, axes)] = _run(
+    [sweep] = _run(
         model,
         corrupted_tokens,
         clean_cache,
         patching_metric,
-        [(activation_name, patch_setter, index_axis_names, index_df)],
+        [_SweepRequest(activation_name, patch_setter, index_axis_names, index_df)],
         return_index_df=return_index_df,
         reduce=reduce,
         baseline=baseline,
-        chunk_size=chunk_size,
-        memory_budget=memory_budget,
-        progress=progress,
-        backend=backend,
-        distributed=distributed,
+        options=RunOptions(backend, chunk_size, memory_budget, progress, distributed),
         desc=f"patching {activation_name}",
     )
-    return _as_result(store, metrics, df, grid, axes, base, baseline, return_index_df)
+    return _as_result(sweep, baseline, return_index_df)
 
 
 def _named_sweep(tl_sweep: partial) -> partial:
@@ -303,28 +257,26 @@ def _every(
     unknown = set(kwargs) - {"reduce", "chunk_size", "memory_budget", "progress", "backend", "distributed"}
     if unknown:
         raise TypeError(f"unexpected keyword arguments {sorted(unknown)}")
+    reduce = kwargs.pop("reduce", "scalar")
     pieces = _run(
         model,
         corrupted_tokens,
         clean_cache,
         metric,
-        [(s.keywords["activation_name"], s.keywords["patch_setter"], s.keywords["index_axis_names"], None) for s in sweeps],
+        [_SweepRequest(sweep.keywords["activation_name"], sweep.keywords["patch_setter"], sweep.keywords["index_axis_names"], None)
+         for sweep in sweeps],
         return_index_df=False,
-        reduce=kwargs.get("reduce", "scalar"),
+        reduce=reduce,
         baseline=baseline,
-        chunk_size=kwargs.get("chunk_size"),
-        memory_budget=kwargs.get("memory_budget"),
-        progress=kwargs.get("progress", True),
-        backend=kwargs.get("backend", "auto"),
-        distributed=kwargs.get("distributed"),
+        options=RunOptions(**kwargs),
         desc=desc,
     )
     results = []
-    for i, (store, base, metrics, df, grid, axes) in enumerate(pieces):
+    for i, piece in enumerate(pieces):
         first = i == 0
-        out = _as_result(store, metrics, df, grid, axes, base if first else None, baseline and first, False)
+        out = _as_result(piece._replace(baseline=piece.baseline if first else None), baseline and first, False)
         if baseline and isinstance(out, torch.Tensor):
-            out = _tl._wrap_tensor_result(out, axes)
+            out = wrap_tensor_result(out, piece.axis_names)
         results.append(out)
     return results
 
@@ -366,8 +318,8 @@ def get_act_patch_attn_head_all_pos_every(
     if all(isinstance(r, torch.Tensor) for r in results):
         _pad_heads(results, results[0].size(-1))
         return torch.stack(results, dim=0)
-    return _tl._stack_patch_types(
-        results, axis_order=("layer", "head"), n_heads=model.cfg.n_heads, type_names=_tl._HEAD_TYPES
+    return stack_patch_types(
+        results, axis_order=("layer", "head"), n_heads=model.cfg.n_heads, type_names=HEAD_TYPES
     )
 
 
@@ -384,8 +336,8 @@ def get_act_patch_attn_head_by_pos_every(
         _pad_heads(results, results[0].size(-1))
         results[4] = results[4].transpose(-1, -2)
         return torch.stack(results, dim=0)
-    return _tl._stack_patch_types(
-        results, axis_order=("layer", "pos", "head"), n_heads=model.cfg.n_heads, type_names=_tl._HEAD_TYPES
+    return stack_patch_types(
+        results, axis_order=("layer", "pos", "head"), n_heads=model.cfg.n_heads, type_names=HEAD_TYPES
     )
 
 
@@ -396,7 +348,7 @@ def get_act_patch_block_every(
     results = _every(_BLOCK, model, corrupted_tokens, clean_cache, metric, kwargs, "patching blocks")
     if all(isinstance(r, torch.Tensor) for r in results):
         return torch.stack(results, dim=0)
-    return _tl._stack_patch_types(results, axis_order=("layer", "pos"), n_heads=0, type_names=_tl._BLOCK_TYPES)
+    return stack_patch_types(results, axis_order=("layer", "pos"), n_heads=0, type_names=BLOCK_TYPES)
 
 
 # ---- direct path patching ------------------------------------------------------------------------
@@ -408,66 +360,16 @@ def _direct_path(
     patching_metric: MetricFn,
     sources: List[Tuple[int, int]],
     component: str,
-    verbose: bool,
     method: str,
-    backend: str,
-    chunk_size: Optional[int],
-    memory_budget: Optional[int],
+    options: RunOptions,
     operation: str,
-    distributed: Optional[bool],
 ) -> torch.Tensor:
-    """Values ``[n_sources, n_cells_per_source...]`` flattened per the reader; see the public functions."""
-    from fastpatch.engine import direct_path as dp
-    from fastpatch.engine.runner import native_budget, select_backend
-
-    if component not in dp.READERS:
-        raise ValueError(f"component must be one of {dp.READERS}, got {component!r}")
-    if method not in dp.METHODS:
-        raise ValueError(f"method must be one of {dp.METHODS}, got {method!r}")
-    cfg = model.cfg
-    for layer, head in sources:
-        if not (0 <= layer < cfg.n_layers and 0 <= head < cfg.n_heads):
-            raise ValueError(f"source head ({layer}, {head}) is out of range for {cfg.n_layers} layers x {cfg.n_heads} heads")
-    _tl._check_direct_path_support(model, sorted({l for l, _ in sources}), component if component in "qkv" else "q")
+    """Values ``[n_sources, *reader_shape]`` of every path from ``sources``; see the public functions."""
+    plan = DirectPathPlan(model, corrupted_tokens, clean_cache, corrupted_cache, sources, component, method)
     require_eval_mode(model, operation=operation)
     check_tokens(model, corrupted_tokens)
-    for layer in sorted({l for l, _ in sources}):
-        name = f"blocks.{layer}.attn.hook_z"
-        for cache, what in ((clean_cache, "clean_cache"), (corrupted_cache, "corrupted_cache")):
-            check_cached_activation(cached_activation(cache, name, what), name, corrupted_tokens)
     metrics = MetricSet(patching_metric, "scalar", int(corrupted_tokens.shape[0]))
-    device = torch.device(cfg.device) if getattr(cfg, "device", None) is not None else corrupted_tokens.device
-    rank_world = shard(distributed)
-    with preserved_model_state(model), torch.no_grad():
-        engine = select_backend(model, corrupted_tokens, [], backend)
-        if engine is None and method == "linear":
-            raise ValueError("method='linear' needs the native backend, which this model or backend choice rules out")
-        deltas = dp.source_writes(model, clean_cache, corrupted_cache, sources)
-        native = engine[0] if engine is not None else None
-        cells = dp.path_cells(model, sources, component, parallel=bool(cfg.parallel_attn_mlp))
-        mine = my_cells(len(cells), rank_world)
-        local_cells = [cells[i] for i in mine]
-        values = torch.empty((len(local_cells), 1), device=device)
-        dtype_bytes = torch.finfo(deltas.dtype).bits // 8
-        with run_stats.recording(device, len(local_cells)) as stats, tqdm(
-            total=len(local_cells), desc=f"direct path [{component}]", disable=not verbose, unit="path"
-        ) as bar:
-            stats.backend = "hooks" if engine is None else "native"
-            if engine is None:
-                per_chunk = cells_per_chunk(cfg, corrupted_tokens.shape[0], corrupted_tokens.shape[1], dtype_bytes, device, chunk_size, memory_budget)
-                dp.run_hooks(model, corrupted_tokens, deltas, local_cells, component, metrics, values, per_chunk, bar)
-            else:
-                budget = native_budget(device, chunk_size, memory_budget)
-                paths = dp.NativePaths(native, engine[1], deltas, sources, component, method)
-                paths.run(local_cells, metrics, values, budget=budget, chunk_size=chunk_size, dtype_bytes=dtype_bytes, bar=bar)
-        values = gather(values, mine, len(cells), rank_world)
-    n_layers, n_heads = cfg.n_layers, cfg.n_heads
-    shape = {"logits": (), "mlp_in": (n_layers,)}.get(component, (n_layers, n_heads))
-    out = torch.zeros((len(sources),) + shape, device=device)
-    for (s, layer, head), value in zip(cells, values[:, 0]):
-        index = {"logits": (s,), "mlp_in": (s, layer)}.get(component, (s, layer, head))
-        out[index] = value
-    return out
+    return plan.result(run_plan(model, corrupted_tokens, plan, metrics, options).cells)
 
 
 def get_act_patch_direct_path(
@@ -501,11 +403,11 @@ def get_act_patch_direct_path(
     the native backend. Same refusals as TransformerLens: K/V on grouped-query models,
     post-norm or scaled-residual source blocks, training mode.
     """
-    out = _direct_path(
-        model, corrupted_tokens, clean_cache, corrupted_cache, patching_metric, [(src_layer, src_head)],
-        component, verbose, method, backend, chunk_size, memory_budget, "get_act_patch_direct_path()", distributed,
-    )
-    return out[0]
+    options = RunOptions(backend, chunk_size, memory_budget, verbose, distributed)
+    return _direct_path(
+        model, corrupted_tokens, clean_cache, corrupted_cache, patching_metric, [(src_layer, src_head)], component,
+        method, options, "get_act_patch_direct_path()",
+    )[0]
 
 
 def get_act_patch_direct_path_all_sources(
@@ -530,9 +432,10 @@ def get_act_patch_direct_path_all_sources(
     ``mlp_in``, ``[n_layers, n_heads]`` for ``logits``).
     """
     cfg = model.cfg
-    sources = [(l, h) for l in range(cfg.n_layers) for h in range(cfg.n_heads)]
+    sources = [(layer, head) for layer in range(cfg.n_layers) for head in range(cfg.n_heads)]
+    options = RunOptions(backend, chunk_size, memory_budget, verbose, distributed)
     out = _direct_path(
-        model, corrupted_tokens, clean_cache, corrupted_cache, patching_metric, sources, component, verbose,
-        method, backend, chunk_size, memory_budget, "get_act_patch_direct_path_all_sources()", distributed,
+        model, corrupted_tokens, clean_cache, corrupted_cache, patching_metric, sources, component,
+        method, options, "get_act_patch_direct_path_all_sources()",
     )
     return out.reshape((cfg.n_layers, cfg.n_heads) + out.shape[1:])

@@ -12,7 +12,7 @@ from fastpatch import patching as fp
 from fastpatch.engine.native import NativeModel, ParityError, UnsupportedModel
 from fastpatch.engine.native.backend import group_cells
 from fastpatch.engine.plan import Sweep, cell_locations
-from fastpatch.engine.runner import clean_activations_for
+from fastpatch.engine.probing import clean_activations_for
 from fastpatch.metrics import LogitDiff, LogProb, NormalizedEffect
 
 

@@ -126,7 +126,8 @@ def _load_model(model_dir: Path, device: str):
         raise UsageError(f"model folder {model_dir} has no config.json")
     from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
     from transformers.utils import logging as hf_logging
-    from transformer_lens.model_bridge.sources._bridge_builder import build_bridge_from_module
+
+    from fastpatch._tl_private import build_bridge_from_module
 
     hf_logging.disable_progress_bar()  # stderr carries our messages only: errors are one line
     hf_logging.set_verbosity_error()

@@ -19,8 +19,8 @@ with ``x_hat = centred(x) / scale``, plus second-order terms. So it is exact to 
 for writes orthogonal to the residual they are added to, and otherwise a cheap approximation
 whose quality the exact method measures (tests/test_direct_path.py compares them).
 
-Two backends, as for activation patching: ``hooks`` runs the model with one hook per reader
-layer over a batch of stacked cells; ``native`` recomputes only the reader (one head's
+:class:`DirectPathPlan` is the plan the driver runs. Two backends, as for activation patching:
+``hooks`` runs the model with one hook per reader layer over a batch of stacked cells; ``native`` recomputes only the reader (one head's
 attention, or one MLP) and the blocks after it, from the first position the source's write
 changes, with every destination head's Q/K/V input projected at once per source
 (``fastpatch.ops.delta_projection``, a fused Triton kernel on GPU).
@@ -30,22 +30,31 @@ from __future__ import annotations
 
 from collections import defaultdict
 from contextlib import nullcontext
-from typing import Any, Callable, Dict, List, Optional, Tuple
+from typing import Any, Callable, ContextManager, Dict, List, NamedTuple, Optional, Sequence, Tuple
 
 import torch
 from torch import Tensor
 
-from fastpatch.engine.native.cells import ATTN, entry_point, first_changed_positions
-from fastpatch.engine.native.model import NativeModel, Trace
-from fastpatch.engine.plan import Chunk, make_chunks
-from fastpatch.engine.runner import MetricSet, _with_oom_retry, run_native_cells
+from fastpatch._tl_private import check_direct_path_support, split_qkv_input
+from fastpatch.engine.checks import cached_activation, check_cached_activation
+from fastpatch.engine.native.backend import group_by_start
+from fastpatch.engine.native.cells import ATTN, Entry, entry_point, first_changed_positions
+from fastpatch.engine.native.model import NativeEngine
+from fastpatch.engine.plan import NativeWork, PatchPlan
 from fastpatch.ops.delta_projection import delta_projection
 
 READERS = ("q", "k", "v", "mlp_in", "logits")
 METHODS = ("exact", "linear")
+_QKV = ("q", "k", "v")
 
-# (source number, reader layer, reader head); head is 0 for mlp_in, layer and head 0 for logits.
-PathCell = Tuple[int, int, int]
+
+class PathCell(NamedTuple):
+    """A path: source number (in the plan's ``sources``) into a reader (head 0 for ``mlp_in``;
+    layer ``n_layers`` and head 0 for ``logits``)."""
+
+    source: int
+    layer: int
+    head: int
 
 
 def source_writes(model: Any, clean_cache: Any, corrupted_cache: Any, sources: List[Tuple[int, int]]) -> Tensor:
@@ -62,99 +71,150 @@ def path_cells(model: Any, sources: List[Tuple[int, int]], component: str, paral
     """Every (source, reader) pair the reader can read the source in, in TransformerLens's order."""
     n_layers, n_heads = model.cfg.n_layers, model.cfg.n_heads
     cells = []
-    for s, (src_layer, _) in enumerate(sources):
+    for source, (src_layer, _) in enumerate(sources):
         if component == "logits":
-            cells.append((s, n_layers, 0))
+            cells.append(PathCell(source, n_layers, 0))
         elif component == "mlp_in":
             first = src_layer + 1 if parallel else src_layer
-            cells.extend((s, layer, 0) for layer in range(first, n_layers))
+            cells.extend(PathCell(source, layer, 0) for layer in range(first, n_layers))
         else:
-            cells.extend((s, layer, head) for layer in range(src_layer + 1, n_layers) for head in range(n_heads))
+            cells.extend(PathCell(source, layer, head) for layer in range(src_layer + 1, n_layers) for head in range(n_heads))
     return cells
 
 
-# ---- hook backend ------------------------------------------------------------------------------
-def _reader_hook_name(component: str, layer: int) -> str:
-    if component == "logits":
-        return "ln_final.hook_in"
-    if component == "mlp_in":
-        return f"blocks.{layer}.ln2.hook_in"
-    return f"blocks.{layer}.attn.hook_{component}_input"
+class DirectPathPlan(PatchPlan):
+    """Every path from ``sources`` (``(layer, head)`` pairs) into every reader of kind ``component``."""
 
+    unit = "path"
 
-def run_hooks(
-    model: Any, tokens: Tensor, deltas: Tensor, cells: List[PathCell], component: str,
-    metrics: MetricSet, values: Tensor, per_chunk: int, bar: Any,
-) -> None:
-    """Exact path patching through ``run_with_hooks``, cells stacked along the batch."""
-    from transformer_lens.patching import _split_qkv_input
+    def __init__(
+        self, model: Any, tokens: Tensor, clean_cache: Any, corrupted_cache: Any, sources: List[Tuple[int, int]],
+        component: str, method: str,
+    ):
+        if component not in READERS:
+            raise ValueError(f"component must be one of {READERS}, got {component!r}")
+        if method not in METHODS:
+            raise ValueError(f"method must be one of {METHODS}, got {method!r}")
+        cfg = model.cfg
+        for layer, head in sources:
+            if not (0 <= layer < cfg.n_layers and 0 <= head < cfg.n_heads):
+                raise ValueError(f"source head ({layer}, {head}) is out of range for {cfg.n_layers} layers x {cfg.n_heads} heads")
+        self.source_layers = sorted({layer for layer, _ in sources})
+        check_direct_path_support(model, self.source_layers, component if component in _QKV else "q")
+        self.model, self.tokens, self.clean_cache, self.corrupted_cache = model, tokens, clean_cache, corrupted_cache
+        self.sources, self.component, self.method = sources, component, method
+        self.label = f"direct path [{component}]"
+        if method == "linear":
+            self.needs_native = "method='linear' needs the native backend, which this model or backend choice rules out"
+        self._cells = path_cells(model, sources, component, parallel=bool(cfg.parallel_attn_mlp))
+        self._deltas: Optional[Tensor] = None
 
-    batch = tokens.shape[0]
-    split = _split_qkv_input(model) if component in ("q", "k", "v") else nullcontext()
+    @property
+    def cells(self) -> List[PathCell]:
+        return self._cells
 
-    def run(chunk: Chunk) -> None:
+    def prepare(self) -> None:
+        for layer in self.source_layers:
+            name = f"blocks.{layer}.attn.hook_z"
+            for cache, what in ((self.clean_cache, "clean_cache"), (self.corrupted_cache, "corrupted_cache")):
+                check_cached_activation(cached_activation(cache, name, what), name, self.tokens)
+        self._deltas = source_writes(self.model, self.clean_cache, self.corrupted_cache, self.sources)
+
+    def result(self, values: Tensor) -> Tensor:
+        """The plan's ``[n_cells, 1]`` values as ``[n_sources, n_layers, n_heads]`` (``[n_sources, n_layers]``
+        for ``mlp_in``, ``[n_sources]`` for ``logits``), 0.0 where a reader cannot read its source."""
+        n_layers, n_heads = self.model.cfg.n_layers, self.model.cfg.n_heads
+        shape = {"logits": (), "mlp_in": (n_layers,)}.get(self.component, (n_layers, n_heads))
+        out = torch.zeros((len(self.sources),) + shape, device=values.device)
+        for cell, value in zip(self._cells, values[:, 0]):
+            out[{"logits": (cell.source,), "mlp_in": (cell.source, cell.layer)}.get(self.component, cell)] = value
+        return out
+
+    # ---- hook backend --------------------------------------------------------------------------
+    def hooks_context(self) -> ContextManager:
+        return split_qkv_input(self.model) if self.component in _QKV else nullcontext()
+
+    def _reader_hook_name(self, layer: int) -> str:
+        if self.component == "logits":
+            return "ln_final.hook_in"
+        if self.component == "mlp_in":
+            return f"blocks.{layer}.ln2.hook_in"
+        return f"blocks.{layer}.attn.hook_{self.component}_input"
+
+    def patched_logits(self, cells: Sequence[PathCell]) -> Tensor:
+        """Exact path patching: each cell's source write added to its reader's input in its own rows."""
+        batch, deltas = self.tokens.shape[0], self._deltas
         by_layer: Dict[int, List[Tuple[int, int, int]]] = defaultdict(list)
-        for local, (s, layer, head) in enumerate(cells[chunk.start : chunk.stop]):
-            by_layer[layer].append((local, s, head))
+        for local, cell in enumerate(cells):
+            by_layer[cell.layer].append((local, cell.source, cell.head))
         fired: List[str] = []
         hooks = []
         for layer, members in by_layer.items():
             rows = torch.tensor([m[0] for m in members], device=deltas.device)
-            src = torch.tensor([m[1] for m in members], device=deltas.device)
+            sources = torch.tensor([m[1] for m in members], device=deltas.device)
             heads = torch.tensor([m[2] for m in members], device=deltas.device)
-            name = _reader_hook_name(component, layer)
+            name = self._reader_hook_name(layer)
 
-            def hook(act: Tensor, hook: Any, rows=rows, src=src, heads=heads, name=name) -> Tensor:
+            def hook(act: Tensor, hook: Any, rows=rows, sources=sources, heads=heads, name=name) -> Tensor:
                 fired.append(name)
                 patched = act.clone()
-                view = patched.view(len(chunk), batch, *act.shape[1:])
-                if component in ("q", "k", "v"):  # [cells, batch, pos, n_heads, d_model]
-                    view[rows, :, :, heads] += deltas[src].to(act.dtype)
+                view = patched.view(len(cells), batch, *act.shape[1:])
+                if self.component in _QKV:  # [cells, batch, pos, n_heads, d_model]
+                    view[rows, :, :, heads] += deltas[sources].to(act.dtype)
                 else:
-                    view[rows] += deltas[src].to(act.dtype)
+                    view[rows] += deltas[sources].to(act.dtype)
                 return patched
 
             hooks.append((name, hook))
-        logits = model.run_with_hooks(tokens.repeat(len(chunk), 1), fwd_hooks=hooks)
+        logits = self.model.run_with_hooks(self.tokens.repeat(len(cells), 1), fwd_hooks=hooks)
         missing = {name for name, _ in hooks} - set(fired)
         if missing:  # a reader hook that never fires would leave the metric silently unpatched
             raise NotImplementedError(f"{sorted(missing)} did not fire: the model has no such reader input")
-        for local in range(len(chunk)):
-            values[chunk.start + local] = metrics.evaluate(logits[local * batch : (local + 1) * batch])
-        bar.update(len(chunk))
+        return logits
 
-    with split:
-        _with_oom_retry(make_chunks(len(cells), per_chunk), run)
+    # ---- native backend ------------------------------------------------------------------------
+    def native_work(self, engine: NativeEngine, cells: Sequence[PathCell]) -> NativeWork:
+        return NativePaths(engine, self._deltas, self.sources, self.component, self.method, cells).work()
 
 
-# ---- native backend ----------------------------------------------------------------------------
 class NativePaths:
     """Entry residuals of path cells on the native forward."""
 
-    def __init__(self, native: NativeModel, trace: Trace, deltas: Tensor, sources: List[Tuple[int, int]], component: str, method: str):
-        self.native, self.trace, self.deltas, self.sources = native, trace, deltas, sources
+    def __init__(
+        self, engine: NativeEngine, deltas: Tensor, sources: List[Tuple[int, int]], component: str, method: str,
+        cells: Sequence[PathCell],
+    ):
+        self.native, self.trace = engine
+        self.deltas, self.sources, self.cells = deltas, sources, cells
         self.component, self.method = component, method
         self._projections: Dict[int, Tensor] = {}
-        if component in ("q", "k", "v"):
+        if component in _QKV:
+            native = self.native
             attr = {"q": "W_Q", "k": "W_K", "v": "W_V"}[component]
             weights = [getattr(L, attr) for L in native.layers]  # [heads, d_model, d_head]
             self._W = torch.stack([W.permute(1, 0, 2).reshape(W.shape[1], -1) for W in weights])
-            self._resid = torch.stack(trace.resid_pre)
+            self._resid = torch.stack(self.trace.resid_pre)
             self._ln_w = torch.stack([L.ln1_w for L in native.layers])
             self._ln_b = None if native.layers[0].ln1_b is None else torch.stack([L.ln1_b for L in native.layers])
 
-    def starts(self) -> List[Optional[int]]:
+    def work(self) -> NativeWork:
+        """The cells by the first position their source's write changes, sorted by entry then source."""
+        starts = self._source_starts()
+        grouped = group_by_start([starts[cell.source] for cell in self.cells], [self._entry(cell) for cell in self.cells])
+        linear_logits = self.component == "logits" and self.method == "linear"
+        return NativeWork(grouped.groups, grouped.no_ops, self._group_resid, self._linear_logits if linear_logits else None)
+
+    def _source_starts(self) -> List[Optional[int]]:
         """Each source's first position whose write changes (``None``: it writes nothing different),
         read back to the host in one transfer."""
         return first_changed_positions(torch.stack([(d != 0).flatten(2).any(-1).any(0) for d in self.deltas]))
 
-    def entry(self, cell: PathCell) -> Tuple[int, int]:
-        _, layer, _ = cell
+    def _entry(self, cell: PathCell) -> Entry:
         if self.component == "mlp_in":
-            return layer + 1, ATTN
+            return Entry(cell.layer + 1, ATTN)
         if self.component == "logits":
-            return self.native.n_layers, ATTN
-        return entry_point(self.native, "z", layer)
+            return Entry(self.native.n_layers, ATTN)
+        return entry_point(self.native, "z", cell.layer)
 
     def _projection(self, source: int) -> Tensor:
         """``[n_layers - src_layer - 1, batch, pos, n_heads * d_head]``: the source's effect on the
@@ -182,70 +242,44 @@ class NativePaths:
             return self.native.normalize(x, w, b) + self.native.linearised_norm_delta(x, delta, w)
         return self.native.normalize(x + delta, w, b)
 
-    def resid_factory(self, start: int) -> Callable[[int], Tensor]:
+    def _group_resid(self, start: int) -> Callable[[int], Tensor]:
         """``cell -> [batch, pos - start, d_model]`` entry residual for cells whose source starts at ``start``."""
-        native, trace, s = self.native, self.trace, start
+        self._projections.clear()  # keep only the sources of the current group
+        native, trace = self.native, self.trace
 
-        def resid(cell_index: int) -> Tensor:
-            source, layer, head = self.cells[cell_index]
-            delta = self.deltas[source][:, s:]
+        def resid(cell_number: int) -> Tensor:
+            source, layer, head = self.cells[cell_number]
+            delta = self.deltas[source][:, start:]
             if self.component == "mlp_in":
                 L = native.layers[layer]
                 x = trace.resid_pre[layer] if native.parallel else trace.resid_mid[layer]
-                mlp_out = native.mlp_from_normalized(layer, self._normalized_with_delta(x[:, s:], delta, L.ln2_w, L.ln2_b))
+                normalized = self._normalized_with_delta(x[:, start:], delta, L.ln2_w, L.ln2_b)
+                mlp_out = native.mlp_from_normalized(layer, normalized)
                 if native.parallel:
-                    return trace.resid_pre[layer][:, s:] + trace.attn_out[layer][:, s:] + mlp_out
-                return trace.resid_mid[layer][:, s:] + mlp_out
+                    return trace.resid_pre[layer][:, start:] + trace.attn_out[layer][:, start:] + mlp_out
+                return trace.resid_mid[layer][:, start:] + mlp_out
             if self.component == "logits":
-                return trace.resid_final[:, s:] + delta  # only the final norm reads it from here
-            z_head = self._head_z(source, layer, head, s)
-            z = trace.z[layer][:, s:].clone()
-            z[:, :, head] = z_head
-            resid = trace.resid_pre[layer][:, s:] + native.attn_out(layer, z)
-            return resid + trace.mlp_out[layer][:, s:] if native.parallel else resid
+                return trace.resid_final[:, start:] + delta  # only the final norm reads it from here
+            z = trace.z[layer][:, start:].clone()
+            z[:, :, head] = self._head_z(source, layer, head, start)
+            resid = trace.resid_pre[layer][:, start:] + native.attn_out(layer, z)
+            return resid + trace.mlp_out[layer][:, start:] if native.parallel else resid
 
         return resid
 
-    def _head_z(self, source: int, layer: int, head: int, s: int) -> Tensor:
-        """Destination head's output ``[batch, pos - s, d_head]`` with its q, k or v patched."""
+    def _head_z(self, source: int, layer: int, head: int, start: int) -> Tensor:
+        """Destination head's output ``[batch, pos - start, d_head]`` with its q, k or v patched."""
         native, trace = self.native, self.trace
         kv = head // (native.n_heads // native.n_kv_heads)
         patched = self._head_input(source, layer, head)[:, :, None]  # [batch, pos, 1, d_head]
         q = patched if self.component == "q" else trace.q[layer][:, :, head : head + 1]
         k_rot = native.rotate(layer, patched, 0) if self.component == "k" else trace.k_rot[layer][:, :, kv : kv + 1]
         v = patched if self.component == "v" else trace.v[layer][:, :, kv : kv + 1]
-        _, z = native.attend(native.rotate(layer, q[:, s:], s), k_rot, v, s)
+        _, z = native.attend(native.rotate(layer, q[:, start:], start), k_rot, v, start)
         return z[:, :, 0]
 
-    def run(self, cells: List[PathCell], metrics: MetricSet, values: Tensor, **options: Any) -> None:
-        self.cells = cells
-        groups: Dict[int, list] = defaultdict(list)
-        no_ops = []
-        starts = self.starts()
-        for i, cell in enumerate(cells):
-            start = starts[cell[0]]
-            if start is None:
-                no_ops.append(i)
-            else:
-                groups[start].append((i,) + self.entry(cell))
-        for members in groups.values():  # by entry, then source: a chunk touches few sources
-            members.sort(key=lambda c: (c[1], c[2], cells[c[0]][0]))
-        if self.component == "logits" and self.method == "linear":
-            self._run_linear_logits(groups, metrics, values, options["bar"])
-            groups = {}
-        run_native_cells(self.native, self.trace, metrics, dict(sorted(groups.items())), no_ops, self._chunk_resid, values, **options)
-
-    def _chunk_resid(self, start: int) -> Callable[[int], Tensor]:
-        self._projections.clear()  # keep only the sources of the current group
-        return self.resid_factory(start)
-
-    def _run_linear_logits(self, groups: Dict[int, list], metrics: MetricSet, values: Tensor, bar: Any) -> None:
-        """Direct logit paths with the final norm linearised: logits from the normalised residual."""
-        native, trace = self.native, self.trace
-        for start, members in groups.items():
-            for i, _, _ in members:
-                source = self.cells[i][0]
-                x = trace.resid_final
-                normalized = native.final_norm(x) + native.linearised_norm_delta(x, self.deltas[source], native.lnf_w)
-                values[i] = metrics.evaluate(native.unembed(normalized))
-                bar.update(1)
+    def _linear_logits(self, cell_number: int) -> Tensor:
+        """Direct logit path with the final norm linearised: ``[batch, pos, d_vocab]`` logits."""
+        native, x = self.native, self.trace.resid_final
+        delta = self.deltas[self.cells[cell_number].source]
+        return native.unembed(native.final_norm(x) + native.linearised_norm_delta(x, delta, native.lnf_w))

@@ -1,4 +1,4 @@
-"""Hook backend: one chunk of cells in one ``run_with_hooks`` pass, stacked along the batch.
+"""Hook backend of activation plans: a chunk of cells in one ``run_with_hooks`` pass, stacked along the batch.
 
 Rows ``[c * batch, (c + 1) * batch)`` of the forward belong to the chunk's cell ``c``. For every
 hook point the chunk's cells touch, one hook clones the activation (as TransformerLens does
@@ -10,23 +10,37 @@ checked against.
 from __future__ import annotations
 
 from collections import defaultdict
-from typing import Any, Callable, Dict, List, Mapping, Tuple
+from typing import Any, Callable, Dict, List, Mapping, NamedTuple, Optional, Sequence, Tuple
 
 import torch
 
-from fastpatch.engine.plan import Chunk, Sweep
+from fastpatch.engine.plan import CellLocation, Sweep
 from fastpatch.engine.setters import apply_batched, apply_per_cell
 
-# A hook's work: for one sweep, which cells (chunk-local row block, index) patch this hook point.
-_HookWork = Tuple[Sweep, List[Tuple[int, int]]]
+
+class _HookWork(NamedTuple):
+    """For one sweep, which cells patch a hook point: (chunk-local row block, row of the sweep)."""
+
+    sweep: Sweep
+    cells: List[Tuple[int, int]]
 
 
-def _group_by_hook(sweeps: List[Sweep], locations: List[Tuple[int, int]], chunk: Chunk) -> Dict[str, List[_HookWork]]:
+def _group_by_hook(sweeps: List[Sweep], locations: Sequence[CellLocation]) -> Dict[str, List[_HookWork]]:
     grouped: Dict[str, Dict[int, List[Tuple[int, int]]]] = defaultdict(lambda: defaultdict(list))
-    for local, (s, r) in enumerate(locations[chunk.start : chunk.stop]):
-        sweep = sweeps[s]
-        grouped[sweep.hook_name(sweep.indices[r, 0])][s].append((local, r))
-    return {name: [(sweeps[s], cells) for s, cells in by_sweep.items()] for name, by_sweep in grouped.items()}
+    for local, loc in enumerate(locations):
+        sweep = sweeps[loc.sweep]
+        grouped[sweep.hook_name(sweep.indices[loc.row, 0])][loc.sweep].append((local, loc.row))
+    return {name: [_HookWork(sweeps[n], cells) for n, cells in by_sweep.items()] for name, by_sweep in grouped.items()}
+
+
+class _SweepPatch(NamedTuple):
+    """One sweep's patches at a hook point: batched (``cell_rows``, ``indices``) or, for a caller's
+    own setter, ``per_cell`` (row block, index) pairs."""
+
+    sweep: Sweep
+    cell_rows: Optional[torch.Tensor]
+    indices: Optional[torch.Tensor]
+    per_cell: Optional[List[Tuple[int, list]]]
 
 
 def _make_hook(work: List[_HookWork], clean: torch.Tensor, n_cells: int, batch: int) -> Callable:
@@ -37,10 +51,10 @@ def _make_hook(work: List[_HookWork], clean: torch.Tensor, n_cells: int, batch: 
         if sweep.axes is not None:
             cell_rows = torch.tensor(locals_, dtype=torch.long, device=device)
             indices = torch.as_tensor(sweep.indices[list(rows), 1:], device=device)
-            prepared.append((sweep, cell_rows, indices, None))
+            prepared.append(_SweepPatch(sweep, cell_rows, indices, None))
         else:
-            per_cell = [(local, sweep.indices[r].tolist()) for local, r in cells]
-            prepared.append((sweep, None, None, per_cell))
+            per_cell = [(local, sweep.indices[row].tolist()) for local, row in cells]
+            prepared.append(_SweepPatch(sweep, None, None, per_cell))
 
     def hook(activation: torch.Tensor, hook: Any) -> torch.Tensor:
         patched = activation.clone()
@@ -55,20 +69,19 @@ def _make_hook(work: List[_HookWork], clean: torch.Tensor, n_cells: int, batch: 
     return hook
 
 
-def run_chunk(
+def patched_logits(
     model: Any,
     tokens: torch.Tensor,
     sweeps: List[Sweep],
-    locations: List[Tuple[int, int]],
-    chunk: Chunk,
+    locations: Sequence[CellLocation],
     clean_activations: Mapping[str, torch.Tensor],
 ) -> torch.Tensor:
-    """Logits ``[len(chunk) * batch, pos, d_vocab]`` of the chunk's patched forward."""
+    """Logits ``[len(locations) * batch, pos, d_vocab]`` of one forward with each cell's patch in its own rows."""
     batch = tokens.shape[0]
-    n_cells = len(chunk)
+    n_cells = len(locations)
     hooks = [
         (name, _make_hook(work, clean_activations[name], n_cells, batch))
-        for name, work in _group_by_hook(sweeps, locations, chunk).items()
+        for name, work in _group_by_hook(sweeps, locations).items()
     ]
     stacked = tokens.repeat(n_cells, 1)
     return model.run_with_hooks(stacked, fwd_hooks=hooks)

@@ -1,26 +1,33 @@
-"""Sweeps, cells and memory-budgeted chunks.
+"""What a batched run is made of: plans, their cells, and how each backend runs them.
 
-A *sweep* is what one ``get_act_patch_*`` call asks for: one activation name, one patch setter
-and a table of indices (one row per *cell*, the first column always the layer). Several sweeps
-can share one plan (the ``*_every`` helpers run all their sweeps in the same batched passes).
-The plan cuts the cells into chunks whose batched forward fits a memory budget; values never
-depend on where the cuts fall.
+A *plan* is a list of *cells*, each one patched forward whose metric values the caller wants.
+Two kinds exist: an activation plan (``activation_plan``: one or more sweeps, the
+``get_act_patch_*`` calls; one cell per row of a sweep's index table) and a direct path plan
+(``direct_path``: one cell per (source head, reader)). The driver (``driver.run_plan``) runs
+every plan the same way; a plan only says how its cells are patched, through the
+:class:`PatchPlan` interface below.
 """
 
 from __future__ import annotations
 
-import os
+from abc import ABC, abstractmethod
+from contextlib import nullcontext
 from dataclasses import dataclass, field
-from typing import Any, Callable, List, Optional, Tuple
+from typing import Any, Callable, ContextManager, Dict, List, NamedTuple, Optional, Sequence, Tuple
 
 import numpy as np
 import pandas as pd
 import torch
 from transformer_lens import utilities as tl_utils
+from transformer_lens.patching import make_df_from_ranges
 
+from fastpatch.engine.checks import check_index_df
+from fastpatch.engine.native.cells import NativeCell
+from fastpatch.engine.native.model import NativeEngine
 from fastpatch.engine.setters import setter_axes
 
 
+# ---- activation sweeps -------------------------------------------------------------------------
 @dataclass
 class Sweep:
     """One activation's sweep: every row of ``index_df`` is a cell."""
@@ -44,72 +51,108 @@ class Sweep:
         return tl_utils.get_act_name(self.activation_name, layer=int(layer))
 
 
-@dataclass(frozen=True)
-class Chunk:
-    """A contiguous range of the plan's cells, run in one batched forward."""
+class CellLocation(NamedTuple):
+    """A cell of an activation plan: its sweep's number in the plan and its row in that sweep."""
 
-    start: int
-    stop: int
-
-    def __len__(self) -> int:
-        return self.stop - self.start
+    sweep: int
+    row: int
 
 
-def cell_locations(sweeps: List[Sweep]) -> List[Tuple[int, int]]:
-    """(sweep number, row in that sweep) for every cell of the plan, in run order."""
-    return [(s, r) for s, sweep in enumerate(sweeps) for r in range(len(sweep))]
+def cell_locations(sweeps: List[Sweep]) -> List[CellLocation]:
+    """Every cell of the plan, in run order (sweep by sweep)."""
+    return [CellLocation(number, row) for number, sweep in enumerate(sweeps) for row in range(len(sweep))]
 
 
-def forward_bytes_per_row(cfg: Any, n_pos: int, dtype_bytes: int) -> int:
-    """Upper estimate of the memory one batch row holds at the peak of a hooked forward.
-
-    Residual-sized tensors (about a dozen live at once with hooks, norms and the clone a patch
-    makes), the MLP hidden layer, Q/K/V, attention scores and pattern per head, and the logits
-    twice (the logits and one same-sized temporary inside a typical metric, e.g. log_softmax).
-    """
-    d_model, n_heads = int(cfg.d_model), int(cfg.n_heads)
-    d_mlp = int(getattr(cfg, "d_mlp", None) or 4 * d_model)
-    d_vocab = int(cfg.d_vocab_out if getattr(cfg, "d_vocab_out", -1) and cfg.d_vocab_out > 0 else cfg.d_vocab)
-    per_pos = 12 * d_model + 3 * d_mlp + 4 * n_heads * n_pos + 2 * d_vocab
-    return per_pos * n_pos * dtype_bytes
-
-
-def default_memory_budget(device: torch.device) -> int:
-    """Bytes a chunk's forward may use: half the free GPU memory, or a quarter of free RAM (<= 4 GiB)."""
-    if device.type == "cuda":
-        free, _ = torch.cuda.mem_get_info(device)
-        return int(free * 0.5)
-    try:
-        available = os.sysconf("SC_AVPHYS_PAGES") * os.sysconf("SC_PAGE_SIZE")
-    except (ValueError, OSError, AttributeError):
-        available = 8 << 30
-    return int(min(available // 4, 4 << 30))
+def axis_limits(model: Any, activation_name: str, n_pos: int) -> Dict[str, int]:
+    """The range of every axis name TransformerLens knows (K/V heads on grouped-query models)."""
+    n_heads = model.cfg.n_heads
+    if activation_name in ("k", "v") and getattr(model.cfg, "n_key_value_heads", None) is not None:
+        n_heads = model.cfg.n_key_value_heads
+    return {
+        "layer": model.cfg.n_layers,
+        "pos": n_pos,
+        "src_pos": n_pos,
+        "dest_pos": n_pos,
+        "head_index": n_heads,
+        "head": n_heads,
+    }
 
 
-def cells_per_chunk(
-    cfg: Any,
-    batch: int,
+def index_table(
+    model: Any,
     n_pos: int,
-    dtype_bytes: int,
-    device: torch.device,
-    chunk_size: Optional[int],
-    memory_budget: Optional[int],
-) -> int:
-    """How many cells one batched forward runs: ``chunk_size`` if given, else from the budget."""
-    if chunk_size is not None:
-        if isinstance(chunk_size, bool) or not isinstance(chunk_size, int) or chunk_size < 1:
-            raise ValueError(f"chunk_size must be a positive integer (cells per forward), got {chunk_size!r}")
-        return chunk_size
-    if memory_budget is None:
-        memory_budget = default_memory_budget(device)
-    elif memory_budget <= 0:
-        raise ValueError(f"memory_budget must be a positive number of bytes, got {memory_budget!r}")
-    rows = memory_budget // max(1, forward_bytes_per_row(cfg, n_pos, dtype_bytes))
-    return max(1, int(rows) // batch)
+    activation_name: str,
+    index_axis_names: Optional[Sequence[str]],
+    index_df: Optional[pd.DataFrame],
+) -> Tuple[pd.DataFrame, Optional[Tuple[int, ...]]]:
+    """A sweep's cells (one row each) and, unless ``index_df`` was given (flat output), its grid's shape."""
+    limits = axis_limits(model, activation_name, n_pos)
+    if index_df is None:
+        if index_axis_names is None:
+            raise ValueError("give either index_axis_names or index_df")
+        unknown = [a for a in index_axis_names if a not in limits]
+        if unknown:
+            raise ValueError(f"unknown index axis names {unknown}; known: {sorted(limits)}")
+        grid = tuple(limits[a] for a in index_axis_names)
+        return make_df_from_ranges(grid, index_axis_names), grid
+    if index_axis_names is not None:
+        raise ValueError("give index_axis_names or index_df, not both")
+    check_index_df(index_df, limits)
+    return index_df, None
 
 
-def make_chunks(n_cells: int, per_chunk: int) -> List[Chunk]:
-    """Equal-sized contiguous chunks (the last one may be smaller)."""
-    n_chunks = -(-n_cells // per_chunk)
-    size = -(-n_cells // max(1, n_chunks))  # balance: 10 cells at 8 per chunk -> 5 + 5, not 8 + 2
-    return [Chunk(start, min(start + size, n_cells)) for start in range(0, n_cells, size)]
+# ---- what a backend needs of a plan ------------------------------------------------------------
+@dataclass
+class NativeWork:
+    """A plan's cells as the native driver runs them.
+
+    ``groups`` maps a first changed position ``start`` to its cells, sorted by entry point;
+    ``group_resid(start)`` returns ``cell -> [batch, pos - start, d_model]``, the residual a cell
+    of that group enters the forward with. ``no_ops`` change nothing: their value is the
+    corrupted baseline. ``logits_of``, when set, gives each grouped cell's full
+    ``[batch, pos, d_vocab]`` logits directly (no forward from an entry residual).
+    """
+
+    groups: Dict[int, List[NativeCell]]
+    no_ops: List[int]
+    group_resid: Callable[[int], Callable[[int], torch.Tensor]]
+    logits_of: Optional[Callable[[int], torch.Tensor]] = None
+
+
+class PatchPlan(ABC):
+    """What the driver needs of a plan: its cells, and how each backend patches them.
+
+    Cells are numbered by their place in ``cells``; the driver hands each backend method the
+    cells (a subset, in order) that this process runs, and refers to them by their number in
+    that list.
+    """
+
+    #: progress-bar description and unit
+    label: str = "patching"
+    unit: str = "cell"
+    #: why the native backend cannot run this plan (``None``: it can)
+    native_unsupported: Optional[str] = None
+    #: why only the native backend can run this plan (``None``: the hook backend can too)
+    needs_native: Optional[str] = None
+
+    @property
+    @abstractmethod
+    def cells(self) -> Sequence[Any]:
+        """Every cell of the plan, in run order."""
+
+    @abstractmethod
+    def prepare(self) -> None:
+        """Validate and fetch the inputs the cells read (run once, after the backend is chosen)."""
+
+    def hooks_context(self) -> ContextManager:
+        """Model settings the hook backend needs for the whole run (e.g. the Q/K/V input fork)."""
+        return nullcontext()
+
+    @abstractmethod
+    def patched_logits(self, cells: Sequence[Any]) -> torch.Tensor:
+        """Hook backend: logits ``[len(cells) * batch, pos, d_vocab]`` of one forward with each
+        cell's patch in its own ``batch`` rows."""
+
+    @abstractmethod
+    def native_work(self, engine: NativeEngine, cells: Sequence[Any]) -> NativeWork:
+        """Native backend: ``cells`` grouped by first changed position, with their entry residuals."""

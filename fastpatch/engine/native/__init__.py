@@ -8,6 +8,6 @@
   block, reuses the corrupted run's K/V prefix, and computes only the logits a metric reads.
 """
 
-from fastpatch.engine.native.model import NativeModel, ParityError, UnsupportedModel
+from fastpatch.engine.native.model import NativeEngine, NativeModel, ParityError, UnsupportedModel
 
-__all__ = ["NativeModel", "ParityError", "UnsupportedModel"]
+__all__ = ["NativeEngine", "NativeModel", "ParityError", "UnsupportedModel"]

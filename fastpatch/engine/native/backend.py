@@ -12,17 +12,29 @@ and only the read vocabulary columns when they name them.
 from __future__ import annotations
 
 from collections import defaultdict
-from typing import Callable, Dict, List, Mapping, Optional, Tuple
+from typing import Callable, Dict, List, Mapping, NamedTuple, Optional, Sequence, Tuple
 
 import torch
 from torch import Tensor
 
-from fastpatch.engine.native.cells import ATTN, MLP, cell_resid, changed_positions, entry_point, first_changed_positions
+from fastpatch.engine.native.cells import (
+    ATTN,
+    MLP,
+    NativeCell,
+    cell_resid,
+    changed_positions,
+    entry_point,
+    first_changed_positions,
+)
 from fastpatch.engine.native.model import NativeModel, Trace
-from fastpatch.engine.plan import Sweep
+from fastpatch.engine.plan import CellLocation, Sweep
 
-# (cell number in the plan, entry block, entry stage)
-_Cell = Tuple[int, int, int]
+
+class NativeGroups(NamedTuple):
+    """Cells by first changed position (each group sorted by entry), and the cells that change nothing."""
+
+    groups: Dict[int, List[NativeCell]]
+    no_ops: List[int]
 
 
 def bytes_per_row(native: NativeModel, n_pos: int, start: int, full_logits: bool, dtype_bytes: int) -> int:
@@ -35,60 +47,69 @@ def bytes_per_row(native: NativeModel, n_pos: int, start: int, full_logits: bool
     return int((per_pos * n + logits) * dtype_bytes)
 
 
-def group_cells(
-    native: NativeModel, trace: Trace, sweeps: List[Sweep], locations: List[Tuple[int, int]], clean: Mapping[str, Tensor]
-) -> Tuple[Dict[int, List[_Cell]], List[int]]:
-    """Cells by first changed position, each group sorted by entry; and the no-op cells."""
-    groups: Dict[int, List[_Cell]] = defaultdict(list)
+def group_by_start(starts: Sequence[Optional[int]], entries: Sequence[Tuple[int, int]]) -> NativeGroups:
+    """Cells by first changed position ``starts[cell]`` (``None``: a no-op), each group sorted by
+    entry ``(block, stage)``; Python's stable sort keeps the caller's order among equal entries."""
+    groups: Dict[int, List[NativeCell]] = defaultdict(list)
     no_ops = []
-    if not locations:
-        return {}, no_ops
-    cells = [(sweeps[s], sweeps[s].indices[r].tolist()) for s, r in locations]
-    changed = torch.stack([changed_positions(native, trace, sweep.activation_name, index, sweep.patch_setter,
-                                             clean[sweep.hook_name(index[0])]) for sweep, index in cells])
-    for cell, ((sweep, index), start) in enumerate(zip(cells, first_changed_positions(changed))):
+    for cell, (start, entry) in enumerate(zip(starts, entries)):
         if start is None:
             no_ops.append(cell)
-            continue
-        groups[start].append((cell,) + entry_point(native, sweep.activation_name, index[0]))
-    for cells in groups.values():
-        cells.sort(key=lambda c: (c[1], c[2]))
-    return dict(sorted(groups.items())), no_ops
+        else:
+            groups[start].append(NativeCell(cell, *entry))
+    for members in groups.values():
+        members.sort(key=lambda c: (c.block, c.stage))
+    return NativeGroups(dict(sorted(groups.items())), no_ops)
+
+
+def group_cells(
+    native: NativeModel, trace: Trace, sweeps: List[Sweep], locations: Sequence[CellLocation], clean: Mapping[str, Tensor]
+) -> NativeGroups:
+    """An activation plan's cells by first changed position, each group sorted by entry; and the no-op cells."""
+    if not locations:
+        return NativeGroups({}, [])
+    cells = [(sweeps[loc.sweep], sweeps[loc.sweep].indices[loc.row].tolist()) for loc in locations]
+    changed = torch.stack([changed_positions(native, trace, sweep.activation_name, index, sweep.patch_setter,
+                                             clean[sweep.hook_name(index[0])]) for sweep, index in cells])
+    entries = [entry_point(native, sweep.activation_name, index[0]) for sweep, index in cells]
+    return group_by_start(first_changed_positions(changed), entries)
 
 
 def sweep_resid(
-    native: NativeModel, trace: Trace, sweeps: List[Sweep], locations: List[Tuple[int, int]], clean: Mapping[str, Tensor], start: int
+    native: NativeModel, trace: Trace, sweeps: List[Sweep], locations: Sequence[CellLocation], clean: Mapping[str, Tensor],
+    start: int,
 ) -> Callable[[int], Tensor]:
-    """``cell -> [batch, pos - start, d_model]`` entry residual of a plan's activation-patching cells."""
+    """``cell -> [batch, pos - start, d_model]`` entry residual of an activation plan's cells."""
 
     def resid(cell: int) -> Tensor:
-        s, r = locations[cell]
-        sweep = sweeps[s]
-        index = sweep.indices[r].tolist()
+        sweep = sweeps[locations[cell].sweep]
+        index = sweep.indices[locations[cell].row].tolist()
         clean_act = clean[sweep.hook_name(index[0])]
         return cell_resid(native, trace, sweep.activation_name, index, sweep.patch_setter, clean_act, start)
 
     return resid
 
 
-def run_chunk(
+def forward_from_entries(
     native: NativeModel,
     trace: Trace,
     start: int,
-    cells: List[_Cell],
+    cells: Sequence[NativeCell],
     resid_of: Callable[[int], Tensor],
     read_index: Optional[int] = None,
 ) -> Tuple[Tensor, List[int]]:
-    """Final residual of a chunk of cells sharing ``start``, and the cell numbers in row order
-    (``batch`` rows each). ``resid_of(cell)`` gives a cell's entry residual ``[batch, pos - start, d_model]``.
+    """Run a chunk of cells sharing ``start`` from their entry points to the final residual.
+
+    Returns that residual and the cell numbers in row order (``batch`` rows each).
+    ``resid_of(cell)`` gives a cell's entry residual ``[batch, pos - start, d_model]``.
 
     The residual is ``[rows, pos - start, d_model]``; with ``read_index`` (the one position a
     metric reads, counted from ``start``) the last block computes its queries, attention output
     and MLP at that position only, and the result is ``[rows, 1, d_model]``.
     """
     by_entry: Dict[Tuple[int, int], List[int]] = defaultdict(list)
-    for cell, layer, stage in cells:
-        by_entry[(layer, stage)].append(cell)
+    for cell, block, stage in cells:
+        by_entry[(block, stage)].append(cell)
     batch = trace.resid_pre[0].shape[0]
     last = native.n_layers - 1
     order: List[int] = []

@@ -27,7 +27,7 @@ values must be TransformerLens's.
 
 from __future__ import annotations
 
-from typing import Callable, List, Optional, Tuple
+from typing import Callable, List, NamedTuple, Optional, Tuple
 
 import torch
 from jaxtyping import Bool
@@ -41,19 +41,34 @@ SUPPORTED_ACTIVATIONS = ("resid_pre", "resid_mid", "attn_out", "mlp_out", "z", "
 ATTN, MLP = 0, 1
 
 
+class Entry(NamedTuple):
+    """Where a cell's rows join the forward: before ``stage`` (ATTN or MLP) of ``block``."""
+
+    block: int
+    stage: int
+
+
+class NativeCell(NamedTuple):
+    """A plan cell as the native backend runs it: its number in the plan and its entry point."""
+
+    cell: int
+    block: int
+    stage: int
+
+
 def _trace_activation(native: NativeModel, trace: Trace, name: str, layer: int) -> Tensor:
     if name == "resid_mid" and native.parallel:
         raise ValueError("parallel attention+MLP blocks have no resid_mid")
     return getattr(trace, name)[layer]
 
 
-def entry_point(native: NativeModel, activation_name: str, layer: int) -> Tuple[int, int]:
-    """(block, stage) where a patch of ``activation_name`` at ``layer`` first changes the residual."""
+def entry_point(native: NativeModel, activation_name: str, layer: int) -> Entry:
+    """Where a patch of ``activation_name`` at ``layer`` first changes the residual."""
     if activation_name == "resid_pre":
-        return layer, ATTN
+        return Entry(layer, ATTN)
     if activation_name in ("mlp_out", "resid_mid") or native.parallel:
-        return layer + 1, ATTN
-    return layer, MLP
+        return Entry(layer + 1, ATTN)
+    return Entry(layer, MLP)
 
 
 def _patched(native: NativeModel, trace: Trace, activation_name: str, index: list, patch_setter: Callable, clean: Tensor) -> Tuple[Tensor, Tensor]:
@@ -87,41 +102,41 @@ def cell_resid(
     index: list,
     patch_setter: Callable,
     clean: Tensor,
-    s: int,
+    start: int,
 ) -> Tensor:
-    """The residual ``[batch, pos - s, d_model]`` the cell's rows enter the model with (see the table)."""
+    """The residual ``[batch, pos - start, d_model]`` the cell's rows enter the model with (see the table)."""
     layer = index[0]
     patched, _ = _patched(native, trace, activation_name, index, patch_setter, clean)
     if activation_name == "resid_pre":
-        return patched[:, s:]
+        return patched[:, start:]
     if activation_name == "resid_mid":  # the bridge's hook_resid_mid is ln2.hook_in: the MLP input only
-        return trace.resid_mid[layer][:, s:] + native.mlp(layer, patched[:, s:])
+        return trace.resid_mid[layer][:, start:] + native.mlp(layer, patched[:, start:])
     if activation_name == "mlp_out":
         if native.parallel:
-            return trace.resid_pre[layer][:, s:] + trace.attn_out[layer][:, s:] + patched[:, s:]
-        return trace.resid_mid[layer][:, s:] + patched[:, s:]
+            return trace.resid_pre[layer][:, start:] + trace.attn_out[layer][:, start:] + patched[:, start:]
+        return trace.resid_mid[layer][:, start:] + patched[:, start:]
     if activation_name == "attn_out":
-        attn_out = patched[:, s:]
+        attn_out = patched[:, start:]
     else:
-        attn_out = native.attn_out(layer, _patched_z(native, trace, activation_name, layer, patched, s))
-    resid_pre = trace.resid_pre[layer][:, s:]
+        attn_out = native.attn_out(layer, _patched_z(native, trace, activation_name, layer, patched, start))
+    resid_pre = trace.resid_pre[layer][:, start:]
     if native.parallel:
-        return resid_pre + attn_out + trace.mlp_out[layer][:, s:]
+        return resid_pre + attn_out + trace.mlp_out[layer][:, start:]
     return resid_pre + attn_out
 
 
-def _patched_z(native: NativeModel, trace: Trace, name: str, layer: int, patched: Tensor, s: int) -> Tensor:
-    """Head outputs ``[batch, pos - s, n_heads, d_head]`` of block ``layer`` with a q/k/v/pattern/z patch."""
+def _patched_z(native: NativeModel, trace: Trace, name: str, layer: int, patched: Tensor, start: int) -> Tensor:
+    """Head outputs ``[batch, pos - start, n_heads, d_head]`` of block ``layer`` with a q/k/v/pattern/z patch."""
     if name == "z":
-        return patched[:, s:]
+        return patched[:, start:]
     if name == "pattern":
         v = trace.v[layer]
         group = native.n_heads // v.shape[2]
         if group > 1:
             v = v.repeat_interleave(group, dim=2)
-        return torch.einsum("bhqk,bkhe->bqhe", patched[:, :, s:], v)
+        return torch.einsum("bhqk,bkhe->bqhe", patched[:, :, start:], v)
     q = patched if name == "q" else trace.q[layer]
     k_rot = native.rotate(layer, patched, 0) if name == "k" else trace.k_rot[layer]
     v = patched if name == "v" else trace.v[layer]
-    _, z = native.attend(native.rotate(layer, q[:, s:], s), k_rot, v, s)
+    _, z = native.attend(native.rotate(layer, q[:, start:], start), k_rot, v, start)
     return z

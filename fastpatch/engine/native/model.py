@@ -12,7 +12,7 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass, field
-from typing import Any, Callable, Dict, List, Optional
+from typing import Any, Callable, Dict, List, NamedTuple, Optional
 
 import torch
 import torch.nn.functional as F
@@ -316,7 +316,7 @@ class NativeModel:
                 )
 
     @classmethod
-    def checked(cls, model: Any, tokens: Tensor) -> tuple:
+    def checked(cls, model: Any, tokens: Tensor) -> "NativeEngine":
         """Build the native model, trace ``tokens`` and check parity with the model's own run."""
         native = cls(model)
         with torch.no_grad():
@@ -330,7 +330,7 @@ class NativeModel:
                     native.rotary.append((cos.reshape(-1, cos.shape[-2], cos.shape[-1])[0], sin.reshape(-1, sin.shape[-2], sin.shape[-1])[0]))
             trace = native.trace(tokens)
         native.check_parity(logits, cache, trace)
-        return native, native.trace_from_cache(cache, logits)
+        return NativeEngine(native, native.trace_from_cache(cache, logits))
 
     def trace_from_cache(self, cache: Any, logits: Tensor) -> Trace:
         """The model's own activations in trace form (after the parity check has vouched for the
@@ -347,3 +347,10 @@ class NativeModel:
             t.k_rot.append(self.rotate(l, t.k[l], 0))
         t.resid_final = cache[f"blocks.{self.n_layers - 1}.hook_resid_post"]
         return t
+
+
+class NativeEngine(NamedTuple):
+    """What the native backend runs a plan on: the checked native model and the corrupted run's trace."""
+
+    native: NativeModel
+    trace: Trace

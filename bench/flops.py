@@ -1,24 +1,37 @@
 """The FLOPs a sweep cannot avoid: the sum over cells of the compute after each cell's entry.
 
-For each cell (see ``cells``): every block from its entry block on, over positions
-``start..pos-1`` only, attending over the keys up to each position; then the final
-unembedding of what the metric reads (the full ``[pos - start, d_vocab]`` logits for a plain
-callable, one position's named columns or full row for a ``fastpatch.metrics`` metric).
-No-op cells cost nothing. A multiply-add counts as 2 FLOPs; norms, softmax and the few FLOPs
-of recomputing one head are left out, so this is a lower bound of the work done.
+For each cell (see ``fastpatch/engine/native/cells.py``): every block from its entry block on,
+over positions ``start..pos-1`` only, attending over the keys up to each position; then the
+final unembedding of what the metric reads (the full ``[pos - start, d_vocab]`` logits for a
+plain callable, one position's named columns or full row for a ``fastpatch.metrics`` metric).
+No-op cells cost nothing. A multiply-add counts as 2 FLOPs; norms, softmax and the few FLOPs of
+recomputing one head are left out, so this is a lower bound of the work done.
+
+The cells, their first changed positions and entry points come from the engine itself (the
+same grouping the native backend runs), so the count follows the engine's skipping rules.
 """
 
 from __future__ import annotations
 
-from typing import Any, List, Optional
+from typing import Any, Callable, List, Optional, Sequence
 
 import torch
 
+from fastpatch import patching as fp
+from fastpatch.engine.metric_set import MetricSet
+from fastpatch.engine.native import NativeModel
 from fastpatch.engine.native.backend import group_cells
 from fastpatch.engine.native.cells import ATTN
-from fastpatch.engine.native.model import NativeModel
-from fastpatch.engine.plan import Sweep, cell_locations
-from fastpatch.engine.runner import MetricSet, clean_activations_for
+from fastpatch.engine.plan import Sweep, cell_locations, index_table
+from fastpatch.engine.probing import clean_activations_for
+
+# The sweeps each ``*_every`` helper runs in one plan, in TransformerLens's patch-type order.
+_HEAD_KINDS = ("out", "q", "k", "v", "pattern")
+EVERY_PARTS = {
+    "get_act_patch_attn_head_all_pos_every": [f"get_act_patch_attn_head_{kind}_all_pos" for kind in _HEAD_KINDS],
+    "get_act_patch_attn_head_by_pos_every": [f"get_act_patch_attn_head_{kind}_by_pos" for kind in _HEAD_KINDS],
+    "get_act_patch_block_every": ["get_act_patch_resid_pre", "get_act_patch_attn_out", "get_act_patch_mlp_out"],
+}
 
 
 def _attention_flops(native: NativeModel, d_model: int, start: int, n_pos: int) -> int:
@@ -50,26 +63,23 @@ def lower_bound_flops(model: Any, corrupted_tokens: torch.Tensor, clean_cache: A
         else:
             columns = sum(d_vocab if r.tokens is None else r.tokens.shape[1] for r in reads)
             unembed = 2 * d_model * columns
-        for _, layer, stage in cells:
-            blocks = native.n_layers - layer
-            cost = blocks * mlp + max(0, blocks - (0 if stage == ATTN else 1)) * attn
+        for cell in cells:
+            blocks = native.n_layers - cell.block
+            cost = blocks * mlp + max(0, blocks - (0 if cell.stage == ATTN else 1)) * attn
             total += batch * (cost + unembed)
     return int(total)
 
 
-def sweep_lower_bound_flops(sweep_fn: Any, model: Any, corrupted_tokens: torch.Tensor, clean_cache: Any, metric: Any) -> int:
+def sweep_lower_bound_flops(
+    sweep_fn: Callable, model: Any, corrupted_tokens: torch.Tensor, clean_cache: Any, metric: Any
+) -> int:
     """``lower_bound_flops`` of one ``fastpatch.patching`` sweep function (``get_act_patch_*``,
     including the ``*_every`` helpers, which run several sweeps in one plan)."""
-    from fastpatch import patching as fp
-
-    parts = {
-        fp.get_act_patch_attn_head_all_pos_every: fp._HEAD_ALL_POS,
-        fp.get_act_patch_attn_head_by_pos_every: fp._HEAD_BY_POS,
-        fp.get_act_patch_block_every: fp._BLOCK,
-    }.get(sweep_fn, (sweep_fn,))
+    names: Sequence[str] = EVERY_PARTS.get(getattr(sweep_fn, "__name__", ""), ())
+    parts = [getattr(fp, name) for name in names] or [sweep_fn]
     sweeps = []
     for part in parts:
         name = part.keywords["activation_name"]
-        index_df, _ = fp._index_table(model, corrupted_tokens, name, part.keywords["index_axis_names"], None)
+        index_df, _ = index_table(model, corrupted_tokens.shape[-1], name, part.keywords["index_axis_names"], None)
         sweeps.append(Sweep(name, part.keywords["patch_setter"], index_df))
     return lower_bound_flops(model, corrupted_tokens, clean_cache, sweeps, metric)

@@ -1,0 +1,85 @@
+"""The one driver of every batched plan (activation sweeps and direct paths alike).
+
+``run_plan`` is where a plan meets the machine: it validates the chunking options, picks the
+backend, shards the cells over ``torch.distributed`` ranks, records the run's stats, shows the
+progress bar, hands this rank's cells to the hooks or the native driver, and gathers the
+values. It also leaves the model as it found it and computes the corrupted baseline on request.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any, NamedTuple, Optional
+
+import torch
+from jaxtyping import Float
+from torch import Tensor
+from tqdm.auto import tqdm
+
+from fastpatch.engine import stats as run_stats
+from fastpatch.engine.backend_choice import select_backend
+from fastpatch.engine.chunks import ChunkBudget, forward_bytes_per_row
+from fastpatch.engine.distributed import gather, my_cells, shard
+from fastpatch.engine.hooks_driver import run_hooks_cells
+from fastpatch.engine.metric_set import MetricSet
+from fastpatch.engine.model_state import preserved_model_state
+from fastpatch.engine.native_driver import run_native_cells
+from fastpatch.engine.plan import PatchPlan
+
+
+@dataclass(frozen=True)
+class RunOptions:
+    """fastpatch's own keywords of every batched call (see ``fastpatch.patching``)."""
+
+    backend: str = "auto"
+    chunk_size: Optional[int] = None
+    memory_budget: Optional[int] = None
+    progress: bool = True
+    distributed: Optional[bool] = None
+
+
+class PlanValues(NamedTuple):
+    """A plan's metric values: every cell's, and the unpatched corrupted run's when asked for."""
+
+    cells: Float[Tensor, "n_cells n_metrics ..."]
+    baseline: Optional[Float[Tensor, "n_metrics ..."]]
+
+
+def model_device(model: Any, tokens: Tensor) -> torch.device:
+    """Where a run's values live: the model's configured device, else the tokens'."""
+    device = getattr(model.cfg, "device", None)
+    return torch.device(device) if device is not None else tokens.device
+
+
+def run_plan(
+    model: Any, tokens: Tensor, plan: PatchPlan, metrics: MetricSet, options: RunOptions, *, baseline: bool = False
+) -> PlanValues:
+    """Run every cell of ``plan`` on ``tokens`` (the corrupted run) and return their metric values.
+
+    Under ``torch.distributed`` (see ``fastpatch.engine.distributed``) this rank runs its share
+    of the cells and every rank returns the full result. Values are float32 on the model's device.
+    """
+    device = model_device(model, tokens)
+    budget = ChunkBudget.from_options(options.chunk_size, options.memory_budget, device)
+    rank_world = shard(options.distributed)
+    batch, n_pos = tokens.shape
+    dtype_bytes = torch.finfo(getattr(model.cfg, "dtype", torch.float32) or torch.float32).bits // 8
+    with preserved_model_state(model), torch.no_grad():
+        baseline_values = metrics.evaluate(model.run_with_hooks(tokens, fwd_hooks=[])) if baseline else None
+        engine = select_backend(model, tokens, options.backend, plan.native_unsupported)
+        if engine is None and plan.needs_native is not None:
+            raise ValueError(plan.needs_native)
+        plan.prepare()
+        mine = my_cells(len(plan.cells), rank_world)
+        cells = [plan.cells[i] for i in mine]
+        values = torch.empty((len(cells),) + metrics.value_shape(), device=device)
+        with run_stats.recording(device, len(cells)) as stats, tqdm(
+            total=len(cells), desc=plan.label, disable=not options.progress, unit=plan.unit
+        ) as bar:
+            stats.backend = "hooks" if engine is None else "native"
+            if engine is None:
+                per_chunk = budget.cells_per_chunk(forward_bytes_per_row(model.cfg, n_pos, dtype_bytes), batch)
+                run_hooks_cells(plan, cells, metrics, values, per_chunk, bar)
+            else:
+                run_native_cells(engine, plan.native_work(engine, cells), metrics, values, budget, dtype_bytes, bar)
+    return PlanValues(gather(values, mine, len(plan.cells), rank_world), baseline_values)

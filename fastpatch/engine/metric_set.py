@@ -1,0 +1,87 @@
+"""The caller's metrics, applied to each cell with TransformerLens's shape rules.
+
+The engine's contract with a metric: any callable of ``[batch, pos, d_vocab]`` logits. A metric
+may also declare what it reads (:func:`logit_reads`): a ``reads`` attribute with ``position``
+(one sequence position) and ``tokens`` (``[batch, k]`` token ids, or ``None`` for the whole
+vocabulary row), and a ``from_selected`` method that computes the metric from those logits
+alone. ``fastpatch.metrics`` implements that protocol; the engine never imports it.
+"""
+
+from __future__ import annotations
+
+from typing import Any, Callable, Dict, List, Mapping, Optional, Union
+
+import torch
+from jaxtyping import Float
+from torch import Tensor
+
+from fastpatch.engine.checks import check_metric_output
+
+# Every patching metric's type: ``logits [batch, pos, d_vocab] -> value`` (0-d, or ``[batch]``).
+MetricFn = Callable[[Tensor], Tensor]
+REDUCE_MODES = ("scalar", "mean", "none")
+
+
+def logit_reads(metric: Any) -> Optional[Any]:
+    """What ``metric`` declares it reads of the logits (``.position``, ``.tokens``), or ``None``
+    when it needs the full logits: any callable without both ``reads`` and ``from_selected``."""
+    reads = getattr(metric, "reads", None)
+    if reads is None or not callable(getattr(metric, "from_selected", None)):
+        return None
+    return reads
+
+
+class MetricSet:
+    """The caller's metric (or mapping of named metrics) with TransformerLens's shape rules."""
+
+    def __init__(self, patching_metric: Union[MetricFn, Mapping[str, MetricFn]], reduce: str, batch: int):
+        if reduce not in REDUCE_MODES:
+            raise ValueError(f"reduce must be one of {REDUCE_MODES}, got {reduce!r}")
+        if isinstance(patching_metric, Mapping):
+            self.metrics: Dict[str, MetricFn] = dict(patching_metric)
+            if not self.metrics:
+                raise ValueError("patching_metric mapping must contain at least one metric")
+            self.has_metric_axis = True
+        else:
+            if not callable(patching_metric):
+                raise ValueError(f"patching_metric must be callable, got {type(patching_metric).__name__}")
+            self.metrics = {"metric": patching_metric}
+            self.has_metric_axis = False
+        self.reduce = reduce
+        self.per_example = reduce != "scalar"
+        self.batch = batch
+
+    @property
+    def names(self) -> List[str]:
+        return list(self.metrics)
+
+    def value_shape(self) -> tuple:
+        """Shape of one cell's values: ``[n_metrics, batch?]``."""
+        return (len(self.metrics),) + ((self.batch,) if self.per_example else ())
+
+    def common_reads(self) -> Optional[list]:
+        """Each metric's declared reads when all declare them at one position, else ``None``."""
+        reads = [logit_reads(fn) for fn in self.metrics.values()]
+        if any(r is None for r in reads) or len({r.position for r in reads}) != 1:
+            return None
+        return reads
+
+    def _checked(self, name: str, out: Any, device: torch.device) -> Tensor:
+        out = torch.as_tensor(out)
+        check_metric_output(out, name, self.per_example, self.batch, self.reduce)
+        return out.detach().to(device=device, dtype=torch.float32)
+
+    def evaluate_selected(self, selections: List[Tensor]) -> Float[Tensor, "n_metrics ..."]:
+        """Every metric from the logits it reads (``metric.from_selected``), ``[n_metrics, batch?]``."""
+        return torch.stack(
+            [self._checked(name, fn.from_selected(sel), sel.device) for (name, fn), sel in zip(self.metrics.items(), selections)]
+        )
+
+    def evaluate(self, logits: Float[Tensor, "batch pos d_vocab"]) -> Float[Tensor, "n_metrics ..."]:
+        """Every metric on one cell's logits, stacked to ``[n_metrics, batch?]``."""
+        return torch.stack([self._checked(name, fn(logits), logits.device) for name, fn in self.metrics.items()])
+
+    def evaluate_cells(self, logits: Float[Tensor, "cells_x_batch pos d_vocab"]) -> Float[Tensor, "cells n_metrics ..."]:
+        """Every metric on each cell's ``[batch]`` row block of a stacked forward's logits."""
+        n_cells = logits.shape[0] // self.batch
+        return torch.stack([self.evaluate(logits[c * self.batch : (c + 1) * self.batch]) for c in range(n_cells)])
