@@ -101,6 +101,7 @@ def _named(which: str, by_pos: bool, shape: str) -> Callable[..., Tensor]:
         lambda model, clean, corrupted, metric, reduce, operation: _atpstar(
             model, clean, corrupted, metric, which, by_pos, reduce, operation
         ),
+        shape,
     )
 
 

@@ -22,17 +22,7 @@ from typing import Any, Dict, Optional
 from jaxtyping import Float
 from torch import Tensor
 
-from fastpatch.attribution.passes import (
-    SWEEPS,
-    Tokens,
-    capture,
-    check_inputs,
-    difference,
-    finish,
-    gradients,
-    hook_names,
-    layer_stack,
-)
+from fastpatch.attribution.passes import SWEEPS, Tokens, capture, check_inputs, difference, finish, gradients, hook_names, layer_stack
 from fastpatch.engine.model_state import preserved_model_state
 from fastpatch.metrics import MetricFn
 

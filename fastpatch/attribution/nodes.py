@@ -119,14 +119,16 @@ def attribute_nodes(
     return {s: finish(v, reduce) for s, v in out.items()}
 
 
-def _named(name: str, doc: str, sweeps: Sequence[str], combine: Callable[[Any, Dict[str, Tensor]], Tensor]) -> Callable[..., Tensor]:
+def _named(
+    name: str, doc: str, shape: str, sweeps: Sequence[str], combine: Callable[[Any, Dict[str, Tensor]], Tensor]
+) -> Callable[..., Tensor]:
     """A public ``get_attr_patch_*`` function: ``sweeps`` from one set of passes, ``combine``d
     (``(model, {sweep: [batch, n_layers, *cell]}) -> [batch, ...]``), then finished per ``reduce``."""
 
     def run(model: Any, clean: Tensor, corrupted: Tensor, metric: MetricFn, reduce: str, operation: str) -> Tensor:
         return finish(combine(model, _batch_first(model, clean, corrupted, metric, sweeps, reduce, operation)), reduce)
 
-    return named_estimator(name, doc, run)
+    return named_estimator(name, doc, run, shape)
 
 
 def _sweep(sweep: str, shape: str) -> Callable[..., Tensor]:
@@ -139,7 +141,7 @@ def _sweep(sweep: str, shape: str) -> Callable[..., Tensor]:
         "(K/V heads are ``n_key_value_heads`` on grouped-query models), with a trailing ``batch`` "
         "axis for ``reduce='none'``."
     )
-    return _named(f"get_attr_patch_{sweep}", doc, [sweep], lambda model, out: out[sweep])
+    return _named(f"get_attr_patch_{sweep}", doc, shape, [sweep], lambda model, out: out[sweep])
 
 
 get_attr_patch_resid_pre = _sweep("resid_pre", "[n_layers, pos]")
@@ -168,6 +170,7 @@ get_attr_patch_attn_head_all_pos_every = _named(
     Stacked like ``get_act_patch_attn_head_all_pos_every``: grouped-query K/V zero-padded to
     ``n_heads``. Trailing ``batch`` axis for ``reduce='none'``.
     """,
+    "[patch_type, n_layers, n_heads]",
     HEAD_ALL_POS,
     lambda model, out: stack_head_sweeps([out[s] for s in HEAD_ALL_POS], model.cfg.n_heads, by_pos=False, dim=1),
 )
@@ -178,12 +181,14 @@ get_attr_patch_attn_head_by_pos_every = _named(
     Stacked like ``get_act_patch_attn_head_by_pos_every``: the pattern sweep rearranged from
     ``[layer, head, dest_pos]`` to ``[layer, pos, head]``, grouped-query K/V zero-padded.
     """,
+    "[patch_type, n_layers, pos, n_heads]",
     HEAD_BY_POS,
     lambda model, out: stack_head_sweeps([out[s] for s in HEAD_BY_POS], model.cfg.n_heads, by_pos=True, dim=1),
 )
 get_attr_patch_block_every = _named(
     "get_attr_patch_block_every",
     "resid_pre, attn_out, mlp_out by position from one pass: ``[3, n_layers, pos]``.",
+    "[patch_type, n_layers, pos]",
     BLOCK,
     lambda model, out: torch.stack([out[s] for s in BLOCK], dim=1),
 )

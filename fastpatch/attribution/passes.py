@@ -284,10 +284,12 @@ def capture(
 Estimator = Callable[[Any, Tensor, Tensor, MetricFn, str, str], Tensor]
 
 
-def named_estimator(name: str, doc: str, run: Estimator) -> Callable[..., Tensor]:
+def named_estimator(name: str, doc: str, run: Estimator, shape: str) -> Callable[..., Tensor]:
     """The public function ``name(model, clean_tokens, corrupted_tokens, patching_metric, *,
     reduce="scalar")`` that every fixed-sweep ``get_attr_patch_*`` shares; it calls ``run`` with
-    ``"name()"`` as the operation that error messages name."""
+    ``"name()"`` as the operation that error messages name. ``shape``: the result's axes for
+    ``reduce="scalar"`` (e.g. ``"[n_layers, pos]"``), written into the return annotation with the
+    trailing batch axis of ``reduce="none"``."""
 
     def fn(
         model: Any, clean_tokens: Tokens, corrupted_tokens: Tokens, patching_metric: MetricFn, *, reduce: str = "scalar"
@@ -296,6 +298,8 @@ def named_estimator(name: str, doc: str, run: Estimator) -> Callable[..., Tensor
 
     fn.__name__ = fn.__qualname__ = name
     fn.__doc__ = doc
+    axes = shape.strip("[]").replace(",", "")
+    fn.__annotations__["return"] = f'Float[Tensor, "{axes} *batch"]'
     return fn
 
 
