@@ -50,7 +50,7 @@ Run on CPU tensors with ``TRITON_INTERPRET=1`` set before this module is importe
 
 from __future__ import annotations
 
-from typing import Optional
+from typing import Any, Optional
 
 import torch
 import triton
@@ -58,7 +58,7 @@ import triton.language as tl
 from jaxtyping import Float
 from torch import Tensor
 
-from csrc_triton.launch import MAX_GRID_YZ, Launch, check_power_of_two, pick_block, target_arch
+from csrc_triton.launch import MAX_GRID_YZ, Launch, check_power_of_two, output_buffer, pick_block, target_arch
 from csrc_triton.row_moments import merge_row_moments
 
 
@@ -262,40 +262,25 @@ def delta_projection_triton(
     norm: str,
     eps: float,
     out: Optional[Float[Tensor, "src layer batch pos n_out"]] = None,
-    block_m: Optional[int] = None,
-    block_n: Optional[int] = None,
-    block_k: Optional[int] = None,
-    allow_tf32: bool = False,
-    num_warps: Optional[int] = None,
-    num_stages: Optional[int] = None,
+    **config: Any,
 ) -> Float[Tensor, "src layer batch pos n_out"]:
     """Launch ``_delta_projection_kernel``; arguments as ``fastpatch.ops.delta_projection_reference``.
 
     Shapes are assumed valid (the public function validates them). ``out`` (contiguous,
-    ``delta``'s dtype) is written in place when given. Block sizes must be powers of two; blocks
-    below 16 fall back from ``tl.dot`` to a multiply-sum (used by the interpreter tests to get
-    several tiles on tiny shapes). fp32 ``W`` is multiplied in IEEE fp32 unless ``allow_tf32``.
+    ``delta``'s dtype) is written in place when given. ``config`` overrides the plan's choices
+    (:func:`plan_delta_projection`: ``block_m``, ``block_n``, ``block_k``, ``allow_tf32``,
+    ``num_warps``, ``num_stages``). Block sizes must be powers of two; blocks below 16 fall back
+    from ``tl.dot`` to a multiply-sum (used by the interpreter tests to get several tiles on tiny
+    shapes). fp32 ``W`` is multiplied in IEEE fp32 unless ``allow_tf32``.
     """
     S, B, P, D = delta.shape
     L, N = W.shape[0], W.shape[2]
-    if out is None:
-        out = torch.empty((S, L, B, P, N), device=delta.device, dtype=delta.dtype)
-    elif out.shape != (S, L, B, P, N) or out.dtype != delta.dtype or out.device != delta.device:
-        raise ValueError(
-            f"out must be a {delta.dtype} tensor of shape {(S, L, B, P, N)} on {delta.device}, "
-            f"got {out.dtype} {tuple(out.shape)} on {out.device}"
-        )
-    elif not out.is_contiguous():
-        raise ValueError("out must be contiguous")
+    out = output_buffer(out, (S, L, B, P, N), delta.dtype, delta.device)
     if out.numel() == 0:
         return out
     if D == 0:
         return out.zero_()
-    plan_delta_projection(
-        delta, resid, norm_w, norm_b, W, out, mode=mode, norm=norm, eps=eps,
-        block_m=block_m, block_n=block_n, block_k=block_k, allow_tf32=allow_tf32,
-        num_warps=num_warps, num_stages=num_stages,
-    )()
+    plan_delta_projection(delta, resid, norm_w, norm_b, W, out, mode=mode, norm=norm, eps=eps, **config)()
     return out
 
 

@@ -51,7 +51,7 @@ Run on CPU tensors with ``TRITON_INTERPRET=1`` set before this module is importe
 
 from __future__ import annotations
 
-from typing import Optional
+from typing import Any, Optional
 
 import torch
 import triton
@@ -59,7 +59,7 @@ import triton.language as tl
 from jaxtyping import Float
 from torch import Tensor
 
-from csrc_triton.launch import MAX_GRID_YZ, Launch, check_power_of_two, pick_block, target_arch
+from csrc_triton.launch import MAX_GRID_YZ, Launch, check_power_of_two, output_buffer, target_arch
 from csrc_triton.row_moments import merge_row_moments
 
 
@@ -299,42 +299,25 @@ def qkv_edge_scores_triton(
     norm: str,
     eps: float,
     out: Optional[Float[Tensor, "writer layer reader"]] = None,
-    block_s: Optional[int] = None,
-    block_r: Optional[int] = None,
-    block_m: Optional[int] = None,
-    block_d: Optional[int] = None,
-    block_e: Optional[int] = None,
-    allow_tf32: bool = False,
-    num_warps: Optional[int] = None,
-    num_stages: Optional[int] = None,
+    **config: Any,
 ) -> Float[Tensor, "writer layer reader"]:
     """Launch ``_qkv_edge_scores_kernel``; arguments as ``fastpatch.ops.qkv_edge_scores_reference``.
 
     Shapes are assumed valid (the public function validates them). ``out`` (contiguous fp32
-    ``[writer, layer, reader]``) is written in place when given. Block sizes must be powers of
+    ``[writer, layer, reader]``) is written in place when given. ``config`` overrides the plan's
+    choices (:func:`plan_qkv_edge_scores`: ``block_s``, ``block_r``, ``block_m``, ``block_d``,
+    ``block_e``, ``allow_tf32``, ``num_warps``, ``num_stages``). Block sizes must be powers of
     two; blocks below 16 fall back from ``tl.dot`` to multiply-sums (used by the interpreter tests
     to get several tiles on tiny shapes).
     """
     S, M, D = writers.shape
     L, R, _, E = grads.shape
-    if out is None:
-        out = torch.empty((S, L, R), device=writers.device, dtype=torch.float32)
-    elif out.shape != (S, L, R) or out.dtype != torch.float32 or out.device != writers.device:
-        raise ValueError(
-            f"out must be a float32 tensor of shape {(S, L, R)} on {writers.device}, "
-            f"got {out.dtype} {tuple(out.shape)} on {out.device}"
-        )
-    elif not out.is_contiguous():
-        raise ValueError("out must be contiguous")
+    out = output_buffer(out, (S, L, R), torch.float32, writers.device)
     if out.numel() == 0:
         return out
     if M == 0 or D == 0 or E == 0:
         return out.zero_()
-    plan_qkv_edge_scores(
-        writers, grads, W, x, norm_w, out, norm=norm, eps=eps,
-        block_s=block_s, block_r=block_r, block_m=block_m, block_d=block_d, block_e=block_e,
-        allow_tf32=allow_tf32, num_warps=num_warps, num_stages=num_stages,
-    )()
+    plan_qkv_edge_scores(writers, grads, W, x, norm_w, out, norm=norm, eps=eps, **config)()
     return out
 
 

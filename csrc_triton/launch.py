@@ -58,3 +58,17 @@ def check_power_of_two(**blocks: int) -> None:
     for name, value in blocks.items():
         if value < 1 or value & (value - 1):
             raise ValueError(f"{name} must be a power of two, got {value}")
+
+
+def output_buffer(out: Optional[torch.Tensor], shape: Tuple[int, ...], dtype: torch.dtype, device: torch.device) -> torch.Tensor:
+    """``out`` checked to be a contiguous ``dtype`` tensor of ``shape`` on ``device``, or a new one."""
+    if out is None:
+        return torch.empty(shape, device=device, dtype=dtype)
+    if tuple(out.shape) != tuple(shape) or out.dtype != dtype or out.device != device:
+        raise ValueError(
+            f"out must be a {dtype} tensor of shape {tuple(shape)} on {device}, "
+            f"got {out.dtype} {tuple(out.shape)} on {out.device}"
+        )
+    if not out.is_contiguous():
+        raise ValueError("out must be contiguous")
+    return out

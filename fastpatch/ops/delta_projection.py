@@ -25,7 +25,14 @@ from jaxtyping import Float
 from torch import Tensor
 
 from fastpatch.ops.norms import linearised_norm_delta, normalize
-from fastpatch.ops.triton_dispatch import check_backend, kernel_applies, load_launcher, require_kernel
+from fastpatch.ops.triton_dispatch import (
+    check_backend,
+    check_eps,
+    check_tensor_args,
+    kernel_applies,
+    load_launcher,
+    require_kernel,
+)
 
 __all__ = ["delta_projection", "delta_projection_reference"]
 
@@ -48,23 +55,14 @@ def _check(
         raise ValueError(f"mode must be one of {_MODES}, got {mode!r}")
     if norm not in _NORMS:
         raise ValueError(f"norm must be one of {_NORMS}, got {norm!r}")
-    if isinstance(eps, bool) or not isinstance(eps, (int, float)) or not eps >= 0:
-        raise ValueError(f"eps must be a non-negative number, got {eps!r}")
+    check_eps(eps)
     named = [("delta", delta, 4, "[src, batch, pos, d_model]"), ("resid", resid, 4, "[layer, batch, pos, d_model]"),
              ("norm_w", norm_w, 2, "[layer, d_model]"), ("W", W, 3, "[layer, d_model, n_out]")]
     if norm_b is not None:
         if norm == "RMS":
             raise ValueError("norm_b must be None for norm='RMS' (RMSNorm has no bias)")
         named.append(("norm_b", norm_b, 2, "[layer, d_model]"))
-    for name, t, ndim, layout in named:
-        if not isinstance(t, Tensor):
-            raise ValueError(f"{name} must be a torch.Tensor, got {type(t).__name__}")
-        if t.ndim != ndim:
-            raise ValueError(f"{name} must be {ndim}-D {layout}, got shape {tuple(t.shape)}")
-        if not t.is_floating_point():
-            raise ValueError(f"{name} must be a floating-point tensor, got {t.dtype}")
-        if t.device != delta.device:
-            raise ValueError(f"{name} is on {t.device} but delta is on {delta.device}")
+    check_tensor_args(named)
     d_model = delta.shape[-1]
     for name, t, _, _ in named[1:]:
         dim = 1 if name == "W" else -1

@@ -43,7 +43,14 @@ import torch
 from jaxtyping import Float
 from torch import Tensor
 
-from fastpatch.ops.triton_dispatch import check_backend, kernel_applies, load_launcher, require_kernel
+from fastpatch.ops.triton_dispatch import (
+    check_backend,
+    check_eps,
+    check_tensor_args,
+    kernel_applies,
+    load_launcher,
+    require_kernel,
+)
 
 __all__ = ["norm_vjp", "qkv_edge_scores", "qkv_edge_scores_reference"]
 
@@ -55,20 +62,11 @@ def _check(writers: Tensor, grads: Tensor, W: Tensor, x: Tensor, norm_w: Tensor,
     """Raise ``ValueError`` with a clear message unless the arguments fit the signature."""
     if norm not in _NORMS:
         raise ValueError(f"norm must be one of {_NORMS}, got {norm!r}")
-    if isinstance(eps, bool) or not isinstance(eps, (int, float)) or not eps >= 0:
-        raise ValueError(f"eps must be a non-negative number, got {eps!r}")
+    check_eps(eps)
     named = [("writers", writers, 3, "[writer, row, d_model]"), ("grads", grads, 4, "[layer, reader, row, d_head]"),
              ("W", W, 4, "[layer, reader, d_model, d_head]"), ("x", x, 3, "[layer, row, d_model]"),
              ("norm_w", norm_w, 2, "[layer, d_model]")]
-    for name, t, ndim, layout in named:
-        if not isinstance(t, Tensor):
-            raise ValueError(f"{name} must be a torch.Tensor, got {type(t).__name__}")
-        if t.ndim != ndim:
-            raise ValueError(f"{name} must be {ndim}-D {layout}, got shape {tuple(t.shape)}")
-        if not t.is_floating_point():
-            raise ValueError(f"{name} must be a floating-point tensor, got {t.dtype}")
-        if t.device != writers.device:
-            raise ValueError(f"{name} is on {t.device} but writers is on {writers.device}")
+    check_tensor_args(named)
     S, M, D = writers.shape
     L, R, _, E = grads.shape
     expect = {"grads": (L, R, M, E), "W": (L, R, D, E), "x": (L, M, D), "norm_w": (L, D)}
@@ -187,7 +185,8 @@ def qkv_edge_scores(
 
     ``backend``: ``"auto"`` runs the fused Triton kernel (``csrc_triton.edge_scores``) on CUDA
     writers of dtype fp16/bf16 when Triton is importable, and the chunked PyTorch path otherwise
-    (fp32 included: there the chunked path is predicted faster, see the comment below); ``"torch"`` forces the chunked PyTorch path (``U~`` for at most ``chunk_elements``
+    (fp32 included: there the chunked path is predicted faster, see the comment below);
+    ``"torch"`` forces the chunked PyTorch path (``U~`` for at most ``chunk_elements``
     reader-row-feature elements at a time, fp32 math); ``"triton"`` forces the kernel (on CPU
     tensors it needs ``TRITON_INTERPRET=1`` set before Triton was imported). Neither path is
     differentiable (they are called on detached gradients). Returns fp32 (fp64 on the torch path

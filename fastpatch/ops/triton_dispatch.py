@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import importlib
 import os
-from typing import Callable, Optional, Sequence
+from typing import Any, Callable, Optional, Sequence, Tuple
 
 import torch
 
@@ -22,6 +22,26 @@ BACKENDS = ("auto", "torch", "triton")
 def check_backend(backend: str) -> None:
     if backend not in BACKENDS:
         raise ValueError(f"backend must be one of {BACKENDS}, got {backend!r}")
+
+
+def check_eps(eps: float) -> None:
+    if isinstance(eps, bool) or not isinstance(eps, (int, float)) or not eps >= 0:
+        raise ValueError(f"eps must be a non-negative number, got {eps!r}")
+
+
+def check_tensor_args(named: Sequence[Tuple[str, Any, int, str]]) -> None:
+    """Each ``(name, tensor, ndim, layout)`` is a floating-point tensor of that rank on the first
+    one's device, else a ``ValueError`` naming it and the layout it should have."""
+    first_name, first = named[0][0], named[0][1]
+    for name, t, ndim, layout in named:
+        if not isinstance(t, torch.Tensor):
+            raise ValueError(f"{name} must be a torch.Tensor, got {type(t).__name__}")
+        if t.ndim != ndim:
+            raise ValueError(f"{name} must be {ndim}-D {layout}, got shape {tuple(t.shape)}")
+        if not t.is_floating_point():
+            raise ValueError(f"{name} must be a floating-point tensor, got {t.dtype}")
+        if t.device != first.device:
+            raise ValueError(f"{name} is on {t.device} but {first_name} is on {first.device}")
 
 
 def load_launcher(module: str, name: str) -> Optional[Callable]:
