@@ -24,8 +24,8 @@ from helpers import assert_close, assert_varies
 
 import fastpatch
 import zoo
-from fastpatch import patching
 from fastpatch import attribution as refine  # graddrop
+from fastpatch import patching
 from fastpatch.attribution import nodes
 
 

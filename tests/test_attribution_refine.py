@@ -7,9 +7,9 @@ import torch
 from helpers import assert_close
 
 import zoo
+from fastpatch import attribution as refine  # integrated_gradients, atpstar, verification
 from fastpatch import patching
 from fastpatch.attribution import nodes
-from fastpatch import attribution as refine  # integrated_gradients, atpstar, verification
 
 
 @pytest.fixture(scope="module")

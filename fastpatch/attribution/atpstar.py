@@ -25,7 +25,15 @@ import torch
 from jaxtyping import Float
 from torch import Tensor
 
-from fastpatch.attribution.passes import capture, check_inputs, finish, gradients, hook_names, named_estimator, score_dtype
+from fastpatch.attribution.passes import (
+    capture,
+    check_inputs,
+    finish,
+    gradients,
+    hook_names,
+    named_estimator,
+    score_dtype,
+)
 from fastpatch.engine.model_state import preserved_model_state
 from fastpatch.metrics import MetricFn
 
@@ -62,7 +70,8 @@ def _layer_estimate(
 
 
 def _atpstar(
-    model: Any, clean_tokens: Tensor, corrupted_tokens: Tensor, metric: MetricFn, which: str, by_pos: bool, reduce: str, operation: str
+    model: Any, clean_tokens: Tensor, corrupted_tokens: Tensor, metric: MetricFn,
+    which: str, by_pos: bool, reduce: str, operation: str,
 ) -> Tensor:
     check_inputs(model, operation, reduce, clean_tokens=clean_tokens, corrupted_tokens=corrupted_tokens)
     cfg = model.cfg
@@ -84,9 +93,8 @@ def _atpstar(
 
             hybrid = capture(model, corrupted_tokens, [score_name], fwd_hooks=[(qk_name, swap)])[score_name]
             dtype = score_dtype(hybrid)
-            est = _layer_estimate(
-                corrupted_scores[score_name].to(dtype), hybrid.to(dtype), grads[pattern_names[layer]].to(dtype), which, by_pos
-            )
+            s_corr = corrupted_scores[score_name].to(dtype)  # [batch, head, dest, src], masked
+            est = _layer_estimate(s_corr, hybrid.to(dtype), grads[pattern_names[layer]].to(dtype), which, by_pos)
             if which == "k" and n_kv != n_heads:
                 est = est.unflatten(-1, (n_kv, n_heads // n_kv)).sum(-1)
             per_layer.append(est)

@@ -139,12 +139,15 @@ class EdgeScores:
         )
 
 
-def _check(model: Any, clean_tokens: Any, corrupted_tokens: Any, backend: str, ig_steps: Optional[int], rule: str) -> None:
+def _check(
+    model: Any, clean_tokens: Any, corrupted_tokens: Any, backend: str, ig_steps: Optional[int], rule: str
+) -> None:
     """Refuse bad arguments and unsupported models before any pass."""
     if backend not in BACKENDS:
         raise ValueError(f"backend must be one of {BACKENDS}, got {backend!r}")
     check_schedule(ig_steps, rule, IG_RULES, optional=True)
-    check_inputs(model, "get_attr_patch_edges()", "scalar", clean_tokens=clean_tokens, corrupted_tokens=corrupted_tokens)
+    tokens = dict(clean_tokens=clean_tokens, corrupted_tokens=corrupted_tokens)
+    check_inputs(model, "get_attr_patch_edges()", "scalar", **tokens)
     cfg = model.cfg
     kv = getattr(cfg, "n_key_value_heads", None)
     if kv is not None and kv != cfg.n_heads:
@@ -374,8 +377,10 @@ class _EdgeContraction:
         attn = [model.blocks[l].attn for l in range(n_layers)]
         W = torch.stack([torch.stack([a.W_Q, a.W_K, a.W_V]) for a in attn]).detach().to(dtype)  # [L, 3, H, d, d_head]
         x = torch.stack([r.to(dtype).reshape(b * p, d) for r in resid])  # [L, rows, d_model]
-        s = qkv_edge_scores(self.writes.reshape(n_w, b * p, d), g, W.flatten(1, 2), x, gamma.to(device=x.device, dtype=dtype),
-                            norm=norm, eps=eps, backend=self.backend)  # [W, L, 3H]
+        gamma = gamma.to(device=x.device, dtype=dtype)
+        s = qkv_edge_scores(
+            self.writes.reshape(n_w, b * p, d), g, W.flatten(1, 2), x, gamma, norm=norm, eps=eps, backend=self.backend
+        )  # [W, L, 3H]
         return s.to(dtype).view(n_w, n_layers, 3, n_heads)
 
 
@@ -418,17 +423,19 @@ def get_attr_patch_edges(
             # One probed corrupted forward and backward (the writers' and ln1 inputs are only
             # recorded; their zero probes change nothing), then the clean forward last, as in nodes.py.
             corrupted: Dict[str, Tensor] = {}
-            grad = gradients(model, corrupted_tokens, patching_metric, hooks.readers + hooks.writers + hooks.ln1, "scalar",
-                             record=corrupted)
+            names = hooks.readers + hooks.writers + hooks.ln1
+            grad = gradients(model, corrupted_tokens, patching_metric, names, "scalar", record=corrupted)
             clean = capture(model, clean_tokens, hooks.writers)
             runs: Iterable[Tuple[Dict[str, Tensor], Dict[str, Tensor]]] = [(grad, corrupted)]
         else:
             corrupted = capture(model, corrupted_tokens, hooks.writers + hooks.ln1)
             clean = capture(model, clean_tokens, hooks.writers)
             runs = _embedding_ig_runs(model, corrupted_tokens, patching_metric, hooks, clean, corrupted, ig_steps, rule)
-        contraction = _EdgeContraction(model, hooks, backend, _writes(model, clean, corrupted), [corrupted[n] for n in hooks.ln1])
+        resid = [corrupted[n] for n in hooks.ln1]
+        contraction = _EdgeContraction(model, hooks, backend, _writes(model, clean, corrupted), resid)
         # a score is linear in its run's reader gradients, so the runs' scores are averaged
-        scores = functools.reduce(operator.add, (contraction.scores(grad, record) for grad, record in runs)) / (ig_steps or 1)
+        per_run = (contraction.scores(grad, record) for grad, record in runs)
+        scores = functools.reduce(operator.add, per_run) / (ig_steps or 1)
     valid = _valid_mask(n_layers, n_heads, bool(getattr(cfg, "parallel_attn_mlp", False)), scores.device)
     scores = torch.where(valid, scores, torch.zeros_like(scores))
     writer_names, reader_names = _names(n_layers, n_heads)

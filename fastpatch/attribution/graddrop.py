@@ -22,7 +22,8 @@ from typing import Any, Dict, Optional
 from jaxtyping import Float
 from torch import Tensor
 
-from fastpatch.attribution.passes import SWEEPS, Tokens, capture, check_inputs, difference, finish, gradients, hook_names, layer_stack
+from fastpatch.attribution import passes
+from fastpatch.attribution.passes import SWEEPS, Tokens
 from fastpatch.engine.model_state import preserved_model_state
 from fastpatch.metrics import MetricFn
 
@@ -81,27 +82,29 @@ def get_attr_patch_graddrop(
                 f"stream itself. Sweeps: {list(GRADDROP_SWEEPS)}"
             )
         raise ValueError(f"unknown sweep {sweep!r}; GradDrop sweeps: {list(GRADDROP_SWEEPS)}")
-    check_inputs(model, "get_attr_patch_graddrop()", reduce, clean_tokens=clean_tokens, corrupted_tokens=corrupted_tokens)
+    tokens = dict(clean_tokens=clean_tokens, corrupted_tokens=corrupted_tokens)
+    passes.check_inputs(model, "get_attr_patch_graddrop()", reduce, **tokens)
     n_layers = model.cfg.n_layers
     if n_layers < 2:
         raise ValueError(f"GradDrop averages over n_layers - 1 layer drops and needs at least 2 layers, got {n_layers}")
-    names = hook_names(model, [SWEEPS[sweep][0]])
-    drop_points = hook_names(model, ["attn_out", "mlp_out"])  # [attn_out 0..L-1, mlp_out 0..L-1]
+    names = passes.hook_names(model, [SWEEPS[sweep][0]])
+    drop_points = passes.hook_names(model, ["attn_out", "mlp_out"])  # [attn_out 0..L-1, mlp_out 0..L-1]
     total: Optional[Tensor] = None
     with preserved_model_state(model):
-        clean = capture(model, clean_tokens, names)
+        clean = passes.capture(model, clean_tokens, names)
         corrupted: Dict[str, Tensor] = {}
         delta: Dict[str, Tensor] = {}
         for layer in range(n_layers):
             drops = [(drop_points[layer], _stop_gradient), (drop_points[n_layers + layer], _stop_gradient)]
             # the first drop's forward also records the corrupted activations (its probes change nothing)
-            grads = gradients(
-                model, corrupted_tokens, patching_metric, names, reduce, record=corrupted if layer == 0 else None, after_hooks=drops
+            record = corrupted if layer == 0 else None
+            grads = passes.gradients(
+                model, corrupted_tokens, patching_metric, names, reduce, record=record, after_hooks=drops
             )
             if layer == 0:
-                delta = {n: difference(clean[n], corrupted[n]) for n in names}
+                delta = {n: passes.difference(clean[n], corrupted[n]) for n in names}
             scores = {n: delta[n] * grads[n].to(delta[n].dtype) for n in names}
-            est = finish(layer_stack(model, scores, sweep), reduce)
+            est = passes.finish(passes.layer_stack(model, scores, sweep), reduce)
             if absolute:
                 est = est.abs()
             total = est if total is None else total + est

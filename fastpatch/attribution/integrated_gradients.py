@@ -64,7 +64,8 @@ IG_RULES = ("midpoint", "left")
 
 
 def get_attr_patch_ig(
-    model: Any, clean_tokens: Tokens, corrupted_tokens: Tokens, patching_metric: MetricFn, sweep: str, ig_steps: int = 8,
+    model: Any, clean_tokens: Tokens, corrupted_tokens: Tokens, patching_metric: MetricFn,
+    sweep: str, ig_steps: int = 8,
     *, reduce: str = "scalar", rule: str = "midpoint", cell: Optional[Sequence[int]] = None,
 ) -> Float[Tensor, "..."]:
     """Integrated-gradients estimate of ``get_act_patch_<sweep>`` minus the corrupted baseline.

@@ -94,7 +94,8 @@ def _scores(
 
 
 def _batch_first(
-    model: Any, clean_tokens: Tensor, corrupted_tokens: Tensor, metric: MetricFn, sweeps: Sequence[str], reduce: str, operation: str
+    model: Any, clean_tokens: Tensor, corrupted_tokens: Tensor, metric: MetricFn,
+    sweeps: Sequence[str], reduce: str, operation: str,
 ) -> Dict[str, Tensor]:
     """``{sweep: [batch, n_layers, *cell]}`` for several sweeps from one set of passes."""
     unknown = [s for s in sweeps if s not in SWEEPS]
@@ -115,7 +116,8 @@ def attribute_nodes(
     ``get_attr_patch_<sweep>``'s result."""
     if sweeps is None:
         sweeps = [s for s, (act, _) in SWEEPS.items() if tl_utils.get_act_name(act, 0) in model.hook_dict]
-    out = _batch_first(model, clean_tokens, corrupted_tokens, patching_metric, list(sweeps), reduce, "attribute_nodes()")
+    operation = "attribute_nodes()"
+    out = _batch_first(model, clean_tokens, corrupted_tokens, patching_metric, list(sweeps), reduce, operation)
     return {s: finish(v, reduce) for s, v in out.items()}
 
 

@@ -182,7 +182,9 @@ def _check_metric(value: Any, reduce: str, batch: int) -> Tensor:
             f"got shape {tuple(value.shape)}; use reduce='none' for a [batch] metric"
         )
     if reduce == "none" and tuple(value.shape) != (batch,):
-        raise ValueError(f"with reduce='none' the patching metric must return [batch]=[{batch}], got shape {tuple(value.shape)}")
+        raise ValueError(
+            f"with reduce='none' the patching metric must return [batch]=[{batch}], got shape {tuple(value.shape)}"
+        )
     if not value.requires_grad:
         raise ValueError("the patching metric does not depend on the logits (its value carries no gradient)")
     return value if reduce == "scalar" else value.sum()
