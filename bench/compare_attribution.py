@@ -39,10 +39,10 @@ import torch
 from bench.compare_transformer_lens import (
     RESULTS_DIR,
     _HelpFormatter,
-    add_shape_arguments,
     _load_average,
     _quiet_tqdm,
     _sync,
+    add_shape_arguments,
     best_time,
     compare,
     device_name,

@@ -38,9 +38,9 @@ os.environ.setdefault("TQDM_DISABLE", "1")
 if __package__ in (None, ""):  # run as a script: make `bench` and `fastpatch` importable
     sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-import torch
+import torch  # noqa: E402  (after the TQDM_DISABLE default and the script-mode sys.path entry)
 
-from bench.models import gpt2_small_shaped, ioi_like_tokens, logit_diff_metric
+from bench.models import gpt2_small_shaped, ioi_like_tokens, logit_diff_metric  # noqa: E402
 
 REPO_ROOT = Path(__file__).resolve().parent.parent
 RESULTS_DIR = REPO_ROOT / "bench" / "results"
@@ -316,8 +316,9 @@ def _time_sweep(tl, fp, sweep, metric_name, metric, model, corrupted, clean_cach
 
 def run(args: argparse.Namespace) -> Dict[str, Any]:
     """Build the model and inputs, time every sweep in both libraries, return the result record."""
-    from fastpatch import patching as fp
     from transformer_lens import patching as tl
+
+    from fastpatch import patching as fp
 
     device = torch.device(args.device)
     model = gpt2_small_shaped(args.seed, args.layers, args.d_model, args.heads, args.vocab)

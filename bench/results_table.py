@@ -41,7 +41,8 @@ def table() -> str:
             gflop = "" if flops is None else f"{flops / 1e9:.0f}"
             rate = "" if flops is None else f"{r['fastpatch_gflops_per_s']:.0f}"
             lines.append(
-                f"| {record['device_name']} | {shape} | {r['sweep'].replace('get_act_patch_', '').replace('get_attr_patch_', 'attr_patch_')} | {r.get('metric', 'plain')} "
+                f"| {record['device_name']} | {shape} "
+                f"| {r['sweep'].replace('get_act_patch_', '').replace('get_attr_patch_', 'attr_patch_')} | {r.get('metric', 'plain')} "
                 f"| {cfg.get('fastpatch_backend', 'default')} | {r['tl_seconds']:.2f} | {r['fastpatch_seconds']:.2f} "
                 f"| **{r['ratio']:.2f}x** | {gflop} | {rate} | {'yes' if r['agree'] else 'NO'} | `{path.name}` |"
             )

@@ -41,7 +41,8 @@ def heatmap(values: Values, *, x_label: str, y_label: str = "layer", x_ticks: Op
     x = [f"{i}: {t}" for i, t in enumerate(x)] if x_ticks is not None else x
     y = list(y_ticks) if y_ticks is not None else list(range(z.shape[0]))
     fig = go.Figure(go.Heatmap(z=z.tolist(), x=x, y=y, **colours,
-                               colorbar={"title": colorbar}, hovertemplate=f"{y_label} %{{y}}<br>{x_label} %{{x}}<br>{colorbar} %{{z:.4g}}<extra></extra>"))
+                               colorbar={"title": colorbar},
+                               hovertemplate=f"{y_label} %{{y}}<br>{x_label} %{{x}}<br>{colorbar} %{{z:.4g}}<extra></extra>"))
     fig.update_layout(title=title, xaxis_title=x_label, yaxis_title=y_label, template="plotly_white",
                       xaxis={"type": "category"}, yaxis={"type": "category"})
     return fig

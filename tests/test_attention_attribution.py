@@ -16,10 +16,10 @@ import copy
 
 import pytest
 import torch
+import zoo
 from helpers import assert_close, assert_varies
 
 import fastpatch
-import zoo
 from fastpatch import attribution as fa
 
 

@@ -33,14 +33,13 @@ What is checked, and against what:
 
 from __future__ import annotations
 
-
 import pytest
 import torch
+import zoo
 from helpers import assert_close, assert_varies
 from transformer_lens.tools.analysis.attribution_patching import EdgeAttributionConfig, attribution_patch
 
 import fastpatch
-import zoo
 from fastpatch import attribution as fa
 from fastpatch.attribution.edges import EdgeScores, get_attr_patch_edges
 from fastpatch.engine.model_state import model_flags

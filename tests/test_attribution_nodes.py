@@ -26,12 +26,12 @@ from __future__ import annotations
 import pytest
 import torch
 import transformer_lens.utilities as tl_utils
+import zoo
 from helpers import assert_close, assert_varies
 from transformer_lens import patching as tl
 from transformer_lens.tools.analysis.attribution_patching import EdgeAttributionConfig, attribution_patch
 
 import fastpatch
-import zoo
 from fastpatch import attribution as fa
 from fastpatch.attribution.nodes import SWEEPS
 
@@ -140,7 +140,10 @@ def f64(zoo_case):
     return model, fa.attribute_nodes(model, case.clean, case.corrupted, case.scalar)
 
 
-@pytest.mark.parametrize("sweep", ["resid_pre", "attn_head_out_by_pos", "attn_head_k_all_pos", "attn_head_pattern_dest_src_pos", "mlp_neuron_by_pos", "mlp_out"])
+@pytest.mark.parametrize(
+    "sweep",
+    ["resid_pre", "attn_head_out_by_pos", "attn_head_k_all_pos", "attn_head_pattern_dest_src_pos", "mlp_neuron_by_pos", "mlp_out"],
+)
 def test_estimate_equals_finite_difference_in_float64(zoo_case, f64, sweep):
     case = zoo_case
     model, ours_all = f64

@@ -3,8 +3,8 @@
 from __future__ import annotations
 
 import pytest
-
 import zoo
+
 from fastpatch import attribution as fa
 from fastpatch.attribution.passes import RULES, check_schedule, ig_alphas
 

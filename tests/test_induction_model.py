@@ -121,7 +121,9 @@ def test_previous_token_head_feeds_induction_heads_through_keys(model, prompts):
     with torch.no_grad():
         base = metric(model(corrupted)).item()
     effect = {
-        c: get_act_patch_direct_path_all_sources(model, corrupted, clean_cache, corrupted_cache, metric, component=c, verbose=False)[0, :, 1, :] - base
+        c: get_act_patch_direct_path_all_sources(
+            model, corrupted, clean_cache, corrupted_cache, metric, component=c, verbose=False
+        )[0, :, 1, :] - base
         for c in "qkv"
     }  # [source head in layer 0, destination head in layer 1]
     (l0, prev_head), = [tuple(x) for x in induction_model_info()["circuit"]["previous_token_heads"]][:1]

@@ -174,7 +174,7 @@ class _Boom(RuntimeError):
 def test_no_state_left_after_metric_raises_mid_sweep(case, backend):
     model = case.model
     model.set_use_attn_result(True)  # a caller's non-default flag must survive too
-    kept = model.hook_dict["blocks.0.hook_resid_pre"].add_hook(lambda act, hook: act)  # and a caller's hook
+    model.hook_dict["blocks.0.hook_resid_pre"].add_hook(lambda act, hook: act)  # and a caller's hook
     try:
         flags = model_flags(model)
         hooks_before = hook_count(model)

@@ -3,10 +3,10 @@ NormalizedEffect, input errors, and use through transformer_lens.patching and fa
 
 import pytest
 import torch
+import zoo
 from helpers import assert_close, assert_results_equal, assert_varies
 from transformer_lens import patching as tl
 
-import zoo
 from fastpatch import patching as fp
 from fastpatch.metrics import LogitDiff, LogitMetric, LogitReads, LogProb, NormalizedEffect, logit_reads
 
