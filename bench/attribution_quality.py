@@ -292,7 +292,8 @@ def format_table(record: Dict[str, Any]) -> str:
         for method, m in row["methods"].items():
             lines.append(
                 f"{row['sweep']:<27}{method:<13}{m['cells']:>6}{m['active_cells']:>7}{m['major_cells']:>6}"
-                f"{_fmt(m['spearman']):>10}{_fmt(m['spearman_active']):>10}{_fmt(m['spearman_major']):>9}{_fmt(m['pearson']):>9}{m['top3_overlap']:>4}/3  "
+                f"{_fmt(m['spearman']):>10}{_fmt(m['spearman_active']):>10}{_fmt(m['spearman_major']):>9}"
+                f"{_fmt(m['pearson']):>9}{m['top3_overlap']:>4}/3  "
                 f"{' '.join(map(str, map(tuple, m['top3'])))} | {' '.join(map(str, map(tuple, row['exact_top3'])))}"
             )
     lines += ["", "values at the exact top-3 cells (exact, then each estimate):"]
