@@ -20,14 +20,13 @@ import copy
 
 import pytest
 import torch
+import zoo
 from helpers import assert_close, assert_varies
 
 import fastpatch
-import zoo
 from fastpatch import attribution as refine  # graddrop
 from fastpatch import patching
 from fastpatch.attribution import nodes
-
 
 # sweep -> (hook name of layer l, hand-written reducer of [batch, ...] per-element scores)
 REFERENCE = {

@@ -4,9 +4,9 @@ from __future__ import annotations
 
 import pytest
 import torch
+import zoo
 from helpers import assert_close
 
-import zoo
 from fastpatch import attribution as refine  # integrated_gradients, atpstar, verification
 from fastpatch import patching
 from fastpatch.attribution import nodes
@@ -94,7 +94,8 @@ def test_atpstar_finds_key_patches_that_saturated_softmax_hides():
     assert float(row_max.min()) > 0.95  # saturated on the corrupted run
     base = _baseline(model, case.corrupted, metric)
     for which in ("k", "q"):
-        exact = getattr(patching, f"get_act_patch_attn_head_{which}_all_pos")(model, case.corrupted, case.clean_cache, metric, progress=False)[1] - base
+        sweep = getattr(patching, f"get_act_patch_attn_head_{which}_all_pos")
+        exact = sweep(model, case.corrupted, case.clean_cache, metric, progress=False)[1] - base
         plain = getattr(nodes, f"get_attr_patch_attn_head_{which}_all_pos")(model, case.clean, case.corrupted, metric)[1]
         star = getattr(refine, f"get_attr_patch_attn_head_{which}_all_pos_atpstar")(model, case.clean, case.corrupted, metric)[1]
         # heads with a large exact effect whose plain gradient vanished through the one-hot softmax
@@ -115,7 +116,8 @@ def test_atpstar_last_layer_matches_exact_on_unsaturated_models(name):
     base = _baseline(model, case.corrupted, case.scalar)
     for which in ("q", "k"):
         for kind in ("all_pos", "by_pos"):
-            exact = getattr(patching, f"get_act_patch_attn_head_{which}_{kind}")(model, case.corrupted, case.clean_cache, case.scalar, progress=False) - base
+            sweep = getattr(patching, f"get_act_patch_attn_head_{which}_{kind}")
+            exact = sweep(model, case.corrupted, case.clean_cache, case.scalar, progress=False) - base
             star = getattr(refine, f"get_attr_patch_attn_head_{which}_{kind}_atpstar")(model, case.clean, case.corrupted, case.scalar)
             assert star.shape == exact.shape, (which, kind, star.shape, exact.shape)
             scale = float(exact[last].abs().max())

@@ -23,11 +23,11 @@ import os
 
 import pytest
 import torch
+import zoo
 from helpers import assert_close as assert_close_scale
 from helpers import assert_varies
 from torch import Tensor
 
-import zoo
 from fastpatch.attribution import edges as edges_mod
 from fastpatch.attribution.edges import get_attr_patch_edges
 from fastpatch.ops.edge_scores import norm_vjp, qkv_edge_scores, qkv_edge_scores_reference
