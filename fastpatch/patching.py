@@ -51,6 +51,7 @@ from fastpatch._tl_private import (
     stack_patch_types,
     wrap_tensor_result,
 )
+from fastpatch.engine import sweep_groups
 from fastpatch.engine.activation_plan import ActivationPlan
 from fastpatch.engine.checks import check_tokens, require_eval_mode
 from fastpatch.engine.direct_path import DirectPathPlan
@@ -281,27 +282,14 @@ def _every(
     return results
 
 
-def _pad_heads(tensors: List[torch.Tensor], n_heads: int) -> None:
-    """Zero-pad the K and V sweeps of a grouped-query model to ``n_heads`` (TransformerLens's layout)."""
-    for i in (2, 3):
-        tensors[i] = torch.nn.functional.pad(tensors[i], (0, n_heads - tensors[i].size(-1)))
+def _sweeps(names: Sequence[str]) -> Tuple[Any, ...]:
+    """This module's ``get_act_patch_<name>`` functions for the engine's sweep group ``names``."""
+    return tuple(globals()[f"get_act_patch_{name}"] for name in names)
 
 
-_HEAD_ALL_POS = (
-    get_act_patch_attn_head_out_all_pos,
-    get_act_patch_attn_head_q_all_pos,
-    get_act_patch_attn_head_k_all_pos,
-    get_act_patch_attn_head_v_all_pos,
-    get_act_patch_attn_head_pattern_all_pos,
-)
-_HEAD_BY_POS = (
-    get_act_patch_attn_head_out_by_pos,
-    get_act_patch_attn_head_q_by_pos,
-    get_act_patch_attn_head_k_by_pos,
-    get_act_patch_attn_head_v_by_pos,
-    get_act_patch_attn_head_pattern_by_pos,
-)
-_BLOCK = (get_act_patch_resid_pre, get_act_patch_attn_out, get_act_patch_mlp_out)
+_HEAD_ALL_POS = _sweeps(sweep_groups.HEAD_ALL_POS)
+_HEAD_BY_POS = _sweeps(sweep_groups.HEAD_BY_POS)
+_BLOCK = _sweeps(sweep_groups.BLOCK)
 
 
 def get_act_patch_attn_head_all_pos_every(
@@ -316,8 +304,7 @@ def get_act_patch_attn_head_all_pos_every(
     """
     results = _every(_HEAD_ALL_POS, model, corrupted_tokens, clean_cache, metric, kwargs, "patching heads")
     if all(isinstance(r, torch.Tensor) for r in results):
-        _pad_heads(results, results[0].size(-1))
-        return torch.stack(results, dim=0)
+        return sweep_groups.stack_head_sweeps(results, results[0].size(-1), by_pos=False)
     return stack_patch_types(
         results, axis_order=("layer", "head"), n_heads=model.cfg.n_heads, type_names=HEAD_TYPES
     )
@@ -333,9 +320,7 @@ def get_act_patch_attn_head_by_pos_every(
     """
     results = _every(_HEAD_BY_POS, model, corrupted_tokens, clean_cache, metric, kwargs, "patching heads by position")
     if all(isinstance(r, torch.Tensor) for r in results):
-        _pad_heads(results, results[0].size(-1))
-        results[4] = results[4].transpose(-1, -2)
-        return torch.stack(results, dim=0)
+        return sweep_groups.stack_head_sweeps(results, results[0].size(-1), by_pos=True)
     return stack_patch_types(
         results, axis_order=("layer", "pos", "head"), n_heads=model.cfg.n_heads, type_names=HEAD_TYPES
     )
