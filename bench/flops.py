@@ -18,6 +18,7 @@ from typing import Any, Callable, List, Optional, Sequence
 import torch
 
 from fastpatch import patching as fp
+from fastpatch.engine import sweep_groups
 from fastpatch.engine.metric_set import MetricSet
 from fastpatch.engine.native import NativeModel
 from fastpatch.engine.native.backend import group_cells
@@ -25,12 +26,11 @@ from fastpatch.engine.native.cells import ATTN
 from fastpatch.engine.plan import Sweep, cell_locations, index_table
 from fastpatch.engine.probing import clean_activations_for
 
-# The sweeps each ``*_every`` helper runs in one plan, in TransformerLens's patch-type order.
-_HEAD_KINDS = ("out", "q", "k", "v", "pattern")
+# The sweeps each ``*_every`` helper runs in one plan: the engine's own groups (``get_act_patch_<name>``).
 EVERY_PARTS = {
-    "get_act_patch_attn_head_all_pos_every": [f"get_act_patch_attn_head_{kind}_all_pos" for kind in _HEAD_KINDS],
-    "get_act_patch_attn_head_by_pos_every": [f"get_act_patch_attn_head_{kind}_by_pos" for kind in _HEAD_KINDS],
-    "get_act_patch_block_every": ["get_act_patch_resid_pre", "get_act_patch_attn_out", "get_act_patch_mlp_out"],
+    "get_act_patch_attn_head_all_pos_every": sweep_groups.HEAD_ALL_POS,
+    "get_act_patch_attn_head_by_pos_every": sweep_groups.HEAD_BY_POS,
+    "get_act_patch_block_every": sweep_groups.BLOCK,
 }
 
 
@@ -76,7 +76,7 @@ def sweep_lower_bound_flops(
     """``lower_bound_flops`` of one ``fastpatch.patching`` sweep function (``get_act_patch_*``,
     including the ``*_every`` helpers, which run several sweeps in one plan)."""
     names: Sequence[str] = EVERY_PARTS.get(getattr(sweep_fn, "__name__", ""), ())
-    parts = [getattr(fp, name) for name in names] or [sweep_fn]
+    parts = [getattr(fp, f"get_act_patch_{name}") for name in names] or [sweep_fn]
     sweeps = []
     for part in parts:
         name = part.keywords["activation_name"]
