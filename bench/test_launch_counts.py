@@ -62,6 +62,19 @@ def test_counts_deterministic_and_tl_estimate_exact(small: Dict[str, Any]) -> No
     assert ours[0]["launches"] < full["launches"]
 
 
+@pytest.mark.parametrize("sweep", [HEAD, "get_act_patch_resid_pre"])
+def test_fastpatch_sweep_reads_back_a_few_times(small: Dict[str, Any], sweep: str) -> None:
+    """A native sweep waits for the device a small, fixed number of times: the parity check reads
+    every checked tensor's error back in one transfer (not one read per hook), the first changed
+    positions in one more, and the input checks a few scalars."""
+    from fastpatch import patching as fp
+
+    for metric in small["metrics"].values():
+        with torch.no_grad():
+            ours = lc.count_fastpatch(lc.sweep_calls(fp, sweep, metric, small, {"progress": False}))
+        assert ours["host_syncs"] <= 6, ours["syncs_by_op"]
+
+
 @pytest.mark.slow
 def test_script_writes_json(tmp_path) -> None:
     out = tmp_path / "launch-counts.json"

@@ -41,6 +41,78 @@ def test_parity_check_catches_a_feature_the_native_forward_lacks(doctored_case):
     assert_varies(ref)
 
 
+def _per_tensor_parity(native, logits, cache, trace):
+    """The parity check as it was written first (one host read per tensor): the reference for its
+    one-transfer form. Returns the error message it raises, or ``None``."""
+    rtol = 1e-4 if logits.dtype in (torch.float32, torch.float64) else 5e-2
+    checks = {"logits": (trace.logits, logits)}
+    checks.update({n: (v, cache[n]) for n, v in trace.hook_values(native.parallel).items() if n in cache})
+    for name, (ours, theirs) in checks.items():
+        if ours.shape != theirs.shape:
+            return f"native forward's {name} has shape {tuple(ours.shape)}, the model's {tuple(theirs.shape)}"
+        scale = float(theirs.abs().max()) + 1e-6
+        err = float((ours.float() - theirs.float()).abs().max())
+        if not err <= rtol * scale:
+            return (f"native forward disagrees with the model at {name}: max abs error {err:.3g} "
+                    f"(scale {scale:.3g}); the model has a feature the native backend does not implement")
+    return None
+
+
+@pytest.mark.parametrize("name", ["gpt2", "neox"])
+def test_parity_check_names_the_earliest_disagreeing_hook_with_one_read_back(name):
+    """The parity check reads every tensor's error back at once, yet still reports the first tensor
+    (in check order) that disagrees, with the per-tensor check's exact message; a shape mismatch
+    is reported only when no earlier tensor disagrees in value."""
+    from torch.utils._python_dispatch import TorchDispatchMode
+
+    case = zoo.Case.build(name)
+    native = NativeModel(case.model)
+    with torch.no_grad():
+        logits, cache = case.model.run_with_cache(case.corrupted)
+        if native.positions == "rotary":
+            native.rotary = []
+            for l in range(native.n_layers):
+                cos, sin = cache[f"blocks.{l}.attn.hook_cos"], cache[f"blocks.{l}.attn.hook_sin"]
+                native.rotary.append((cos.reshape(-1, *cos.shape[-2:])[0], sin.reshape(-1, *sin.shape[-2:])[0]))
+        trace = native.trace(case.corrupted)
+
+    class Reads(TorchDispatchMode):
+        count = 0
+
+        def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+            Reads.count += func.overloadpacket.__name__ == "_local_scalar_dense"
+            return func(*args, **(kwargs or {}))
+
+    with Reads():
+        native.check_parity(logits, cache, trace)  # agrees: no error, no scalar read per tensor
+    assert Reads.count == 0 and _per_tensor_parity(native, logits, cache, trace) is None
+
+    def expect(doctored_trace, where):
+        message = _per_tensor_parity(native, logits, cache, doctored_trace)
+        assert message is not None and where in message
+        with pytest.raises(ParityError) as raised:
+            native.check_parity(logits, cache, doctored_trace)
+        assert str(raised.value) == message
+
+    # Values off at block 1's z and (later in check order) block 2's MLP: block 1's z is named.
+    trace.z[1] = trace.z[1] + 1.0
+    trace.mlp_out[2] = trace.mlp_out[2] * 3
+    expect(trace, "at blocks.1.attn.hook_z:")
+    # A shape mismatch after the first value error does not mask it; before it, it is reported.
+    trace.attn_out[2] = trace.attn_out[2][:, :-1]
+    expect(trace, "at blocks.1.attn.hook_z:")
+    trace.resid_pre[0] = trace.resid_pre[0][:1]
+    expect(trace, "native forward's blocks.0.hook_resid_pre has shape")
+    # A NaN anywhere still fails the check.
+    trace.resid_pre[0] = cache["blocks.0.hook_resid_pre"].clone()
+    trace.z[1] = cache["blocks.1.attn.hook_z"].clone()
+    trace.attn_out[2] = cache["blocks.2.hook_attn_out"].clone()
+    trace.mlp_out[2] = cache["blocks.2.hook_mlp_out"].clone()
+    trace.v[2] = trace.v[2].clone()
+    trace.v[2][0, 0, 0, 0] = float("nan")
+    expect(trace, "at blocks.2.attn.hook_v:")
+
+
 def test_unsupported_config_is_refused_or_falls_back():
     case = zoo.Case.build("gpt2")
     case.model.cfg.attn_scores_soft_cap = 30.0  # the bridge ignores it; the native forward refuses it

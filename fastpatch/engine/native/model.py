@@ -129,6 +129,23 @@ def _weight(module: Any, name: str) -> Optional[Tensor]:
     return value.detach() if isinstance(value, Tensor) else None
 
 
+def parity_measures(pairs: List[tuple], device: torch.device) -> tuple:
+    """``(errors, scales)``: for each ``(ours, theirs)`` pair, ``max |ours - theirs|`` (in fp32)
+    and ``max |theirs|`` (in ``theirs``' dtype), as Python floats, read back in ONE transfer.
+
+    The values are exactly those of ``float(...)`` on each reduction: they are stacked in
+    float64, which holds every fp32/fp16/bf16/fp64 value exactly (float32 on MPS, which has no
+    float64 and no float64 models either).
+    """
+    wide = torch.float32 if torch.device(device).type == "mps" else torch.float64
+    errors = torch.stack([(ours.float() - theirs.float()).abs().max().to(device) for ours, theirs in pairs])
+    scales = [theirs.abs().max().to(device) for _, theirs in pairs]
+    if len({s.dtype for s in scales}) > 1:
+        scales = [s.to(wide) for s in scales]
+    values = torch.cat([errors.to(wide), torch.stack(scales).to(wide)]).tolist()  # the one host read-back
+    return values[: len(pairs)], values[len(pairs) :]
+
+
 class NativeModel:
     """The functional forward of one TransformerLens model."""
 
@@ -298,22 +315,33 @@ class NativeModel:
 
         Tolerance: 1e-4 of each tensor's scale in fp32 (the two forwards differ only in the
         order of float reductions, ~1e-6), 5e-2 in half precision.
+
+        Every checked tensor's error and scale are computed on the device and read back in one
+        transfer; the tensors are then judged in order on the host, so the first one that
+        disagrees (a shape mismatch, or an error above tolerance) is the one reported.
         """
         rtol = 1e-4 if logits.dtype == torch.float32 or logits.dtype == torch.float64 else 5e-2
         checks = {"logits": (trace.logits, logits)}
         for name, value in trace.hook_values(self.parallel).items():
             if name in cache:
                 checks[name] = (value, cache[name])
-        for name, (ours, theirs) in checks.items():
-            if ours.shape != theirs.shape:
-                raise ParityError(f"native forward's {name} has shape {tuple(ours.shape)}, the model's {tuple(theirs.shape)}")
-            scale = float(theirs.abs().max()) + 1e-6
-            err = float((ours.float() - theirs.float()).abs().max())
-            if not err <= rtol * scale:
-                raise ParityError(
-                    f"native forward disagrees with the model at {name}: max abs error {err:.3g} "
-                    f"(scale {scale:.3g}); the model has a feature the native backend does not implement"
-                )
+        # Shapes are known on the host: only the tensors before the first shape mismatch are read.
+        names = list(checks)
+        bad_shape = next((i for i, n in enumerate(names) if checks[n][0].shape != checks[n][1].shape), None)
+        measured = names[:bad_shape] if bad_shape is not None else names
+        if measured:
+            errors, scales = parity_measures([checks[n] for n in measured], logits.device)
+            for name, err, scale in zip(measured, errors, scales):
+                scale = scale + 1e-6
+                if not err <= rtol * scale:
+                    raise ParityError(
+                        f"native forward disagrees with the model at {name}: max abs error {err:.3g} "
+                        f"(scale {scale:.3g}); the model has a feature the native backend does not implement"
+                    )
+        if bad_shape is not None:
+            name = names[bad_shape]
+            ours, theirs = checks[name]
+            raise ParityError(f"native forward's {name} has shape {tuple(ours.shape)}, the model's {tuple(theirs.shape)}")
 
     @classmethod
     def checked(cls, model: Any, tokens: Tensor) -> "NativeEngine":
