@@ -64,15 +64,15 @@ def test_counts_deterministic_and_tl_estimate_exact(small: Dict[str, Any]) -> No
 
 @pytest.mark.parametrize("sweep", [HEAD, "get_act_patch_resid_pre"])
 def test_fastpatch_sweep_reads_back_a_few_times(small: Dict[str, Any], sweep: str) -> None:
-    """A native sweep waits for the device a small, fixed number of times: the parity check reads
-    every checked tensor's error back in one transfer (not one read per hook), the first changed
-    positions in one more, and the input checks a few scalars."""
+    """A native sweep waits for the device a fixed number of times, whatever the number of layers
+    or hooks: one read each for the parity check (every checked tensor's error at once), the
+    token range, the clean activations' finiteness and the cells' first changed positions."""
     from fastpatch import patching as fp
 
     for metric in small["metrics"].values():
         with torch.no_grad():
             ours = lc.count_fastpatch(lc.sweep_calls(fp, sweep, metric, small, {"progress": False}))
-        assert ours["host_syncs"] <= 6, ours["syncs_by_op"]
+        assert ours["host_syncs"] <= 4, ours["syncs_by_op"]
 
 
 @pytest.mark.slow

@@ -113,6 +113,17 @@ def test_parity_check_names_the_earliest_disagreeing_hook_with_one_read_back(nam
     expect(trace, "at blocks.2.attn.hook_v:")
 
 
+def test_probe_shapes_from_the_parity_run_match_the_probe_forward(zoo_case):
+    """On the native backend the parity run's cache stands in for the hook probe: same shapes."""
+    from fastpatch.engine.probing import probe_hooks
+
+    case = zoo_case
+    native, trace = NativeModel.checked(case.model, case.corrupted)
+    names = [n for n in case.model.hook_dict if n in trace.hook_shapes]
+    assert "blocks.0.hook_resid_pre" in names and "blocks.1.attn.hook_pattern" in names
+    assert probe_hooks(case.model, case.corrupted, names) == {n: trace.hook_shapes[n] for n in names}
+
+
 def test_unsupported_config_is_refused_or_falls_back():
     case = zoo.Case.build("gpt2")
     case.model.cfg.attn_scores_soft_cap = 30.0  # the bridge ignores it; the native forward refuses it

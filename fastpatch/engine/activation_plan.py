@@ -35,8 +35,10 @@ class ActivationPlan(PatchPlan):
     def cells(self) -> List[CellLocation]:
         return self._cells
 
-    def prepare(self) -> None:
-        self._clean = clean_activations_for(self.model, self.tokens, self.clean_cache, self.sweeps)
+    def prepare(self, engine: Optional[NativeEngine] = None) -> None:
+        # On the native backend the parity run has fired every hook: its shapes replace the probe forward.
+        hook_shapes = None if engine is None else engine.trace.hook_shapes
+        self._clean = clean_activations_for(self.model, self.tokens, self.clean_cache, self.sweeps, hook_shapes)
 
     def patched_logits(self, cells: Sequence[CellLocation]) -> Tensor:
         return hooks_backend.patched_logits(self.model, self.tokens, self.sweeps, cells, self._clean)

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from typing import Any, Mapping, Optional
+from typing import Any, List, Mapping, Optional
 
 import pandas as pd
 import torch
@@ -45,11 +45,10 @@ def check_tokens(model: Any, tokens: Any, name: str = "corrupted_tokens") -> Non
     if tokens.shape[0] == 0 or tokens.shape[1] == 0:
         raise ValueError(f"{name} is empty: shape {tuple(tokens.shape)}")
     d_vocab = getattr(model.cfg, "d_vocab", None)
-    if d_vocab is not None and (int(tokens.min()) < 0 or int(tokens.max()) >= d_vocab):
-        raise ValueError(
-            f"{name} holds ids outside the vocabulary [0, {d_vocab}): "
-            f"min {int(tokens.min())}, max {int(tokens.max())}"
-        )
+    if d_vocab is not None:
+        low, high = torch.stack([tokens.min(), tokens.max()]).tolist()  # one host read
+        if low < 0 or high >= d_vocab:
+            raise ValueError(f"{name} holds ids outside the vocabulary [0, {d_vocab}): min {low}, max {high}")
     n_ctx = getattr(model.cfg, "n_ctx", None)
     if n_ctx is not None and tokens.shape[1] > n_ctx:
         raise ValueError(f"{name} has {tokens.shape[1]} positions, more than the model's n_ctx={n_ctx}")
@@ -66,10 +65,26 @@ def cached_activation(cache: Mapping[str, torch.Tensor], hook_name: str, what: s
         ) from None
 
 
+def all_finite(tensors: List[torch.Tensor]) -> List[bool]:
+    """Whether each tensor holds only finite values (non-float tensors: ``True``), in one host read."""
+    floats = [i for i, t in enumerate(tensors) if t.is_floating_point()]
+    out = [True] * len(tensors)
+    if floats:
+        device = tensors[floats[0]].device
+        flags = torch.stack([torch.isfinite(tensors[i]).all().to(device) for i in floats]).tolist()
+        for i, flag in zip(floats, flags):
+            out[i] = bool(flag)
+    return out
+
+
 def check_cached_activation(
-    activation: torch.Tensor, hook_name: str, tokens: torch.Tensor, expected_tail: Optional[tuple] = None
+    activation: torch.Tensor, hook_name: str, tokens: torch.Tensor, expected_tail: Optional[tuple] = None,
+    finite: Optional[bool] = None,
 ) -> None:
-    """A cached activation must come from a run on the same batch and positions (and model shape)."""
+    """A cached activation must come from a run on the same batch and positions (and model shape).
+
+    ``finite``: whether it holds only finite values, when the caller has read that already
+    (:func:`all_finite`, one read for many activations); ``None`` reads it here."""
     batch, pos = tokens.shape
     if activation.shape[0] not in (1, batch):
         raise ValueError(
@@ -89,7 +104,9 @@ def check_cached_activation(
             f"clean_cache[{hook_name!r}] has shape {tuple(activation.shape)}, expected "
             f"[batch, {', '.join(map(str, expected_tail))}]: the clean cache comes from a different model"
         )
-    if activation.is_floating_point() and not bool(torch.isfinite(activation).all()):
+    if finite is None:
+        finite = not activation.is_floating_point() or bool(torch.isfinite(activation).all())
+    if not finite:
         raise ValueError(f"clean_cache[{hook_name!r}] contains NaN or infinite values")
 
 

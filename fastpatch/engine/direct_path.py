@@ -113,7 +113,7 @@ class DirectPathPlan(PatchPlan):
     def cells(self) -> List[PathCell]:
         return self._cells
 
-    def prepare(self) -> None:
+    def prepare(self, engine: Optional[NativeEngine] = None) -> None:
         for layer in self.source_layers:
             name = f"blocks.{layer}.attn.hook_z"
             for cache, what in ((self.clean_cache, "clean_cache"), (self.corrupted_cache, "corrupted_cache")):

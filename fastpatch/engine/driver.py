@@ -69,7 +69,7 @@ def run_plan(
         engine = select_backend(model, tokens, options.backend, plan.native_unsupported)
         if engine is None and plan.needs_native is not None:
             raise ValueError(plan.needs_native)
-        plan.prepare()
+        plan.prepare(engine)
         mine = my_cells(len(plan.cells), rank_world)
         cells = [plan.cells[i] for i in mine]
         values = torch.empty((len(cells),) + metrics.value_shape(), device=device)

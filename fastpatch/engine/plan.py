@@ -141,8 +141,9 @@ class PatchPlan(ABC):
         """Every cell of the plan, in run order."""
 
     @abstractmethod
-    def prepare(self) -> None:
-        """Validate and fetch the inputs the cells read (run once, after the backend is chosen)."""
+    def prepare(self, engine: Optional[NativeEngine] = None) -> None:
+        """Validate and fetch the inputs the cells read (run once, after the backend is chosen;
+        ``engine`` is the checked native engine when the native backend runs the plan)."""
 
     def hooks_context(self) -> ContextManager:
         """Model settings the hook backend needs for the whole run (e.g. the Q/K/V input fork)."""

@@ -109,6 +109,9 @@ class Trace:
     mlp_out: List[Tensor] = field(default_factory=list)
     resid_final: Optional[Tensor] = None  # resid_post of the last block
     logits: Optional[Tensor] = None
+    # shape (without batch) of every hook point that fired in the model's own run (the parity
+    # run of ``NativeModel.checked``): the plans validate their hooks with it instead of a probe forward
+    hook_shapes: Dict[str, tuple] = field(default_factory=dict)
 
     def hook_values(self, parallel: bool) -> Dict[str, Tensor]:
         """The trace under the model's hook names, for the parity check."""
@@ -127,6 +130,13 @@ class Trace:
 def _weight(module: Any, name: str) -> Optional[Tensor]:
     value = getattr(module, name, None)
     return value.detach() if isinstance(value, Tensor) else None
+
+
+def fired_hook_shapes(model: Any, cache: Any) -> Dict[str, tuple]:
+    """Activation shapes (without batch) of every hook point that fired in the run that filled
+    ``cache`` (a ``run_with_cache`` of every hook): what ``probing.probe_hooks`` would find, with
+    no forward of its own. A hook point is in such a cache exactly when it fired."""
+    return {name: tuple(cache[name].shape[1:]) for name in model.hook_dict if name in cache}
 
 
 def parity_measures(pairs: List[tuple], device: torch.device) -> tuple:
@@ -358,7 +368,9 @@ class NativeModel:
                     native.rotary.append((cos.reshape(-1, cos.shape[-2], cos.shape[-1])[0], sin.reshape(-1, sin.shape[-2], sin.shape[-1])[0]))
             trace = native.trace(tokens)
         native.check_parity(logits, cache, trace)
-        return NativeEngine(native, native.trace_from_cache(cache, logits))
+        own = native.trace_from_cache(cache, logits)
+        own.hook_shapes = fired_hook_shapes(model, cache)
+        return NativeEngine(native, own)
 
     def trace_from_cache(self, cache: Any, logits: Tensor) -> Trace:
         """The model's own activations in trace form (after the parity check has vouched for the
