@@ -113,6 +113,20 @@ def test_parity_check_names_the_earliest_disagreeing_hook_with_one_read_back(nam
     expect(trace, "at blocks.2.attn.hook_v:")
 
 
+def test_causal_mask_is_built_once_and_sliced():
+    """``future_mask`` equals the mask built from positions, for every query window, and one
+    model's calls share one tensor per number of keys (row slices of it)."""
+    native = NativeModel(zoo.Case.build("gpt2").model)
+    for nk in (1, 4, 7):
+        for q_start in range(nk + 2):
+            for nq in range(1, nk + 3):
+                expected = torch.arange(nk)[None, :] > torch.arange(q_start, q_start + nq)[:, None]
+                assert torch.equal(native.future_mask(nq, nk, q_start, torch.device("cpu")), expected)
+    a = native.future_mask(3, 7, 4, torch.device("cpu"))
+    b = native.future_mask(7, 7, 0, torch.device("cpu"))
+    assert a.untyped_storage().data_ptr() == b.untyped_storage().data_ptr()
+
+
 def test_probe_shapes_from_the_parity_run_match_the_probe_forward(zoo_case):
     """On the native backend the parity run's cache stands in for the hook probe: same shapes."""
     from fastpatch.engine.probing import probe_hooks

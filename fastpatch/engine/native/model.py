@@ -200,6 +200,7 @@ class NativeModel:
         if self.lnf_w is None:
             raise UnsupportedModel("the model's final norm has no weight")
         self.rotary: Optional[List[tuple]] = None  # per layer (cos, sin): [pos, rotary_dim]
+        self._future_masks: Dict[tuple, Tensor] = {}  # (n_keys, device) -> [n_keys, n_keys] causal mask
 
     def _layer(self, block: Any) -> Layer:
         attn, mlp = block.attn, block.mlp
@@ -256,11 +257,25 @@ class NativeModel:
             k_rot = k_rot.repeat_interleave(group, dim=2)
             v = v.repeat_interleave(group, dim=2)
         scores = torch.einsum("rqhe,rkhe->rhqk", q_rot, k_rot) / self.attn_scale
-        nq, nk = q_rot.shape[1], k_rot.shape[1]
-        future = torch.arange(nk, device=q_rot.device)[None, :] > torch.arange(q_start, q_start + nq, device=q_rot.device)[:, None]
+        future = self.future_mask(q_rot.shape[1], k_rot.shape[1], q_start, q_rot.device)
         pattern = scores.masked_fill(future, float("-inf")).softmax(dim=-1)
         z = torch.einsum("rhqk,rkhe->rqhe", pattern, v)
         return pattern, z
+
+    def future_mask(self, nq: int, nk: int, q_start: int, device: torch.device) -> Tensor:
+        """``[nq, nk]``, True where key position ``k`` is after query position ``q_start + i``.
+
+        Built once per (number of keys, device) for this model (one forward's calls share it) and
+        sliced by rows (a view): the query positions of a causal pass are at most the keys'.
+        """
+        if q_start + nq > nk:  # queries past the last key (not a causal pass here): built directly
+            return torch.arange(nk, device=device)[None, :] > torch.arange(q_start, q_start + nq, device=device)[:, None]
+        key = (nk, torch.device(device))
+        mask = self._future_masks.get(key)
+        if mask is None:
+            positions = torch.arange(nk, device=device)
+            mask = self._future_masks[key] = positions[None, :] > positions[:, None]
+        return mask[q_start : q_start + nq]
 
     def attn_out(self, layer: int, z: Tensor) -> Tensor:
         """``[..., n_heads, d_head] -> [..., d_model]``: heads' outputs through W_O, summed."""
