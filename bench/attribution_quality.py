@@ -37,7 +37,6 @@ rank), computed with torch.
 from __future__ import annotations
 
 import argparse
-import json
 import os
 import shlex
 import sys
@@ -52,7 +51,7 @@ if __package__ in (None, ""):  # run as a script: make `bench` and `fastpatch` i
 
 import torch
 
-from bench.compare_transformer_lens import RESULTS_DIR, _HelpFormatter, device_name, git_state, versions
+from bench.compare_transformer_lens import RESULTS_DIR, _HelpFormatter, device_name, git_state, versions, write_record
 from bench.models import logit_diff_metric
 
 SWEEPS: Tuple[str, ...] = (
@@ -314,9 +313,7 @@ def main(argv: Optional[Sequence[str]] = None) -> Dict[str, Any]:
     record = run(args, command)
     print(f"clean metric {record['clean_metric']:.3f}, corrupted metric {record['corrupted_metric']:.3f}")
     print(format_table(record))
-    args.out.parent.mkdir(parents=True, exist_ok=True)
-    args.out.write_text(json.dumps(record, indent=2) + "\n")
-    print(f"wrote {args.out}")
+    write_record(args.out, record)
     return record
 
 

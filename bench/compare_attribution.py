@@ -21,7 +21,6 @@ Examples::
 from __future__ import annotations
 
 import argparse
-import json
 import os
 import shlex
 import sys
@@ -48,6 +47,7 @@ from bench.compare_transformer_lens import (
     device_name,
     git_state,
     versions,
+    write_record,
 )
 from bench.models import gpt2_small_shaped, ioi_like_tokens, logit_diff_metric
 
@@ -314,9 +314,7 @@ def main(argv: Optional[Sequence[str]] = None) -> Dict[str, Any]:
           f"atol={r['atol']:.2e} ({args.atol_scale:g} x max |TL score|): {r['values_agree']}")
     print("rounds (s): TL " + " ".join(f"{t:.3f}" for t in r["tl_seconds_all"])
           + " | fastpatch " + " ".join(f"{t:.4f}" for t in r["fastpatch_seconds_all"]))
-    args.out.parent.mkdir(parents=True, exist_ok=True)
-    args.out.write_text(json.dumps(record, indent=2) + "\n")
-    print(f"wrote {args.out}")
+    write_record(args.out, record)
     return record
 
 

@@ -114,6 +114,13 @@ def _git(*args: str) -> Optional[str]:
         return None
 
 
+def write_record(path: Path, record: Dict[str, Any], indent: int = 2) -> None:
+    """Write a benchmark record as JSON (creating its folder) and say where."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text(json.dumps(record, indent=indent) + "\n")
+    print(f"wrote {path}")
+
+
 def git_state() -> Dict[str, Any]:
     """``HEAD``'s commit and the tracked files with uncommitted changes (``dirty`` None if unknown)."""
     status = _git("status", "--porcelain", "--untracked-files=no")
@@ -414,9 +421,7 @@ def main(argv: Optional[Sequence[str]] = None) -> Dict[str, Any]:
     print(format_table(record))
     print(f"values agree within rtol={args.rtol:g}, atol={args.atol:g}: "
           f"{all(r['agree'] for r in record['results'])}")
-    args.out.parent.mkdir(parents=True, exist_ok=True)
-    args.out.write_text(json.dumps(record, indent=2) + "\n")
-    print(f"wrote {args.out}")
+    write_record(args.out, record)
     return record
 
 

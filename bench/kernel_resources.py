@@ -50,6 +50,9 @@ os.environ.setdefault("TRITON_DEFAULT_FP_FUSION", "1")
 
 import torch
 
+from bench.compare_transformer_lens import write_record
+from bench.gpu_costs import LAUNCH_SECONDS, PEAKS, launches_kernel
+
 REPO_ROOT = Path(__file__).resolve().parent.parent
 DEFAULT_JSON = REPO_ROOT / "bench" / "results" / "kernel-resources.json"
 
@@ -58,13 +61,6 @@ DEFAULT_JSON = REPO_ROOT / "bench" / "results" / "kernel-resources.json"
 SHARED_PER_BLOCK = {80: 163 * 1024, 86: 99 * 1024, 89: 99 * 1024, 90: 227 * 1024, 100: 227 * 1024}
 MAX_REGISTERS = 255
 TENSOR_CORE_OPS = ("HMMA", "HGMMA", "UTCHMMA", "UTCQMMA", "UTCMMA", "QGMMA")
-
-# Published dense peaks (NVIDIA A100 and H100 SXM data sheets): FLOP/s and bytes/s.
-PEAKS = {
-    "A100-SXM4-80GB": {"fp32": 19.5e12, "tf32": 156e12, "bf16": 312e12, "fp16": 312e12, "hbm": 2.039e12},
-    "H100-SXM5-80GB": {"fp32": 66.9e12, "tf32": 494.7e12, "bf16": 989.4e12, "fp16": 989.4e12, "hbm": 3.35e12},
-}
-LAUNCH_SECONDS = 5e-6  # per kernel launch, the usual floor on a GPU
 
 # Representative models: (layers, d_model, heads, kv heads, d_head, norm, batch, positions).
 MODELS = {
@@ -280,7 +276,8 @@ def _predict(flops: float, bytes_moved: float, peak: Dict[str, float], key: str)
 
 class _OpCounter(torch.utils._python_dispatch.TorchDispatchMode):
     """Bytes read and written, FLOPs and kernel launches of every op, the unfused model: each op
-    reads its tensor inputs from DRAM and writes its outputs there. Views launch nothing."""
+    reads its tensor inputs from DRAM and writes its outputs there. Ops that launch no kernel
+    (views, metadata, allocation: ``bench.gpu_costs.launches_kernel``) move nothing."""
 
     def __init__(self) -> None:
         super().__init__()
@@ -292,17 +289,11 @@ class _OpCounter(torch.utils._python_dispatch.TorchDispatchMode):
 
     def __torch_dispatch__(self, func, types, args=(), kwargs=None):
         out = func(*args, **(kwargs or {}))
-        if not _is_view(func):
+        if launches_kernel(func):
             flat = torch.utils._pytree.tree_leaves((args, kwargs, out))
             self.bytes += sum(t.numel() * t.element_size() for t in flat if isinstance(t, torch.Tensor))
             self.launches += 1
         return out
-
-
-def _is_view(func) -> bool:
-    schema = func._schema
-    return any(r.alias_info is not None and not r.alias_info.is_write for r in schema.returns) or func.__name__ in (
-        "detach.default", "empty.memory_format", "empty_strided.default")
 
 
 def reference_cost(reference: Callable[[], Any]) -> Dict[str, float]:
@@ -475,11 +466,9 @@ def main(argv: Optional[Sequence[str]] = None) -> Dict[str, Any]:
     archs = args.archs or supported_archs()
     record = {"environment": _environment(), "archs": [f"sm_{a}" for a in archs],
               **measure(archs, args.models, args.dtypes, args.workers, not args.no_roofline)}
-    args.json.parent.mkdir(parents=True, exist_ok=True)
-    args.json.write_text(json.dumps(record, indent=1) + "\n")
     table = format_table(record)
     print(table.splitlines()[-1] if args.quiet else table)
-    print(f"wrote {args.json}")
+    write_record(args.json, record, indent=1)
     return record
 
 

@@ -105,24 +105,15 @@ from torch.utils._python_dispatch import TorchDispatchMode
 from torch.utils._pytree import tree_leaves
 
 from bench import compare_transformer_lens as compare
+from bench.gpu_costs import LAUNCH_SECONDS, PEAKS, launches_kernel
 from bench.models import gpt2_small_shaped, ioi_like_tokens, logit_diff_metric
 
 RESULTS_DIR = compare.RESULTS_DIR
 DEFAULT_OUT = RESULTS_DIR / "launch-counts.json"
 
-LAUNCH_US = 5.0  # typical CUDA kernel-launch overhead per kernel, microseconds
-# Published NVIDIA H100 SXM peaks (dense, no sparsity), FLOP/s.
-H100_SXM_PEAKS = {"bf16_tensor_dense": 989.4e12, "fp32_non_tensor": 66.9e12}
+LAUNCH_US = LAUNCH_SECONDS * 1e6  # typical CUDA kernel-launch overhead per kernel, microseconds
+H100_SXM_PEAKS = {"bf16_tensor_dense": PEAKS["H100-SXM5-80GB"]["bf16"], "fp32_non_tensor": PEAKS["H100-SXM5-80GB"]["fp32"]}
 
-# Ops that launch no kernel on a GPU, besides every op whose schema returns an alias (is_view).
-NO_KERNEL_OPS = frozenset({
-    "view", "_unsafe_view", "_reshape_alias", "reshape", "view_as", "detach", "t", "transpose",
-    "permute", "expand", "expand_as", "slice", "select", "unsqueeze", "squeeze", "as_strided",
-    "alias", "split", "split_with_sizes", "unbind", "chunk", "narrow", "diagonal", "unfold", "movedim",
-    "lift_fresh", "lift_fresh_copy",
-    "empty", "empty_like", "empty_strided", "new_empty", "new_empty_strided", "resize_", "set_",
-    "sym_size", "sym_stride", "sym_numel", "sym_storage_offset", "is_contiguous", "is_same_size",
-})
 # Ops after which the host waits for the device (a device-to-host read or a data-dependent size).
 SYNC_OPS = frozenset({"_local_scalar_dense", "nonzero", "masked_select", "unique", "_unique", "_unique2",
                       "unique_dim", "unique_consecutive", "equal"})
@@ -154,11 +145,6 @@ def op_class(name: str) -> str:
     if name in _REDUCE:
         return "reduction/norm/softmax"
     return "elementwise"
-
-
-def launches_kernel(func: Any) -> bool:
-    """Whether ATen op ``func`` launches a device kernel (see the module docstring)."""
-    return not (getattr(func, "is_view", False) or func.overloadpacket.__name__ in NO_KERNEL_OPS)
 
 
 class OpCounter(TorchDispatchMode):
@@ -635,9 +621,7 @@ def main(argv: Optional[Sequence[str]] = None) -> Dict[str, Any]:
         args.out = RESULTS_DIR / ("launch-counts-small.json" if args.small else DEFAULT_OUT.name)
     record = run(args)
     print(format_table(record))
-    args.out.parent.mkdir(parents=True, exist_ok=True)
-    args.out.write_text(json.dumps(record, indent=2) + "\n")
-    print(f"wrote {args.out}")
+    compare.write_record(args.out, record)
     return record
 
 

@@ -200,8 +200,8 @@ def qkv_edge_scores(
     if backend == "auto":
         # In fp32 the kernel's dots run on FMA units, where rebuilding U~ once per writer block
         # (cdiv(S, 16) times) costs more than the chunked path's single pass: the static roofline
-        # (bench/kernel_resources.py) predicts it about 3x slower at LLaMA shapes on an H100, and
-        # about 4x faster than the chunked path in bf16/fp16, where its dots use tensor cores.
+        # (bench/kernel_resources.py) predicts it about 5x slower at LLaMA shapes on an H100, and
+        # about 5x faster than the chunked path in bf16/fp16, where its dots use tensor cores.
         use_kernel = kernel_applies(tensors, _triton_launcher()) and writers.dtype != torch.float32
         backend = "triton" if use_kernel else "torch"
     if backend == "torch":
