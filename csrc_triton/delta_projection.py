@@ -212,7 +212,8 @@ def plan_delta_projection(
     o4 = out.view(S, L, M, N)
     has_bias = mode == "exact" and norm == "LN" and norm_b is not None
     b = norm_b if has_bias else norm_w  # any valid pointer; never read without HAS_BIAS
-    config = _default_config(M, D, N, W.dtype, target_arch(delta, arch))
+    arch = target_arch(delta, arch)
+    config = _default_config(M, D, N, W.dtype, arch)
     BLOCK_M = block_m or config["BLOCK_M"]
     BLOCK_N = block_n or config["BLOCK_N"]
     BLOCK_K = block_k or config["BLOCK_K"]
@@ -246,7 +247,7 @@ def plan_delta_projection(
         _delta_projection_kernel, grid, args, constexprs,
         num_warps=num_warps or config["num_warps"],
         num_stages=num_stages or config["num_stages"],
-        arch=target_arch(delta, arch),
+        arch=arch,
         notes=dict(S=S, L=L, M=M, D=D, N=N, mode=mode, norm=norm),
     )
 

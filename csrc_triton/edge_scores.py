@@ -245,7 +245,8 @@ def plan_qkv_edge_scores(
     """
     S, M, D = writers.shape
     L, R, _, E = grads.shape
-    config = _default_config(D, E, writers.dtype, grads.dtype, target_arch(writers, arch))
+    arch = target_arch(writers, arch)
+    config = _default_config(D, E, writers.dtype, grads.dtype, arch)
     BLOCK_S = block_s or config["BLOCK_S"]
     BLOCK_R = block_r or config["BLOCK_R"]
     BLOCK_M = block_m or config["BLOCK_M"]
@@ -284,7 +285,7 @@ def plan_qkv_edge_scores(
         _qkv_edge_scores_kernel, grid, args, constexprs,
         num_warps=num_warps or (config["num_warps"] if use_dot else 4),
         num_stages=num_stages or config["num_stages"],
-        arch=target_arch(writers, arch),
+        arch=arch,
         notes=dict(S=S, L=L, R=R, M=M, D=D, E=E, norm=norm),
     )
 
