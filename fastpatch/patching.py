@@ -60,6 +60,12 @@ from fastpatch.engine.metric_set import MetricFn, MetricSet
 from fastpatch.engine.plan import Sweep, index_table
 
 __all__ = [
+    "AxisNames",
+    "Logits",
+    "CorruptedActivation",
+    "PatchedActivation",
+    "MetricFn",
+    "Reduce",
     "PatchingResult",
     "generic_activation_patch",
     "make_df_from_ranges",
@@ -91,7 +97,12 @@ __all__ = [
     "get_act_patch_direct_path_all_sources",
 ]
 
+# TransformerLens's public type aliases, the same objects, so annotations written for it still hold.
 AxisNames = _tl.AxisNames
+Logits = _tl.Logits
+CorruptedActivation = _tl.CorruptedActivation
+PatchedActivation = _tl.PatchedActivation
+Reduce = _tl.Reduce
 PatchSetter = Callable[[torch.Tensor, Sequence[int], torch.Tensor], torch.Tensor]
 SweepReturn = Union[torch.Tensor, Tuple[torch.Tensor, pd.DataFrame], PatchingResult]
 
