@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from typing import Any, List, Mapping, Optional
+from typing import Any, List, Mapping, Optional, Tuple
 
 import pandas as pd
 import torch
@@ -65,13 +65,31 @@ def cached_activation(cache: Mapping[str, torch.Tensor], hook_name: str, what: s
         ) from None
 
 
-def all_finite(tensors: List[torch.Tensor]) -> List[bool]:
-    """Whether each tensor holds only finite values (non-float tensors: ``True``), in one host read."""
+def position_axes(hook_name: str) -> Tuple[int, ...]:
+    """The position axes of an activation: ``(dest, src)`` = ``(2, 3)`` for attention patterns and
+    scores (``[batch, head, dest, src]``), else ``(1,)`` (``[batch, pos, ...]``)."""
+    return (2, 3) if ("pattern" in hook_name or "attn_scores" in hook_name) else (1,)
+
+
+def _valid(tensor: torch.Tensor, hook_name: Optional[str]) -> torch.Tensor:
+    """0-d bool: every value finite; attention scores may also hold -inf, the causal mask
+    (softmax weight 0, as the model's own scores carry it). NaN and +inf are never valid."""
+    ok = torch.isfinite(tensor)
+    if hook_name is not None and hook_name.endswith("attn_scores"):
+        ok |= torch.isneginf(tensor)
+    return ok.all()
+
+
+def all_finite(tensors: List[torch.Tensor], hook_names: Optional[List[str]] = None) -> List[bool]:
+    """Whether each tensor holds only finite values (non-float tensors: ``True``), in one host read.
+
+    ``hook_names`` (one per tensor): attention scores among them may hold -inf (:func:`_valid`)."""
+    names = hook_names if hook_names is not None else [None] * len(tensors)
     floats = [i for i, t in enumerate(tensors) if t.is_floating_point()]
     out = [True] * len(tensors)
     if floats:
         device = tensors[floats[0]].device
-        flags = torch.stack([torch.isfinite(tensors[i]).all().to(device) for i in floats]).tolist()
+        flags = torch.stack([_valid(tensors[i], names[i]).to(device) for i in floats]).tolist()
         for i, flag in zip(floats, flags):
             out[i] = bool(flag)
     return out
@@ -79,35 +97,36 @@ def all_finite(tensors: List[torch.Tensor]) -> List[bool]:
 
 def check_cached_activation(
     activation: torch.Tensor, hook_name: str, tokens: torch.Tensor, expected_tail: Optional[tuple] = None,
-    finite: Optional[bool] = None,
+    finite: Optional[bool] = None, what: str = "clean_cache",
 ) -> None:
     """A cached activation must come from a run on the same batch and positions (and model shape).
 
     ``finite``: whether it holds only finite values, when the caller has read that already
-    (:func:`all_finite`, one read for many activations); ``None`` reads it here."""
+    (:func:`all_finite`, one read for many activations); ``None`` reads it here. Attention scores
+    may hold -inf (the causal mask), never NaN. ``what``: the argument's name in messages."""
     batch, pos = tokens.shape
     if activation.shape[0] not in (1, batch):
         raise ValueError(
-            f"clean_cache[{hook_name!r}] has batch size {activation.shape[0]}, the corrupted tokens "
+            f"{what}[{hook_name!r}] has batch size {activation.shape[0]}, the corrupted tokens "
             f"have {batch}: the clean run must use prompts paired one to one with the corrupted ones"
         )
-    pos_axes = (2, 3) if ("pattern" in hook_name or "attn_scores" in hook_name) else (1,)
-    for axis in pos_axes:
+    for axis in position_axes(hook_name):
         if activation.ndim <= axis or activation.shape[axis] != pos:
             raise ValueError(
-                f"clean_cache[{hook_name!r}] has shape {tuple(activation.shape)}, which does not match "
+                f"{what}[{hook_name!r}] has shape {tuple(activation.shape)}, which does not match "
                 f"the corrupted tokens' {pos} positions: the clean cache comes from a different "
                 "sequence length"
             )
     if expected_tail is not None and tuple(activation.shape[1:]) != tuple(expected_tail):
         raise ValueError(
-            f"clean_cache[{hook_name!r}] has shape {tuple(activation.shape)}, expected "
+            f"{what}[{hook_name!r}] has shape {tuple(activation.shape)}, expected "
             f"[batch, {', '.join(map(str, expected_tail))}]: the clean cache comes from a different model"
         )
     if finite is None:
-        finite = not activation.is_floating_point() or bool(torch.isfinite(activation).all())
+        finite = not activation.is_floating_point() or bool(_valid(activation, hook_name))
     if not finite:
-        raise ValueError(f"clean_cache[{hook_name!r}] contains NaN or infinite values")
+        masked = " (-inf is allowed in attention scores: the causal mask)" if hook_name.endswith("attn_scores") else ""
+        raise ValueError(f"{what}[{hook_name!r}] contains NaN or infinite values{masked}")
 
 
 def check_index_df(index_df: pd.DataFrame, axis_limits: Mapping[str, int]) -> None:

@@ -55,7 +55,7 @@ def clean_activations_for(
         _require_hook_points(model, names)
         _require_fired(names, hook_shapes)
         shapes = {n: hook_shapes[n] for n in names}
-    finite = all_finite(list(activations.values()))
+    finite = all_finite(list(activations.values()), list(activations))
     for (name, activation), is_finite in zip(activations.items(), finite):
         check_cached_activation(activation, name, tokens, shapes[name], finite=is_finite)
     return activations
