@@ -34,8 +34,14 @@ def test_parity_check_catches_a_feature_the_native_forward_lacks(doctored_case):
     args = (case.model, case.corrupted, case.clean_cache, case.scalar)
     with pytest.raises(ParityError, match="disagrees with the model"):
         fp.get_act_patch_attn_head_out_all_pos(*args, progress=False, backend="native")
-    with pytest.warns(UserWarning, match="using the hook backend"):
+    # the warning names the earliest hook in forward order that disagrees (not the logits), once per model
+    with pytest.warns(UserWarning, match=r"native backend unsupported for GPT2LMHeadModel: native forward disagrees "
+                      r"with the model at blocks\.(1\.hook_mlp_out|2\.hook_resid_pre):.*using hooks, expect about "
+                      "TransformerLens speed"):
         ours = fp.get_act_patch_attn_head_out_all_pos(*args, progress=False)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        fp.get_act_patch_attn_head_out_all_pos(*args, progress=False)
     ref = tl.get_act_patch_attn_head_out_all_pos(*args)
     assert_close(ours, ref)
     assert_varies(ref)
@@ -45,8 +51,8 @@ def _per_tensor_parity(native, logits, cache, trace):
     """The parity check as it was written first (one host read per tensor): the reference for its
     one-transfer form. Returns the error message it raises, or ``None``."""
     rtol = 1e-4 if logits.dtype in (torch.float32, torch.float64) else 5e-2
-    checks = {"logits": (trace.logits, logits)}
-    checks.update({n: (v, cache[n]) for n, v in trace.hook_values(native.parallel).items() if n in cache})
+    checks = {n: (v, logits if n == "logits" else cache[n])
+              for n, v in trace.hook_values(native.parallel).items() if n in cache or n == "logits"}
     for name, (ours, theirs) in checks.items():
         if ours.shape != theirs.shape:
             return f"native forward's {name} has shape {tuple(ours.shape)}, the model's {tuple(theirs.shape)}"
@@ -145,10 +151,12 @@ def test_unsupported_config_is_refused_or_falls_back():
     try:
         with pytest.raises(UnsupportedModel, match="attn_scores_soft_cap"):
             fp.get_act_patch_resid_pre(*args, progress=False, backend="native")
-        with warnings.catch_warnings():
-            warnings.simplefilter("error")  # an unsupported model falls back silently: same numbers
-            ours = fp.get_act_patch_resid_pre(*args, progress=False)
+        with pytest.warns(UserWarning, match="attn_scores_soft_cap; using hooks, expect about TransformerLens speed"):
+            ours = fp.get_act_patch_resid_pre(*args, progress=False)  # falls back with the reason: same numbers
         assert_close(ours, tl.get_act_patch_resid_pre(*args))
+        with warnings.catch_warnings():
+            warnings.simplefilter("error")  # once per model
+            fp.get_act_patch_resid_pre(*args, progress=False)
     finally:
         case.model.cfg.attn_scores_soft_cap = -1.0
 

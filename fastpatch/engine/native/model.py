@@ -114,16 +114,19 @@ class Trace:
     hook_shapes: Dict[str, tuple] = field(default_factory=dict)
 
     def hook_values(self, parallel: bool) -> Dict[str, Tensor]:
-        """The trace under the model's hook names, for the parity check."""
+        """The trace under the model's hook names, in forward order (the parity check reports the
+        earliest hook that disagrees, where the missing feature acts), logits last."""
         out = {}
         for l in range(len(self.resid_pre)):
             out[f"blocks.{l}.hook_resid_pre"] = self.resid_pre[l]
             for name in ("q", "k", "v", "pattern", "z"):
                 out[f"blocks.{l}.attn.hook_{name}"] = getattr(self, name)[l]
             out[f"blocks.{l}.hook_attn_out"] = self.attn_out[l]
-            out[f"blocks.{l}.hook_mlp_out"] = self.mlp_out[l]
             if not parallel:
                 out[f"blocks.{l}.hook_resid_mid"] = self.resid_mid[l]
+            out[f"blocks.{l}.hook_mlp_out"] = self.mlp_out[l]
+        if self.logits is not None:
+            out["logits"] = self.logits
         return out
 
 
@@ -346,9 +349,11 @@ class NativeModel:
         disagrees (a shape mismatch, or an error above tolerance) is the one reported.
         """
         rtol = 1e-4 if logits.dtype == torch.float32 or logits.dtype == torch.float64 else 5e-2
-        checks = {"logits": (trace.logits, logits)}
+        checks = {}
         for name, value in trace.hook_values(self.parallel).items():
-            if name in cache:
+            if name == "logits":
+                checks[name] = (value, logits)
+            elif name in cache:  # a hook the model lacks is checked through the later ones
                 checks[name] = (value, cache[name])
         # Shapes are known on the host: only the tensors before the first shape mismatch are read.
         names = list(checks)
@@ -383,24 +388,38 @@ class NativeModel:
                     native.rotary.append((cos.reshape(-1, cos.shape[-2], cos.shape[-1])[0], sin.reshape(-1, sin.shape[-2], sin.shape[-1])[0]))
             trace = native.trace(tokens)
         native.check_parity(logits, cache, trace)
-        own = native.trace_from_cache(cache, logits)
+        own = native.trace_from_cache(cache, logits, trace)
         own.hook_shapes = fired_hook_shapes(model, cache)
         return NativeEngine(native, own)
 
-    def trace_from_cache(self, cache: Any, logits: Tensor) -> Trace:
+    def trace_from_cache(self, cache: Any, logits: Tensor, native_trace: Trace) -> Trace:
         """The model's own activations in trace form (after the parity check has vouched for the
         native forward): unpatched positions, and the first-changed-position test against the
-        clean cache, then use the model's numbers bit for bit, as TransformerLens's forwards do."""
+        clean cache, then use the model's numbers bit for bit, as TransformerLens's forwards do.
+
+        A model without ``hook_pattern`` (e.g. OPT's attention) gets the checked native trace's
+        pattern: it is only the start of pattern patches, which need that hook to fire anyway. Any
+        other missing hook point is one the backend starts cells from: the model is unsupported.
+        """
+
+        def own(name: str, fallback: Optional[Tensor] = None) -> Tensor:
+            if name in cache:
+                return cache[name]
+            if fallback is None:
+                raise UnsupportedModel(f"the model's hook point {name} did not fire, and the native backend starts from it")
+            return fallback
+
         t = Trace(logits=logits)
         for l in range(self.n_layers):
             for name, hook in (("resid_pre", "hook_resid_pre"), ("attn_out", "hook_attn_out"), ("mlp_out", "hook_mlp_out")):
-                getattr(t, name).append(cache[f"blocks.{l}.{hook}"])
-            for name in ("q", "k", "v", "pattern", "z"):
-                getattr(t, name).append(cache[f"blocks.{l}.attn.hook_{name}"])
+                getattr(t, name).append(own(f"blocks.{l}.{hook}"))
+            for name in ("q", "k", "v", "z"):
+                getattr(t, name).append(own(f"blocks.{l}.attn.hook_{name}"))
+            t.pattern.append(own(f"blocks.{l}.attn.hook_pattern", native_trace.pattern[l]))
             if not self.parallel:
-                t.resid_mid.append(cache[f"blocks.{l}.hook_resid_mid"])
+                t.resid_mid.append(own(f"blocks.{l}.hook_resid_mid"))
             t.k_rot.append(self.rotate(l, t.k[l], 0))
-        t.resid_final = cache[f"blocks.{self.n_layers - 1}.hook_resid_post"]
+        t.resid_final = own(f"blocks.{self.n_layers - 1}.hook_resid_post")
         return t
 
 
