@@ -14,6 +14,10 @@ patch. Extra keyword-only arguments, all optional:
 - ``backend``: ``"auto"`` (default: the native backend where the model and sweep are supported
   and its parity check against the model's own forward passes, else the hook backend),
   ``"native"`` (raise instead of falling back) or ``"hooks"`` (batched ``run_with_hooks``).
+- ``user_hooks``: a model that carries hooks of the caller's (``hook_point.add_hook(...)``) is
+  refused with a ``ValueError`` naming them (``"refuse"``, default), since a batched forward would
+  call them on many patches' rows at once; ``"per_cell"`` runs each patch's forward alone on the
+  hook backend with those hooks, so a metric that reads them gets TransformerLens's numbers.
 
 This module is the API layer only: it validates the arguments, builds a plan
 (``fastpatch.engine.activation_plan`` or ``fastpatch.engine.direct_path``), hands it to the one
@@ -199,6 +203,7 @@ def generic_activation_patch(
     progress: bool = True,
     backend: str = "auto",
     distributed: Optional[bool] = None,
+    user_hooks: str = "refuse",
 ) -> SweepReturn:
     """Batched ``transformer_lens.patching.generic_activation_patch``: same arguments, same values.
 
@@ -221,7 +226,7 @@ def generic_activation_patch(
         return_index_df=return_index_df,
         reduce=reduce,
         baseline=baseline,
-        options=RunOptions(backend, chunk_size, memory_budget, progress, distributed),
+        options=RunOptions(backend, chunk_size, memory_budget, progress, distributed, user_hooks),
         desc=f"patching {activation_name}",
     )
     return _as_result(sweep, baseline, return_index_df)
@@ -266,7 +271,7 @@ def _every(
     once) and wraps the other sweeps' tensors into results; so do we.
     """
     baseline = bool(kwargs.pop("baseline", False))
-    unknown = set(kwargs) - {"reduce", "chunk_size", "memory_budget", "progress", "backend", "distributed"}
+    unknown = set(kwargs) - {"reduce", "chunk_size", "memory_budget", "progress", "backend", "distributed", "user_hooks"}
     if unknown:
         raise TypeError(f"unexpected keyword arguments {sorted(unknown)}")
     reduce = kwargs.pop("reduce", "scalar")
@@ -384,6 +389,7 @@ def get_act_patch_direct_path(
     chunk_size: Optional[int] = None,
     memory_budget: Optional[int] = None,
     distributed: Optional[bool] = None,
+    user_hooks: str = "refuse",
 ) -> Float[torch.Tensor, "n_layers n_heads"]:
     """Batched ``transformer_lens.patching.get_act_patch_direct_path``: same arguments, same values.
 
@@ -399,7 +405,7 @@ def get_act_patch_direct_path(
     the native backend. Same refusals as TransformerLens: K/V on grouped-query models,
     post-norm or scaled-residual source blocks, training mode.
     """
-    options = RunOptions(backend, chunk_size, memory_budget, verbose, distributed)
+    options = RunOptions(backend, chunk_size, memory_budget, verbose, distributed, user_hooks)
     return _direct_path(
         model, corrupted_tokens, clean_cache, corrupted_cache, patching_metric, [(src_layer, src_head)], component,
         method, options, "get_act_patch_direct_path()",
@@ -420,6 +426,7 @@ def get_act_patch_direct_path_all_sources(
     chunk_size: Optional[int] = None,
     memory_budget: Optional[int] = None,
     distributed: Optional[bool] = None,
+    user_hooks: str = "refuse",
 ) -> Float[torch.Tensor, "n_layers n_heads n_layers n_heads"]:
     """:func:`get_act_patch_direct_path` from every source head, all in one batched plan.
 
@@ -429,7 +436,7 @@ def get_act_patch_direct_path_all_sources(
     """
     cfg = model.cfg
     sources = [(layer, head) for layer in range(cfg.n_layers) for head in range(cfg.n_heads)]
-    options = RunOptions(backend, chunk_size, memory_budget, verbose, distributed)
+    options = RunOptions(backend, chunk_size, memory_budget, verbose, distributed, user_hooks)
     out = _direct_path(
         model, corrupted_tokens, clean_cache, corrupted_cache, patching_metric, sources, component,
         method, options, "get_act_patch_direct_path_all_sources()",

@@ -39,5 +39,5 @@ def test_generic_activation_patch_signature_extends_transformer_lens():
         assert ours[name].default == param.default, name
     assert list(ours)[: len(theirs)] == list(theirs)
     extra = [n for n in ours if n not in theirs]
-    assert extra == ["chunk_size", "memory_budget", "progress", "backend", "distributed"]
+    assert extra == ["chunk_size", "memory_budget", "progress", "backend", "distributed", "user_hooks"]
     assert all(ours[n].kind is inspect.Parameter.KEYWORD_ONLY for n in extra)

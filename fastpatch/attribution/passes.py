@@ -36,6 +36,7 @@ from torch import Tensor
 
 from fastpatch import patching
 from fastpatch.engine.checks import check_tokens, require_eval_mode
+from fastpatch.engine.model_state import refuse_user_hooks
 from fastpatch.metrics import MetricFn
 
 Tokens = Int[Tensor, "batch pos"]  # token ids, as every method takes them
@@ -124,6 +125,7 @@ def check_inputs(model: Any, operation: str, reduce: str, **tokens: Any) -> None
     if reduce not in REDUCES:
         raise ValueError(f"reduce must be one of {REDUCES} for attribution, got {reduce!r}")
     require_eval_mode(model, operation=operation)
+    refuse_user_hooks(model, operation)  # they would run on the stacked passes, not on TransformerLens's forward
     for name, value in tokens.items():
         check_tokens(model, value, name)
     shapes = {name: tuple(value.shape) for name, value in tokens.items()}

@@ -22,7 +22,7 @@ from fastpatch.engine.chunks import ChunkBudget, forward_bytes_per_row
 from fastpatch.engine.distributed import gather, my_cells, shard
 from fastpatch.engine.hooks_driver import run_hooks_cells
 from fastpatch.engine.metric_set import MetricSet
-from fastpatch.engine.model_state import preserved_model_state
+from fastpatch.engine.model_state import preserved_model_state, refuse_user_hooks
 from fastpatch.engine.native_driver import run_native_cells
 from fastpatch.engine.plan import PatchPlan
 
@@ -36,6 +36,13 @@ class RunOptions:
     memory_budget: Optional[int] = None
     progress: bool = True
     distributed: Optional[bool] = None
+    #: a model carrying the caller's own hooks: ``"refuse"`` (ValueError) or ``"per_cell"`` (hook
+    #: backend, one cell per forward, so each hook sees exactly the forward TransformerLens runs)
+    user_hooks: str = "refuse"
+
+
+USER_HOOKS = ("refuse", "per_cell")
+PER_CELL_REMEDY = "pass user_hooks='per_cell' to run each patch's forward alone with them on the hook backend"
 
 
 class PlanValues(NamedTuple):
@@ -59,6 +66,15 @@ def run_plan(
     Under ``torch.distributed`` (see ``fastpatch.engine.distributed``) this rank runs its share
     of the cells and every rank returns the full result. Values are float32 on the model's device.
     """
+    if options.user_hooks not in USER_HOOKS:
+        raise ValueError(f"user_hooks must be one of {USER_HOOKS}, got {options.user_hooks!r}")
+    per_cell = options.user_hooks == "per_cell"
+    if per_cell and options.backend == "native":
+        raise ValueError("user_hooks='per_cell' runs on the hook backend; pass backend='hooks' (or 'auto')")
+    if per_cell and plan.needs_native is not None:
+        raise ValueError(f"user_hooks='per_cell' needs the hook backend, but {plan.needs_native}")
+    if not per_cell:
+        refuse_user_hooks(model, plan.label, PER_CELL_REMEDY)
     device = model_device(model, tokens)
     budget = ChunkBudget.from_options(options.chunk_size, options.memory_budget, device)
     rank_world = shard(options.distributed)
@@ -66,7 +82,7 @@ def run_plan(
     dtype_bytes = torch.finfo(getattr(model.cfg, "dtype", torch.float32) or torch.float32).bits // 8
     with preserved_model_state(model), torch.no_grad():
         baseline_values = metrics.evaluate(model.run_with_hooks(tokens, fwd_hooks=[])) if baseline else None
-        engine = select_backend(model, tokens, options.backend, plan.native_unsupported)
+        engine = None if per_cell else select_backend(model, tokens, options.backend, plan.native_unsupported)
         if engine is None and plan.needs_native is not None:
             raise ValueError(plan.needs_native)
         plan.prepare(engine)
@@ -78,7 +94,7 @@ def run_plan(
         ) as bar:
             stats.backend = "hooks" if engine is None else "native"
             if engine is None:
-                per_chunk = budget.cells_per_chunk(forward_bytes_per_row(model.cfg, n_pos, dtype_bytes), batch)
+                per_chunk = 1 if per_cell else budget.cells_per_chunk(forward_bytes_per_row(model.cfg, n_pos, dtype_bytes), batch)
                 run_hooks_cells(plan, cells, metrics, values, per_chunk, bar)
             else:
                 run_native_cells(engine, plan.native_work(engine, cells), metrics, values, budget, dtype_bytes, bar)

@@ -27,6 +27,40 @@ def _hook_handles(model: Any) -> List[Tuple[Any, str, List[Any]]]:
     return out
 
 
+def user_hooks(model: Any) -> List[str]:
+    """Names of the hook points that carry hooks of the caller's (``add_hook`` or a plain module hook).
+
+    A bridge registers module hooks of its own on its wrapped components, never on its hook points,
+    so any hook found on a hook point is the caller's.
+    """
+    names = []
+    for name, point in (getattr(model, "hook_dict", {}) or {}).items():
+        lists = (getattr(point, "fwd_hooks", []), getattr(point, "bwd_hooks", []))
+        raw = (getattr(point, "_forward_hooks", {}), getattr(point, "_forward_pre_hooks", {}),
+               getattr(point, "_backward_hooks", {}))
+        if any(lists) or any(raw):
+            names.append(name)
+    return names
+
+
+def refuse_user_hooks(model: Any, operation: str, remedy: str = "") -> None:
+    """``ValueError`` naming the caller's hooks, when the model carries any.
+
+    A batched run calls a caller's hook on the stacked rows of many cells at once (and the native
+    backend does not call it at all), so a metric or an edit that depends on it would be wrong.
+    """
+    names = user_hooks(model)
+    if not names:
+        return
+    preview = ", ".join(names[:5]) + (f", and {len(names) - 5} more" if len(names) > 5 else "")
+    raise ValueError(
+        f"{operation}: the model carries hooks of its own at {preview}. A batched run would call them on the "
+        "stacked rows of many patches at once (the native backend not at all), so a metric or edit that relies "
+        "on them would give wrong numbers. Remove them (model.reset_hooks(including_permanent=True))"
+        + (f" or {remedy}" if remedy else "") + "."
+    )
+
+
 def hook_count(model: Any) -> int:
     """Number of forward and backward hooks attached anywhere in the model."""
     return sum(len(handles) for _, _, handles in _hook_handles(model))

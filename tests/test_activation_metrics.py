@@ -1,0 +1,89 @@
+"""Metrics that read internal activations.
+
+A metric that reads an activation through a hook the caller put on the model gave silently wrong
+numbers (issue 15: a batched forward calls the hook on many cells' rows at once, the native
+backend not at all). Such a model is now refused on every entry point, or, with
+``user_hooks="per_cell"``, each cell's forward runs alone with the hook and the values are
+TransformerLens's.
+"""
+
+from __future__ import annotations
+
+import pandas as pd
+import pytest
+import torch
+import zoo
+from helpers import assert_close, assert_varies
+from transformer_lens import patching as tl
+
+import fastpatch
+from fastpatch import attribution as fa
+from fastpatch import patching as fp
+
+ZOO_MODELS = ("gpt2", "neox", "llama")
+
+
+@pytest.fixture(scope="module", params=ZOO_MODELS)
+def hooked_case(request):
+    """A zoo model with a caller's hook on the last block's attention pattern, and a metric reading it."""
+    case = zoo.Case.build(request.param)
+    seen = {}
+
+    def keep_pattern(pattern, hook):
+        seen["pattern"] = pattern.detach()
+
+    point = case.model.blocks[-1].attn.hook_pattern
+    point.add_hook(keep_pattern)
+
+    def attention_metric(logits):  # head 0's attention from the last position to position 1, plus the logits' metric
+        return seen["pattern"][:, 0, -1, 1].mean() + 0.01 * case.scalar(logits)
+
+    case.attention_metric = attention_metric
+    case.hook_name = point.name
+    yield case
+    case.model.reset_hooks(including_permanent=True)
+
+
+def test_a_metric_reading_a_users_hook_is_refused_on_every_entry_point(hooked_case):
+    case = hooked_case
+    model, args = case.model, (case.corrupted, case.clean_cache, case.attention_metric)
+    name = f"hooks of its own at {case.hook_name}"
+    for backend in ("auto", "native", "hooks"):
+        with pytest.raises(ValueError, match=name):
+            fp.get_act_patch_attn_head_out_all_pos(model, *args, backend=backend, progress=False)
+    with pytest.raises(ValueError, match=name):
+        fp.get_act_patch_block_every(model, *args, progress=False)
+    with torch.no_grad():
+        _, corrupted_cache = model.run_with_cache(case.corrupted)
+    with pytest.raises(ValueError, match=name):
+        fp.get_act_patch_direct_path(model, case.corrupted, case.clean_cache, corrupted_cache, case.attention_metric,
+                                     0, 0, "q", verbose=False)
+    with pytest.raises(ValueError, match=name):
+        fa.get_attr_patch_attn_head_out_all_pos(model, case.clean, case.corrupted, case.attention_metric)
+    with pytest.raises(ValueError, match="runs on the hook backend"):
+        fp.get_act_patch_attn_head_out_all_pos(model, *args, backend="native", user_hooks="per_cell", progress=False)
+    with pytest.raises(ValueError, match="user_hooks must be one of"):
+        fp.get_act_patch_attn_head_out_all_pos(model, *args, user_hooks="batched", progress=False)
+    assert fastpatch.hook_count(model) == 1  # the caller's hook is still there, nothing else
+
+
+def test_per_cell_user_hooks_give_transformer_lens_numbers(hooked_case):
+    case = hooked_case
+    model, args = case.model, (case.corrupted, case.clean_cache, case.attention_metric)
+    # four head cells (each a forward of its own on both sides), from three layers
+    cells = pd.DataFrame({"layer": [0, 1, 1, 2], "head": [0, 0, 2, 1]})
+    sweep = dict(patch_setter=tl.layer_head_vector_patch_setter, activation_name="z", index_df=cells)
+    ref = tl.generic_activation_patch(model, *args, **sweep)
+    assert_varies(ref)
+    ours = fp.generic_activation_patch(model, *args, **sweep, user_hooks="per_cell", progress=False, chunk_size=64)
+    assert_close(ours, ref)
+    assert fastpatch.last_run_stats()["backend"] == "hooks"
+    if case.name != "gpt2":  # one direct path suffices: the per-cell route is the same for every plan
+        return
+    with torch.no_grad():
+        _, corrupted_cache = model.run_with_cache(case.corrupted)
+    path_args = (model, case.corrupted, case.clean_cache, corrupted_cache, case.attention_metric, 0, 0, "q")
+    ref = tl.get_act_patch_direct_path(*path_args, verbose=False)
+    assert_varies(ref[1:])
+    assert_close(fp.get_act_patch_direct_path(*path_args, verbose=False, user_hooks="per_cell"), ref)
+    assert fastpatch.hook_count(model) == 1
