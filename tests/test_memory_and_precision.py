@@ -12,7 +12,9 @@ from memory_meter import LiveBytes
 import fastpatch
 from fastpatch import patching as fp
 
-BUDGET = 2_000_000  # bytes; a few cells' worth of working memory for this model and prompt
+# bytes: a few cells' worth of working memory for this model and prompt on each backend (the
+# native backend's cells recompute only a suffix of the forward and need far less)
+BUDGET = {"hooks": 2_000_000, "native": 150_000}
 
 
 @pytest.fixture(scope="module")
@@ -21,9 +23,11 @@ def long_case():
 
 
 def _peak(case, **kwargs):
+    """Peak live bytes of a by-position head sweep (108 cells: the planner's chunking is the same
+    for every sweep, and one sweep keeps the one-cell-per-pass floor run short)."""
     gc.collect()
     with LiveBytes() as meter:
-        out = fp.get_act_patch_attn_head_by_pos_every(
+        out = fp.get_act_patch_attn_head_out_by_pos(
             case.model, case.corrupted, case.clean_cache, case.scalar, progress=False, **kwargs
         )
     gc.collect()
@@ -35,10 +39,11 @@ def test_memory_budget_bounds_the_working_memory(long_case, backend):
     """Peak allocated bytes with a budget stay within the budget above the irreducible minimum
     (one cell per pass: the corrupted run's cache and one pass), and the budget really binds."""
     floor, one_by_one, _ = _peak(long_case, backend=backend, chunk_size=1)
-    budgeted, out, stats = _peak(long_case, backend=backend, memory_budget=BUDGET)
+    budget = BUDGET[backend]
+    budgeted, out, stats = _peak(long_case, backend=backend, memory_budget=budget)
     unbounded, everything, _ = _peak(long_case, backend=backend, chunk_size=10**6)
-    assert budgeted <= floor + BUDGET, (budgeted, floor)
-    assert unbounded > floor + BUDGET, "the sweep must need more than the budget for the test to mean anything"
+    assert budgeted <= floor + budget, (budgeted, floor)
+    assert unbounded > floor + budget, "the sweep must need more than the budget for the test to mean anything"
     assert stats["backend"] == backend and stats["chunks"] > 1 and stats["oom_retries"] == 0
     assert_varies(everything)
     assert_close(out, one_by_one)
