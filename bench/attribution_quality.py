@@ -32,6 +32,23 @@ rank), computed with torch.
 
     python bench/attribution_quality.py          # -> bench/results/cpu-attribution-rank-correlation-induction.json
     python bench/attribution_quality.py --grids  # also store every grid in the JSON
+
+``--faithfulness`` writes instead the faithfulness table in the form the literature uses (RelP,
+Jafari et al. 2025: Pearson and Spearman correlation with exact patching, per component type) on
+BOTH shipped models: the induction model above and the greater-than model
+(``load_greater_than_model()``, ``greater_than_prompts(64, seed=7)``, Hanna et al.'s probability
+difference). Component types: the residual stream by position (``resid_pre`` ``[layer, pos]``),
+attention heads (head outputs, ``[layer, head]``), head queries and keys (``[layer, head]``, where
+AtP*'s QK fix applies), MLPs (``mlp_out`` ``[layer, pos]``) and edges (writer -> reader, summed over
+positions). Methods: attribution patching (AtP), AtP* (its QK fix, for queries and keys: the
+library's ``*_atpstar``), integrated gradients (node IG ``get_attr_patch_ig``; for edges EAP-IG,
+``get_attr_patch_edges(..., ig_steps)``) and GradDrop (nodes inside a layer's contribution). A
+method that does not apply to a component type is left out of its row, with the reason in the
+JSON. Exact node values: ``fastpatch.patching`` sweeps minus the baseline; exact edge values:
+``EXACT_EDGES`` (below), plus top-k recall of the edges (k = 1%, 5%, 10% of the valid edges)::
+
+    python bench/attribution_quality.py --faithfulness           # -> bench/results/cpu-faithfulness.json
+    python bench/attribution_quality.py --faithfulness --readme  # also the README's faithfulness table
 """
 
 from __future__ import annotations
@@ -41,6 +58,7 @@ import os
 import shlex
 import sys
 import time
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Callable, Dict, List, Optional, Sequence, Tuple
 
@@ -50,6 +68,8 @@ if __package__ in (None, ""):  # run as a script: make `bench` and `fastpatch` i
     sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 import torch
+from jaxtyping import Float, Int
+from torch import Tensor
 
 from bench.compare_transformer_lens import RESULTS_DIR, _HelpFormatter, device_name, git_state, versions, write_record
 from bench.models import logit_diff_metric
@@ -168,8 +188,15 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--sweeps", nargs="+", default=list(SWEEPS), metavar="SWEEP",
                    help=f"sweeps to compare; choices: {', '.join(SWEEPS)}")
     p.add_argument("--grids", action="store_true", help="store every exact and estimated grid in the JSON")
-    p.add_argument("--out", type=Path, default=RESULTS_DIR / "cpu-attribution-rank-correlation-induction.json",
-                   help="JSON result path")
+    p.add_argument("--out", type=Path, default=None,
+                   help="JSON result path (default: bench/results/cpu-attribution-rank-correlation-induction.json, "
+                        "with --faithfulness bench/results/cpu-faithfulness.json)")
+    p.add_argument("--faithfulness", action="store_true",
+                   help="write the faithfulness table (Pearson / Spearman per component type, edge top-k recall) "
+                        "on both shipped models instead")
+    p.add_argument("--models", nargs="+", default=["induction", "greater_than"], choices=["induction", "greater_than"],
+                   help="with --faithfulness: the shipped models")
+    p.add_argument("--readme", action="store_true", help="with --faithfulness: update the README's table")
     return p
 
 
@@ -270,6 +297,368 @@ def run(args: argparse.Namespace, command: Optional[str] = None) -> Dict[str, An
     }
 
 
+# ----------------------------------------------------------------------------- faithfulness table (RelP's form)
+
+QKV = ("q", "k", "v")
+TOP_K_FRACTIONS = (0.01, 0.05, 0.10)  # top-k recall of the edges, k as a fraction of the valid edges
+# component type -> the sweep of fastpatch.patching that is its exact value (nodes)
+NODE_COMPONENTS: Dict[str, str] = {
+    "resid (by position)": "resid_pre",
+    "attention heads": "attn_head_out_all_pos",
+    "head queries": "attn_head_q_all_pos",
+    "head keys": "attn_head_k_all_pos",
+    "MLPs (by position)": "mlp_out",
+}
+FAITHFULNESS_METHODS = ("attribution", "atp*", "ig", "graddrop")
+METHOD_LABELS = {"attribution": "AtP", "atp*": "AtP* (QK fix)", "ig": "IG / EAP-IG", "graddrop": "GradDrop"}
+
+
+def plain_loop_edges(
+    model: Any, clean_tokens: Int[Tensor, "batch pos"], corrupted_tokens: Int[Tensor, "batch pos"],
+    patching_metric: Callable[[Tensor], Tensor],
+) -> Any:
+    """The exact effect of every edge, by a plain loop: one hooked forward of the corrupted prompts per edge.
+
+    For the edge ``writer -> reader`` the reader's input receives the writer's clean output in place
+    of its corrupted one (``+ write_clean - write_corrupted``, at every position), everything else
+    stays corrupted. Writers: the token embedding (``hook_embed``; positions are the same in both
+    runs), each head's ``z[:, :, h] @ W_O[h]``, each MLP's output. Readers, through TransformerLens's
+    own hook points: head ``h``'s Q/K/V input (``attn.hook_{q,k,v}_input`` with ``use_split_qkv_input``:
+    the pre-norm residual copy only that head's projection reads), the MLP input (``ln2.hook_in``,
+    the MLP's copy) and the logits (``ln_final.hook_in``). A reader reads a writer of an earlier
+    layer, and a head of its own layer for the MLP (sequential blocks). Result: an
+    ``fastpatch.attribution.EdgeScores`` (scores = patched metric - corrupted metric, 0 off the
+    edges) in the layout of ``get_attr_patch_edges``. Sequential blocks with one K/V per head only.
+    """
+    from fastpatch._tl_private import split_qkv_input
+    from fastpatch.attribution import EdgeScores
+    from fastpatch.engine.model_state import preserved_model_state
+
+    cfg = model.cfg
+    n_layers, n_heads = int(cfg.n_layers), int(cfg.n_heads)
+    if getattr(cfg, "n_key_value_heads", None) not in (None, n_heads) or getattr(cfg, "parallel_attn_mlp", False):
+        raise ValueError("plain_loop_edges: sequential blocks with one K/V head per query head only")
+    z_hooks = [f"blocks.{l}.attn.hook_z" for l in range(n_layers)]
+    mlp_hooks = [f"blocks.{l}.hook_mlp_out" for l in range(n_layers)]
+    names = ["hook_embed", *z_hooks, *mlp_hooks]
+    with torch.no_grad():
+        _, clean = model.run_with_cache(clean_tokens, names_filter=lambda n: n in names)
+        corrupted_logits, corrupted = model.run_with_cache(corrupted_tokens, names_filter=lambda n: n in names)
+        baseline = float(patching_metric(corrupted_logits))
+
+        def delta(hook: str) -> Tensor:
+            return clean[hook] - corrupted[hook]
+
+        writer_names, writer_layers, writes = ["embed"], [-1], [delta("hook_embed")]
+        for l in range(n_layers):
+            dz, W_O = delta(z_hooks[l]), model.blocks[l].attn.W_O.detach()  # [b, p, H, d_head], [H, d_head, d_model]
+            writer_names += [f"L{l}H{h}" for h in range(n_heads)] + [f"MLP{l}"]
+            writer_layers += [l] * (n_heads + 1)
+            writes += [dz[:, :, h] @ W_O[h] for h in range(n_heads)] + [delta(mlp_hooks[l])]
+    writer_is_mlp = [name.startswith("MLP") for name in writer_names]
+    readers: List[Tuple[str, int, str, Optional[int]]] = []  # name, layer, hook point, head slice
+    for l in range(n_layers):
+        readers += [(f"L{l}H{h}.{c}", l, f"blocks.{l}.attn.hook_{c}_input", h) for c in QKV for h in range(n_heads)]
+        readers.append((f"MLP{l}.in", l, f"blocks.{l}.ln2.hook_in", None))
+    readers.append(("logits", n_layers, "ln_final.hook_in", None))
+    valid = torch.tensor([
+        [r_layer > w_layer or (r_layer == w_layer and head is None and r_name != "logits" and not w_mlp and w_layer >= 0)
+         for r_name, r_layer, _, head in readers]
+        for w_layer, w_mlp in zip(writer_layers, writer_is_mlp)
+    ])
+    scores = torch.zeros(valid.shape, dtype=torch.float64)
+    with preserved_model_state(model), split_qkv_input(model), torch.no_grad():
+        for w, r in torch.nonzero(valid).tolist():
+            write, (_, _, hook_point, head) = writes[w], readers[r]
+
+            def patch(activation: Tensor, hook: Any, write: Tensor = write, head: Optional[int] = head) -> Tensor:
+                if head is None:
+                    return activation + write
+                activation = activation.clone()
+                activation[:, :, head] = activation[:, :, head] + write
+                return activation
+
+            logits = model.run_with_hooks(corrupted_tokens, fwd_hooks=[(hook_point, patch)])
+            scores[w, r] = float(patching_metric(logits)) - baseline
+    return EdgeScores(scores=scores, valid=valid, writer_names=writer_names, reader_names=[r[0] for r in readers])
+
+
+# The exact edge values the table is measured against. fastpatch.circuits.exact_edges (batched) had
+# not landed when this table was first written; swapping it in is this one line:
+EXACT_EDGES: Callable[..., Any] = plain_loop_edges
+EXACT_EDGES_NAME = "bench.attribution_quality.plain_loop_edges (one hooked forward per edge)"
+
+
+def check_loop_against_direct_paths(
+    model: Any, clean_tokens: Tensor, corrupted_tokens: Tensor, metric: Callable[[Tensor], Tensor], edges: Any,
+) -> Dict[str, float]:
+    """The exact edges of every head writer against ``fastpatch.patching.get_act_patch_direct_path_all_sources``
+    (TransformerLens's direct path patching, for Q/K/V; fastpatch's own for MLP inputs and logits),
+    an independent computation of the same edges. Raises ``AssertionError`` if they differ by more
+    than 1e-5 of the largest value (fp32); returns the max error and scale."""
+    from fastpatch.patching import get_act_patch_direct_path_all_sources
+
+    n_layers, n_heads = int(model.cfg.n_layers), int(model.cfg.n_heads)
+    with torch.no_grad():
+        _, clean_cache = model.run_with_cache(clean_tokens)
+        corrupted_logits, corrupted_cache = model.run_with_cache(corrupted_tokens)
+    baseline = float(metric(corrupted_logits))
+    w_index = {name: i for i, name in enumerate(edges.writer_names)}
+    r_index = {name: i for i, name in enumerate(edges.reader_names)}
+    ours, theirs = [], []
+    for component in ("q", "k", "v", "mlp_in", "logits"):
+        paths = get_act_patch_direct_path_all_sources(
+            model, corrupted_tokens, clean_cache, corrupted_cache, metric, component=component, verbose=False)
+        for sl in range(n_layers):
+            for sh in range(n_heads):
+                w = w_index[f"L{sl}H{sh}"]
+                if component == "logits":
+                    cells = [("logits", paths[sl, sh])]
+                elif component == "mlp_in":
+                    cells = [(f"MLP{dl}.in", paths[sl, sh, dl]) for dl in range(sl, n_layers)]
+                else:
+                    cells = [(f"L{dl}H{dh}.{component}", paths[sl, sh, dl, dh])
+                             for dl in range(sl + 1, n_layers) for dh in range(n_heads)]
+                for reader, value in cells:
+                    ours.append(float(edges.scores[w, r_index[reader]]))
+                    theirs.append(float(value) - baseline)
+    ours_t, theirs_t = torch.tensor(ours, dtype=torch.float64), torch.tensor(theirs, dtype=torch.float64)
+    error, scale = float((ours_t - theirs_t).abs().max()), float(theirs_t.abs().max())
+    assert scale > 0 and error <= 1e-5 * scale, f"exact edges disagree with direct path patching: {error:.3g} (scale {scale:.3g})"
+    return {"edges_checked": len(ours), "max_abs_error": error, "max_abs_value": scale}
+
+
+@dataclass
+class Task:
+    """A shipped model with its prompts and metric."""
+
+    name: str
+    model: Any
+    clean: Int[Tensor, "batch pos"]
+    corrupted: Int[Tensor, "batch pos"]
+    metric: Callable[[Float[Tensor, "batch pos d_vocab"]], Float[Tensor, ""]]
+    description: Dict[str, Any]
+
+
+def shipped_tasks(names: Sequence[str]) -> List[Task]:
+    """The shipped models' tasks: ``induction`` and ``greater_than``."""
+    from fastpatch.metrics import LogitDiff
+    from fastpatch.models import (
+        GreaterThanProbDiff,
+        greater_than_model_info,
+        greater_than_prompts,
+        induction_model_info,
+        induction_prompts,
+        load_greater_than_model,
+        load_induction_model,
+    )
+
+    tasks = []
+    for name in names:
+        if name == "induction":
+            clean, corrupted, answer, wrong = induction_prompts(32, 16, seed=7)
+            model, info, metric = load_induction_model(), induction_model_info(), LogitDiff(answer, wrong)
+            desc = {"loader": "fastpatch.models.load_induction_model()", "prompts": "induction_prompts(32, 16, seed=7)",
+                    "metric": "fastpatch.metrics.LogitDiff(answer, wrong): mean last-position logit difference",
+                    "circuit": {k: info["circuit"][k] for k in ("previous_token_heads", "induction_heads")}}
+        elif name == "greater_than":
+            prompts = greater_than_prompts(64, seed=7)
+            clean, corrupted = prompts.clean, prompts.corrupted
+            model, info, metric = load_greater_than_model(), greater_than_model_info(), GreaterThanProbDiff(prompts.years)
+            desc = {"loader": "fastpatch.models.load_greater_than_model()", "prompts": "greater_than_prompts(64, seed=7)",
+                    "metric": "fastpatch.models.GreaterThanProbDiff(years): mean p(y > YY) - p(y <= YY) over the years",
+                    "circuit": {k: info["circuit"][k] for k in ("heads", "mlps", "resid_positions")}}
+        else:
+            raise SystemExit(f"unknown model {name!r}; choose from ['induction', 'greater_than']")
+        cfg = model.cfg
+        desc.update(architecture=info["architecture"], n_layers=int(cfg.n_layers), d_model=int(cfg.d_model),
+                    n_heads=int(cfg.n_heads), d_vocab=int(cfg.d_vocab), batch=int(clean.shape[0]),
+                    positions=int(clean.shape[1]))
+        tasks.append(Task(name, model, clean, corrupted, metric, desc))
+    return tasks
+
+
+def node_estimates(sweep: str, ig_steps: int) -> Dict[str, Any]:
+    """method -> ``(model, clean, corrupted, metric) -> estimate`` for a node sweep, or the reason it does not apply."""
+    from fastpatch import attribution as fa
+
+    out: Dict[str, Any] = {
+        "attribution": lambda m, c, k, f: getattr(fa, f"get_attr_patch_{sweep}")(m, c, k, f),
+        "atp*": (lambda m, c, k, f: getattr(fa, ATPSTAR[sweep])(m, c, k, f)) if sweep in ATPSTAR else
+        "AtP*'s QK fix concerns query and key nodes only (see the head queries / keys rows)",
+        "ig": lambda m, c, k, f: fa.get_attr_patch_ig(m, c, k, f, sweep, ig_steps=ig_steps),
+        "graddrop": (lambda m, c, k, f: fa.get_attr_patch_graddrop(m, c, k, f, sweep)) if sweep in fa.GRADDROP_SWEEPS
+        else "GradDrop needs a node inside one layer's contribution; the residual stream is not",
+    }
+    return out
+
+
+def faithfulness(estimate: Tensor, exact: Tensor, floor: float, valid: Optional[Tensor] = None) -> Dict[str, Any]:
+    """Pearson and Spearman correlation of an estimate with the exact values over the *active* cells
+    (exact effect or estimate nonzero after the noise floor; ``valid`` cells only), and over all cells."""
+    est, ex = denoise(estimate, floor), denoise(exact, floor)
+    if est.shape != ex.shape:
+        raise ValueError(f"estimate {tuple(est.shape)} and exact {tuple(ex.shape)} differ")
+    if valid is not None:
+        est, ex = est[valid.cpu()], ex[valid.cpu()]
+    est, ex = est.reshape(-1), ex.reshape(-1)
+    active = (est != 0) | (ex != 0)
+    return {"pearson": pearson(est[active], ex[active]), "spearman": spearman(est[active], ex[active]),
+            "pearson_all": pearson(est, ex), "spearman_all": spearman(est, ex),
+            "cells": int(ex.numel()), "active_cells": int(active.sum())}
+
+
+def top_k_recall(estimate: Tensor, exact: Tensor, valid: Tensor, fractions: Sequence[float] = TOP_K_FRACTIONS) -> Dict[str, Any]:
+    """For each fraction f: of the k = max(1, round(f * valid edges)) edges of largest |exact|, the
+    share that are also among the k of largest |estimate| (valid edges only; ties by index)."""
+    est, ex = estimate.detach().double().cpu()[valid.cpu()], exact.detach().double().cpu()[valid.cpu()]
+    out = {}
+    for f in fractions:
+        k = max(1, round(f * ex.numel()))
+        top_est, top_ex = set(top_cells(est, k)), set(top_cells(ex, k))
+        out[f"{f:.0%}"] = {"k": k, "recall": len(top_est & top_ex) / k}
+    return out
+
+
+def run_faithfulness(task: Task, ig_steps: int) -> Dict[str, Any]:
+    """Every component type and method on one shipped model: the rows of the table."""
+    from fastpatch import attribution as fa
+    from fastpatch import patching as fp
+
+    model, clean, corrupted, metric = task.model, task.clean, task.corrupted, task.metric
+    with torch.no_grad():
+        _, clean_cache = model.run_with_cache(clean)
+        clean_metric, corrupted_metric = float(metric(model(clean))), float(metric(model(corrupted)))
+    floor = NOISE * max(abs(clean_metric), abs(corrupted_metric))
+    rows: List[Dict[str, Any]] = []
+    for component, sweep in NODE_COMPONENTS.items():
+        with torch.no_grad():
+            result, t_exact = _timed(lambda: getattr(fp, f"get_act_patch_{sweep}")(
+                model, corrupted, clean_cache, metric, baseline=True, progress=False))
+        exact = (result.values - result.baseline).detach().double().cpu()
+        assert float(exact.abs().max()) > floor, f"{task.name} {sweep}: exact patching changes nothing"
+        row: Dict[str, Any] = {"component": component, "exact": f"fastpatch.patching.get_act_patch_{sweep}",
+                               "shape": list(exact.shape), "exact_seconds": t_exact, "methods": {}, "not_applicable": {}}
+        for method, estimator in node_estimates(sweep, ig_steps).items():
+            if isinstance(estimator, str):
+                row["not_applicable"][method] = estimator
+                continue
+            estimate, seconds = _timed(lambda: estimator(model, clean, corrupted, metric))
+            row["methods"][method] = {"seconds": seconds, **faithfulness(estimate, exact, floor),
+                                      "values": _rounded(estimate)}
+        row["exact_values"] = _rounded(exact)
+        rows.append(row)
+        print(f"  {task.name}: {component} done", flush=True)
+
+    edges, t_exact = _timed(lambda: EXACT_EDGES(model, clean, corrupted, metric))
+    check = check_loop_against_direct_paths(model, clean, corrupted, metric, edges)
+    exact, valid = edges.scores.detach().double().cpu(), edges.valid.cpu()
+    row = {"component": "edges", "exact": EXACT_EDGES_NAME, "shape": list(exact.shape), "exact_seconds": t_exact,
+           "valid_edges": int(valid.sum()), "head_writer_edges_vs_direct_path_patching": check, "methods": {},
+           "not_applicable": {"atp*": "AtP*'s QK fix is defined for query and key nodes, not for edges",
+                              "graddrop": "GradDrop is a node method (fastpatch.attribution.get_attr_patch_graddrop)"}}
+    for method, kwargs in (("attribution", {}), ("ig", {"ig_steps": ig_steps})):
+        estimate, seconds = _timed(lambda: fa.get_attr_patch_edges(model, clean, corrupted, metric, **kwargs))
+        if estimate.writer_names != edges.writer_names or estimate.reader_names != edges.reader_names or \
+                not torch.equal(estimate.valid.cpu(), valid):
+            raise AssertionError(f"{task.name}: attribution's edge layout differs from the exact edges'")
+        row["methods"][method] = {"seconds": seconds, **faithfulness(estimate.scores, exact, floor, valid),
+                                  "top_k_recall": top_k_recall(estimate.scores, exact, valid),
+                                  "values": _rounded(estimate.scores)}
+    row.update(writers=edges.writer_names, readers=edges.reader_names, exact_values=_rounded(exact))
+    rows.append(row)
+    print(f"  {task.name}: edges done", flush=True)
+    return {"model": task.name, "config": task.description, "clean_metric": clean_metric,
+            "corrupted_metric": corrupted_metric, "noise_floor": floor, "rows": rows}
+
+
+def _rounded(x: Tensor) -> Any:
+    """Nested lists of 6-significant-digit floats (the JSON keeps every grid, small for these models)."""
+    def rounded(v: Any) -> Any:
+        return [rounded(u) for u in v] if isinstance(v, list) else float(f"{v:.6g}")
+
+    return rounded(x.detach().double().cpu().tolist())
+
+
+def faithfulness_markdown(record: Dict[str, Any]) -> str:
+    """The README's faithfulness table: one row per (model, component type); Pearson / Spearman per method."""
+    header = "| model | component | cells (active) | " + " | ".join(f"{METHOD_LABELS[m]} r / ρ" for m in FAITHFULNESS_METHODS) + (
+        " | edge top-k recall, AtP (k = 1% / 5% / 10%) | edge top-k recall, EAP-IG |")
+    lines = [header, "|" + "---|" * (header.count("|") - 1)]
+    for model in record["models"]:
+        for row in model["rows"]:
+            methods = row["methods"]
+            any_method = next(iter(methods.values()))
+            cells = [model["model"].replace("_", "-"), row["component"], f"{any_method['cells']} ({any_method['active_cells']})"]
+            for m in FAITHFULNESS_METHODS:
+                cells.append(f"{methods[m]['pearson']:.2f} / {methods[m]['spearman']:.2f}" if m in methods else "–")
+            for m in ("attribution", "ig"):
+                recall = methods.get(m, {}).get("top_k_recall")
+                cells.append(" / ".join(f"{v['recall']:.2f}" for v in recall.values()) if recall else "")
+            lines.append("| " + " | ".join(cells) + " |")
+    return "\n".join(lines)
+
+
+README_MARKERS = ("<!-- faithfulness-table:start -->", "<!-- faithfulness-table:end -->")
+
+
+def write_readme_table(text: str, readme: Path = Path(__file__).resolve().parent.parent / "README.md") -> None:
+    """Replace the table between the faithfulness markers of ``readme``."""
+    start, end = README_MARKERS
+    content = readme.read_text()
+    if start not in content or end not in content:
+        raise SystemExit(f"{readme} has no {start} ... {end} markers")
+    head, rest = content.split(start, 1)
+    _, tail = rest.split(end, 1)
+    readme.write_text(f"{head}{start}\n{text}\n{end}{tail}")
+    print(f"updated the faithfulness table in {readme}")
+
+
+def faithfulness_main(args: argparse.Namespace, command: str) -> Dict[str, Any]:
+    models = [run_faithfulness(task, args.ig_steps) for task in shipped_tasks(args.models)]
+    record = {
+        "benchmark": "attribution_faithfulness",
+        "command": command,
+        "device": "cpu",
+        "device_name": device_name(torch.device("cpu")),
+        "cpu_count": os.cpu_count(),
+        "torch_threads": torch.get_num_threads(),
+        "versions": versions(),
+        "git": git_state(),
+        "config": {
+            "ig_steps": args.ig_steps,
+            "methods": {m: METHOD_LABELS[m] for m in FAITHFULNESS_METHODS},
+            "node_components": {c: f"fastpatch.patching.get_act_patch_{s} (values - baseline)" for c, s in NODE_COMPONENTS.items()},
+            "node_estimates": {
+                "attribution": "fastpatch.attribution.get_attr_patch_<sweep>",
+                "atp*": "fastpatch.attribution.get_attr_patch_attn_head_{q,k}_all_pos_atpstar (the QK fix alone)",
+                "ig": f"fastpatch.attribution.get_attr_patch_ig(..., sweep, ig_steps={args.ig_steps}), midpoint rule",
+                "graddrop": "fastpatch.attribution.get_attr_patch_graddrop(..., sweep) (signed average of the L - 1 drops)",
+            },
+            "edges": {
+                "exact": EXACT_EDGES_NAME,
+                "exact_note": "fastpatch.circuits.exact_edges had not landed; EXACT_EDGES in this script switches to it",
+                "attribution": "fastpatch.attribution.get_attr_patch_edges (summed over positions)",
+                "ig": f"fastpatch.attribution.get_attr_patch_edges(..., ig_steps={args.ig_steps}) (EAP-IG)",
+                "check": "every head-writer edge equals fastpatch.patching.get_act_patch_direct_path_all_sources "
+                         "(q, k, v, mlp_in, logits) minus the baseline, to 1e-5 of scale",
+            },
+            "correlations": "pearson / spearman over the active cells (exact or estimate nonzero after the noise floor; "
+                            "valid edges only); pearson_all / spearman_all over every cell",
+            "noise": f"values with |x| <= {NOISE:g} * max(|clean metric|, |corrupted metric|) count as 0",
+            "top_k_recall": "k = max(1, round(f * valid edges)) for f in 1%, 5%, 10%: share of the exact top-k "
+                            "edges by |value| that are in the estimate's top-k",
+            "spearman": "Pearson correlation of average ranks (ties share their mean rank), torch",
+        },
+        "models": models,
+    }
+    print(faithfulness_markdown(record))
+    write_record(args.out or RESULTS_DIR / "cpu-faithfulness.json", record)
+    if args.readme:
+        write_readme_table(faithfulness_markdown(record))
+    return record
+
+
 def _function_name(method: str, sweep: str, ig_steps: int) -> str:
     if method == "attribution":
         return f"fastpatch.attribution.get_attr_patch_{sweep}"
@@ -308,6 +697,9 @@ def main(argv: Optional[Sequence[str]] = None) -> Dict[str, Any]:
     argv = list(sys.argv[1:] if argv is None else argv)
     args = build_parser().parse_args(argv)
     command = shlex.join(["python", "bench/attribution_quality.py", *argv])
+    if args.faithfulness:
+        return faithfulness_main(args, command)
+    args.out = args.out or RESULTS_DIR / "cpu-attribution-rank-correlation-induction.json"
     print(f"induction model; induction_prompts({args.prompts}, {args.half_len}, seed={args.seed}); "
           f"ig_steps {args.ig_steps}", flush=True)
     record = run(args, command)
