@@ -31,6 +31,7 @@ seed=7)`` (clean ``YY`` in 02..98; corrupted ``YY`` = 01; metric: the probabilit
 and writes weights (fp32) and metadata. About a minute on one idle CPU core (1500 steps)::
 
     python scripts/train_greater_than_model.py
+    python scripts/train_greater_than_model.py --analyse-only  # re-measure the circuit of the shipped weights
 """
 
 from __future__ import annotations
@@ -141,6 +142,14 @@ def _cells(grid: torch.Tensor, threshold: float) -> List[List[Any]]:
     return sorted(rows, key=lambda r: -r[-1])
 
 
+def year_logit_diff(logits: torch.Tensor, years: torch.Tensor) -> float:
+    """Mean over prompts of the last position's mean logit over the years after ``YY`` minus that over the others."""
+    year_logits = logits[:, -1, GT_YEAR0 : GT_YEAR0 + GT_N_YEARS].double()
+    later = (torch.arange(GT_N_YEARS)[None, :] > years[:, None]).double()
+    per_prompt = (year_logits * later).sum(-1) / later.sum(-1) - (year_logits * (1 - later)).sum(-1) / (1 - later).sum(-1)
+    return float(per_prompt.mean())
+
+
 @torch.no_grad()
 def analyse() -> Dict[str, Any]:
     """The circuit by exact patching on the saved model (through the bridge, as the tests do)."""
@@ -150,8 +159,9 @@ def analyse() -> Dict[str, Any]:
     prompts = greater_than_prompts(**CIRCUIT_PROMPTS)
     metric = GreaterThanProbDiff(prompts.years)
     _, cache = model.run_with_cache(prompts.clean)
-    clean_value, corrupted_value = metric(model(prompts.clean)).item(), metric(model(prompts.corrupted)).item()
-    pred = model(prompts.clean)[:, -1].argmax(-1) - GT_YEAR0
+    clean_logits, corrupted_logits = model(prompts.clean), model(prompts.corrupted)
+    clean_value, corrupted_value = metric(clean_logits).item(), metric(corrupted_logits).item()
+    pred = clean_logits[:, -1].argmax(-1) - GT_YEAR0
     scale = clean_value - corrupted_value
     grids = {
         name: (fn(model, prompts.corrupted, cache, metric, progress=False) - corrupted_value) / scale
@@ -159,8 +169,11 @@ def analyse() -> Dict[str, Any]:
                          ("resid_pre", get_act_patch_resid_pre))
     }
     return {
+        "threshold": CIRCUIT_THRESHOLD,
         "clean_prob_diff": round(clean_value, 4),
         "corrupted_prob_diff": round(corrupted_value, 4),
+        "clean_logit_diff": round(year_logit_diff(clean_logits, prompts.years), 4),
+        "corrupted_logit_diff": round(year_logit_diff(corrupted_logits, prompts.years), 4),
         "clean_accuracy": round(float(((pred > prompts.years) & (pred < GT_N_YEARS)).float().mean()), 4),
         "year_position": prompts.year_position,
         "heads": _cells(grids["heads"], CIRCUIT_THRESHOLD),
@@ -170,6 +183,29 @@ def analyse() -> Dict[str, Any]:
     }
 
 
+def write_circuit(meta: Dict[str, Any]) -> bool:
+    """Measure the circuit of the saved model, store it in ``meta`` and the metadata file; whether
+    it has at least one head and one MLP."""
+    circuit = analyse()
+    circuit["definition"] = {
+        "prompts": "greater_than_prompts(64, seed=7): BOS f f Q YY g g Q, YY in [2, 98]; corrupted: YY = 01",
+        "metric": "GreaterThanProbDiff: mean over prompts of p(y > YY) - p(y <= YY) over the years, last position",
+        "logit_diff": "mean over prompts of (mean logit of the years after YY) - (mean logit of YY and the years before), "
+                      "last position",
+        "normalized_effects": "(patched - corrupted) / (clean - corrupted), clean activation patched into the corrupted "
+                              "run: heads = get_act_patch_attn_head_out_all_pos [layer, head], mlp_out = "
+                              "get_act_patch_mlp_out [layer, pos], resid_pre = get_act_patch_resid_pre [layer, pos]",
+        "heads, mlps, resid_positions": f"cells with normalized effect >= {CIRCUIT_THRESHOLD}: [layer, head or pos, "
+                                        "effect], largest first",
+    }
+    meta["circuit"] = circuit
+    with open(GREATER_THAN_META, "w") as f:
+        json.dump(meta, f, indent=2)
+    print(json.dumps({k: v for k, v in circuit.items() if k != "normalized_effects"}, indent=1))
+    print(json.dumps(circuit["normalized_effects"]))
+    return bool(circuit["heads"]) and bool(circuit["mlps"])
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("--steps", type=int, default=1500)
@@ -177,8 +213,14 @@ def main() -> None:
     ap.add_argument("--lr", type=float, default=2e-3)
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--threads", type=int, default=1, help="torch CPU threads (1: robust on a busy machine)")
+    ap.add_argument("--analyse-only", action="store_true",
+                    help="keep the shipped weights and metadata; re-measure and rewrite only the circuit")
     args = ap.parse_args()
     torch.set_num_threads(args.threads)
+    if args.analyse_only:
+        meta = json.loads(GREATER_THAN_META.read_text())
+        write_circuit(meta)
+        return
 
     model, seconds = train(args.steps, args.batch, args.lr, args.seed)
     acc = task_accuracy(model)
@@ -210,22 +252,8 @@ def main() -> None:
     with open(GREATER_THAN_META, "w") as f:  # analyse() loads the config from here
         json.dump(meta, f, indent=2)
 
-    circuit = analyse()
-    circuit["definition"] = {
-        "prompts": "greater_than_prompts(64, seed=7): BOS f f Q YY g g Q, YY in [2, 98]; corrupted: YY = 01",
-        "metric": "GreaterThanProbDiff: mean over prompts of p(y > YY) - p(y <= YY) over the years, last position",
-        "normalized_effects": "(patched - corrupted) / (clean - corrupted), clean activation patched into the corrupted "
-                              "run: heads = get_act_patch_attn_head_out_all_pos [layer, head], mlp_out = "
-                              "get_act_patch_mlp_out [layer, pos], resid_pre = get_act_patch_resid_pre [layer, pos]",
-        "heads, mlps, resid_positions": f"cells with normalized effect >= {CIRCUIT_THRESHOLD}: [layer, head or pos, "
-                                        "effect], largest first",
-    }
-    meta["circuit"] = circuit
-    with open(GREATER_THAN_META, "w") as f:
-        json.dump(meta, f, indent=2)
-    print(json.dumps({k: v for k, v in circuit.items() if k != "normalized_effects"}, indent=1))
-    print(json.dumps(circuit["normalized_effects"]))
-    ok = acc["accuracy"] > 0.9 and bool(circuit["heads"]) and bool(circuit["mlps"])
+    has_circuit = write_circuit(meta)
+    ok = acc["accuracy"] > 0.9 and has_circuit
     if not ok:
         print("ERROR: accuracy <= 0.9, or no head / MLP in the circuit: do not ship these weights")
     print(f"trained in {seconds:.1f}s; wrote {GREATER_THAN_WEIGHTS} ({GREATER_THAN_WEIGHTS.stat().st_size} bytes), "

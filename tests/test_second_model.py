@@ -92,7 +92,7 @@ def test_exact_patching_rederives_the_recorded_circuit(model, info):
     """On the recorded prompts, fastpatch's exact sweeps (checked against TransformerLens's own loop)
     give the recorded circuit: the same components above the threshold, in the same order."""
     circuit = info["circuit"]
-    threshold = float(circuit["definition"]["heads, mlps, resid_positions"].split(">= ")[1].split(":")[0])
+    threshold = circuit["threshold"]
     p = greater_than_prompts(64, seed=7)
     metric = GreaterThanProbDiff(p.years)
     with torch.no_grad():
