@@ -3,12 +3,19 @@
 Every metric here is a plain callable ``metric(logits) -> value`` (a 0-d scalar, or ``[batch]``
 with ``per_prompt=True`` for ``reduce="mean"`` / ``reduce="none"``), so it can be passed straight
 to ``transformer_lens.patching`` or ``fastpatch.patching``. In addition, a :class:`LogitMetric`
-declares in ``reads`` the one position and the token columns it looks at, and splits its
+declares in ``reads`` the position(s) and the token columns it looks at, and splits its
 evaluation in two:
 
 - ``select(logits)``: ``logits[:, position]`` gathered at ``reads.tokens`` -> ``[batch, k]``
-  (the whole ``[batch, d_vocab]`` row when ``reads.tokens`` is ``None``);
+  (the whole ``[batch, d_vocab]`` row when ``reads.tokens`` is ``None``); for a metric that reads
+  several positions, ``logits[:, positions]`` -> ``[batch, n_positions, k or d_vocab]``;
 - ``from_selected(selected)``: the metric from those values.
+
+The metrics: :class:`LogitDiff`, :class:`BasketLogitDiff` (logsumexp over baskets of answer
+tokens), :class:`LogProb`, :class:`Probability`, :class:`MultiTokenLogProb` (an answer of several
+tokens), :class:`SpanLoss` (next-token loss over a span of positions, the induction metric),
+:class:`KLDivergence` (from the clean run's distribution, the ACDC metric) and
+:class:`NormalizedEffect` around any of them.
 
 ``metric(logits) == metric.from_selected(metric.select(logits))`` bit for bit (``__call__`` is
 implemented literally that way), so a backend that computes only the selected logits (e.g. a
@@ -24,7 +31,7 @@ from __future__ import annotations
 
 import operator
 from dataclasses import dataclass
-from typing import Any, Callable, Dict, Optional, Tuple, Union
+from typing import Any, Callable, Dict, Optional, Sequence, Tuple, Union
 
 import torch
 from jaxtyping import Float, Int
@@ -35,7 +42,19 @@ from torch import Tensor
 # declares it reads: a ``reads`` attribute and a ``from_selected`` method, as every metric here has).
 from fastpatch.engine.metric_set import MetricFn, logit_reads  # noqa: F401 (MetricFn: re-exported)
 
-__all__ = ["LogitReads", "LogitMetric", "LogitDiff", "LogProb", "NormalizedEffect", "logit_reads"]
+__all__ = [
+    "LogitReads",
+    "LogitMetric",
+    "LogitDiff",
+    "BasketLogitDiff",
+    "LogProb",
+    "Probability",
+    "MultiTokenLogProb",
+    "SpanLoss",
+    "KLDivergence",
+    "NormalizedEffect",
+    "logit_reads",
+]
 
 MetricValue = Union[Float[Tensor, ""], Float[Tensor, "batch"]]
 
@@ -54,44 +73,61 @@ class LogitReads:
     """What a metric reads of the ``[batch, pos, d_vocab]`` logits.
 
     Attributes:
-        position: the one sequence position read (negative counts from the end, like ``-1``).
-        tokens: ``[batch, k]`` int64 token ids read at ``position`` for each prompt, or ``None``
+        position: the one sequence position read (negative counts from the end, like ``-1``), or,
+            for a metric that reads several, ``None`` (built from a sequence of positions).
+        positions: every position read, in the order ``select`` stacks them (``(position,)`` for one).
+        tokens: ``[batch, k]`` int64 token ids read at each position for each prompt, or ``None``
             for the full vocabulary row (e.g. a log-softmax needs every logit).
 
-    Two reads compare equal when position and tokens (values, shape) are equal.
+    ``LogitReads(3, tokens)`` reads one position (``select`` gives ``[batch, k]``);
+    ``LogitReads((2, 3), None)`` reads two (``select`` gives ``[batch, 2, d_vocab]``). Two reads
+    compare equal when positions and tokens (values, shape) are equal.
     """
 
-    position: int
+    position: Optional[int]
     tokens: Optional[Int[Tensor, "batch k"]]
+    positions: Tuple[int, ...] = ()
 
-    def __post_init__(self) -> None:
-        object.__setattr__(self, "position", _as_position(self.position))
-        if self.tokens is not None:
-            if not isinstance(self.tokens, Tensor) or self.tokens.ndim != 2 or self.tokens.dtype != torch.int64:
+    def __init__(self, position: Union[int, Sequence[int]], tokens: Optional[Int[Tensor, "batch k"]]):
+        if isinstance(position, (tuple, list)):
+            positions = tuple(_as_position(p) for p in position)
+            if not positions:
+                raise ValueError("LogitReads needs at least one position")
+            object.__setattr__(self, "position", None)
+        else:
+            positions = (_as_position(position),)
+            object.__setattr__(self, "position", positions[0])
+        object.__setattr__(self, "positions", positions)
+        object.__setattr__(self, "tokens", tokens)
+        if tokens is not None:
+            if not isinstance(tokens, Tensor) or tokens.ndim != 2 or tokens.dtype != torch.int64:
                 raise ValueError("LogitReads.tokens must be None or a [batch, k] int64 tensor")
 
     def __eq__(self, other: object) -> bool:
         if not isinstance(other, LogitReads):
             return NotImplemented
-        if self.position != other.position or (self.tokens is None) != (other.tokens is None):
+        if (self.position, self.positions) != (other.position, other.positions):
+            return False
+        if (self.tokens is None) != (other.tokens is None):
             return False
         if self.tokens is None:
             return True
         return self.tokens.shape == other.tokens.shape and torch.equal(self.tokens.cpu(), other.tokens.cpu())
 
     def __hash__(self) -> int:
-        return hash((self.position, None if self.tokens is None else tuple(self.tokens.shape)))
+        return hash((self.position, self.positions, None if self.tokens is None else tuple(self.tokens.shape)))
 
 
-def _check_logits(logits: Tensor, batch: int, position: int, what: str) -> None:
+def _check_logits(logits: Tensor, batch: int, positions: Sequence[int], what: str) -> None:
     if not isinstance(logits, Tensor) or logits.ndim != 3:
         shape = tuple(logits.shape) if isinstance(logits, Tensor) else type(logits).__name__
         raise ValueError(f"{what} expects logits of shape [batch, pos, d_vocab], got {shape}")
     if logits.shape[0] != batch:
         raise ValueError(f"{what} was built for a batch of {batch} prompts, got logits for {logits.shape[0]}")
     n_pos = logits.shape[1]
-    if not -n_pos <= position < n_pos:
-        raise ValueError(f"{what} reads position {position}, out of range for {n_pos} positions")
+    for position in positions:
+        if not -n_pos <= position < n_pos:
+            raise ValueError(f"{what} reads position {position}, out of range for {n_pos} positions")
 
 
 def _token_ids(tokens: Any, name: str, batch: Optional[int] = None) -> Int[Tensor, "batch n"]:
@@ -130,8 +166,9 @@ class LogitMetric:
         self._tokens_on: Dict[Tuple[int, torch.device], Tensor] = {}
         self._max_token = -1
 
-    def _set_reads(self, position: int, tokens: Optional[Tensor], read_ids: Tensor) -> None:
-        """``read_ids``: every token id the metric uses (for the vocabulary range check)."""
+    def _set_reads(self, position: Union[int, Sequence[int]], tokens: Optional[Tensor], read_ids: Tensor) -> None:
+        """``position``: an int, or a tuple for several positions; ``read_ids``: every token id the
+        metric uses (for the vocabulary range check)."""
         self.reads = LogitReads(position, tokens)
         self.batch = int(read_ids.shape[0])
         self._max_token = int(read_ids.max())
@@ -147,17 +184,20 @@ class LogitMetric:
 
     def select(
         self, logits: Float[Tensor, "batch pos d_vocab"]
-    ) -> Union[Float[Tensor, "batch k"], Float[Tensor, "batch d_vocab"]]:
-        """``logits[:, position]`` gathered at ``reads.tokens`` (the full row when it is ``None``)."""
-        _check_logits(logits, self.batch, self.reads.position, type(self).__name__)
+    ) -> Union[Float[Tensor, "batch k"], Float[Tensor, "batch d_vocab"], Float[Tensor, "batch n_positions k_or_d_vocab"]]:
+        """``logits[:, position]`` gathered at ``reads.tokens`` (the full row when it is ``None``);
+        ``[batch, n_positions, ...]`` for a metric that reads several positions."""
+        _check_logits(logits, self.batch, self.reads.positions, type(self).__name__)
         if self._max_token >= logits.shape[-1]:
             raise ValueError(
                 f"{type(self).__name__} reads token id {self._max_token}, out of range for d_vocab={logits.shape[-1]}"
             )
-        row = logits[:, self.reads.position]
+        several = self.reads.position is None
+        rows = logits[:, list(self.reads.positions)] if several else logits[:, self.reads.position]
         if self.reads.tokens is None:
-            return row
-        return row.gather(-1, self._tokens_at(self.reads.tokens, row.device))
+            return rows
+        tokens = self._tokens_at(self.reads.tokens, rows.device)
+        return rows.gather(-1, tokens[:, None].expand(-1, rows.shape[1], -1) if several else tokens)
 
     def from_selected(self, selected: Tensor) -> MetricValue:
         """The metric from ``select``'s output: ``[batch]`` if ``per_prompt`` else a 0-d mean over prompts."""
@@ -238,16 +278,216 @@ class LogProb(LogitMetric):
         """``log_softmax(selected.float()).gather(tokens).sum(-1)`` per prompt."""
         if selected.ndim != 2 or selected.shape[0] != self.batch:
             raise ValueError(
-                f"LogProb.from_selected expects the [batch={self.batch}, d_vocab] row, got {tuple(selected.shape)}"
+                f"{type(self).__name__}.from_selected expects the [batch={self.batch}, d_vocab] row, got {tuple(selected.shape)}"
             )
-        logprobs = torch.log_softmax(selected.float(), dim=-1)
-        return self._reduce(logprobs.gather(-1, self._tokens_at(self.tokens, logprobs.device)).sum(-1))
+        return self._reduce(self._of_log_probs(_token_log_probs(selected, self._tokens_at(self.tokens, selected.device))))
+
+    def _of_log_probs(self, log_probs: Float[Tensor, "batch n"]) -> Float[Tensor, "batch"]:
+        return log_probs.sum(-1)
 
     def __repr__(self) -> str:
         return (
-            f"LogProb(batch={self.batch}, n={self.tokens.shape[1]}, position={self.reads.position}, "
+            f"{type(self).__name__}(batch={self.batch}, n={self.tokens.shape[1]}, position={self.reads.position}, "
             f"per_prompt={self.per_prompt})"
         )
+
+
+class Probability(LogProb):
+    """Probability of the given token(s) at one position.
+
+    ``value[b] = sum_i softmax(logits[b, position].float())[tokens[b, i]]`` (the probability of the
+    set of tokens); the mean over prompts unless ``per_prompt``. Needs the full vocabulary row.
+    Same arguments as :class:`LogProb`.
+    """
+
+    def _of_log_probs(self, log_probs: Float[Tensor, "batch n"]) -> Float[Tensor, "batch"]:
+        return log_probs.exp().sum(-1)
+
+
+class BasketLogitDiff(LogitMetric):
+    """Logsumexp over a basket of answer tokens minus logsumexp over a basket of wrong tokens, at one position.
+
+    ``value[b] = logsumexp_i logits[b, position, answer[b, i]] - logsumexp_j logits[b, position, wrong[b, j]]``
+    (in float32; without ``wrong_tokens`` the answer basket's logsumexp alone), e.g. " Paris" and
+    "Paris" as one answer. The mean over prompts unless ``per_prompt``. Reads ``[answer, wrong]`` only.
+
+    Args:
+        answer_tokens: ``[batch]`` or ``[batch, n_answer]`` integer token ids.
+        wrong_tokens: ``[batch]`` or ``[batch, n_wrong]`` integer token ids (same batch), or ``None``.
+        position: the sequence position read (default ``-1``, the last).
+        per_prompt: return ``[batch]`` (for ``reduce="mean"`` / ``"none"``) instead of a scalar.
+    """
+
+    def __init__(
+        self,
+        answer_tokens: Union[Int[Tensor, "batch"], Int[Tensor, "batch n_answer"]],
+        wrong_tokens: Optional[Union[Int[Tensor, "batch"], Int[Tensor, "batch n_wrong"]]] = None,
+        position: int = -1,
+        per_prompt: bool = False,
+    ):
+        super().__init__()
+        answer = _token_ids(answer_tokens, "answer_tokens")
+        parts = [answer]
+        if wrong_tokens is not None:
+            parts.append(_token_ids(wrong_tokens, "wrong_tokens", batch=answer.shape[0]).to(answer.device))
+        self.n_answer = int(answer.shape[1])
+        self.per_prompt = bool(per_prompt)
+        tokens = torch.cat(parts, dim=1)
+        self._set_reads(_as_position(position), tokens, tokens)
+
+    def from_selected(self, selected: Float[Tensor, "batch k"]) -> MetricValue:
+        """``logsumexp(selected[:, :n_answer]) - logsumexp(selected[:, n_answer:])`` per prompt."""
+        selected = selected.float()
+        value = selected[:, : self.n_answer].logsumexp(-1)
+        if selected.shape[1] > self.n_answer:
+            value = value - selected[:, self.n_answer :].logsumexp(-1)
+        return self._reduce(value)
+
+    def __repr__(self) -> str:
+        return (
+            f"BasketLogitDiff(batch={self.batch}, n_answer={self.n_answer}, "
+            f"n_wrong={self.reads.tokens.shape[1] - self.n_answer}, position={self.reads.position}, per_prompt={self.per_prompt})"
+        )
+
+
+def _token_log_probs(
+    rows: Union[Float[Tensor, "batch d_vocab"], Float[Tensor, "batch n d_vocab"]], tokens: Int[Tensor, "batch n"]
+) -> Float[Tensor, "batch n"]:
+    """``log_softmax(rows.float())`` at ``tokens``: all of them on one row (``[batch, d_vocab]``), or
+    ``tokens[:, i]`` on row ``i`` (``[batch, n, d_vocab]``)."""
+    logprobs = torch.log_softmax(rows.float(), dim=-1)
+    if logprobs.ndim == 2:
+        return logprobs.gather(-1, tokens)
+    return logprobs.gather(-1, tokens[..., None]).squeeze(-1)
+
+
+def _several_positions(first: int, n: int, what: str) -> Tuple[int, ...]:
+    """Positions ``first, first + 1, ..., first + n - 1``; negative ones must stay negative (from the end)."""
+    if first < 0 and first + n > 0:
+        raise ValueError(f"{what}: positions {first}..{first + n - 1} run past the last position")
+    return tuple(range(first, first + n))
+
+
+class MultiTokenLogProb(LogitMetric):
+    """Log-probability of an answer of several tokens, read with teacher forcing.
+
+    ``value[b] = sum_i log_softmax(logits[b, position + i].float())[answer[b, i]]``: the prompt must
+    hold the answer's first ``n - 1`` tokens at positions ``position + 1 ..``, so that position
+    ``position + i`` predicts ``answer[:, i]``. The mean over prompts unless ``per_prompt``. Reads
+    the full vocabulary row at those ``n`` positions only.
+
+    Args:
+        answer_tokens: ``[batch, n]`` integer token ids (every prompt's answer has ``n`` tokens).
+        position: the position that predicts the answer's first token (``-n`` when the answer ends the prompt
+            and its last token is not in it, ``-n - 1`` when it is).
+        per_prompt: return ``[batch]`` (for ``reduce="mean"`` / ``"none"``) instead of a scalar.
+    """
+
+    def __init__(self, answer_tokens: Int[Tensor, "batch n"], position: int, per_prompt: bool = False):
+        super().__init__()
+        self.tokens = _token_ids(answer_tokens, "answer_tokens")
+        self.per_prompt = bool(per_prompt)
+        positions = _several_positions(_as_position(position), self.tokens.shape[1], "MultiTokenLogProb")
+        self._set_reads(positions, None, self.tokens)
+
+    def from_selected(self, selected: Float[Tensor, "batch n d_vocab"]) -> MetricValue:
+        """``sum_i log_softmax(selected[:, i])[answer[:, i]]`` per prompt."""
+        _check_rows(selected, self.batch, len(self.reads.positions), "MultiTokenLogProb")
+        return self._reduce(_token_log_probs(selected, self._tokens_at(self.tokens, selected.device)).sum(-1))
+
+    def __repr__(self) -> str:
+        return f"MultiTokenLogProb(batch={self.batch}, positions={self.reads.positions}, per_prompt={self.per_prompt})"
+
+
+class SpanLoss(LogitMetric):
+    """Next-token loss over a span of positions (the induction metric: loss on the repeated half).
+
+    ``value[b] = -mean_{p in [start, stop)} log_softmax(logits[b, p].float())[tokens[b, p + 1]]``;
+    the mean over prompts unless ``per_prompt``. Reads the full vocabulary row at ``start..stop-1``
+    only.
+
+    Args:
+        tokens: ``[batch, n_tokens]`` the run's input tokens (position ``p`` predicts ``tokens[:, p + 1]``).
+        start: first position of the span (``>= 0``).
+        stop: one past the last position (default ``n_tokens - 1``, the last one with a next token).
+        per_prompt: return ``[batch]`` (for ``reduce="mean"`` / ``"none"``) instead of a scalar.
+    """
+
+    def __init__(self, tokens: Int[Tensor, "batch n_tokens"], start: int, stop: Optional[int] = None, per_prompt: bool = False):
+        super().__init__()
+        tokens = _token_ids(tokens, "tokens")
+        n_tokens = tokens.shape[1]
+        start = _as_position(start)
+        stop = n_tokens - 1 if stop is None else _as_position(stop)
+        if not 0 <= start < stop <= n_tokens - 1:
+            raise ValueError(
+                f"SpanLoss needs 0 <= start < stop <= n_tokens - 1 = {n_tokens - 1} (each position predicts the next "
+                f"token), got start={start}, stop={stop}"
+            )
+        self.targets = tokens[:, start + 1 : stop + 1].clone()
+        self.per_prompt = bool(per_prompt)
+        self._set_reads(tuple(range(start, stop)), None, self.targets)
+
+    def from_selected(self, selected: Float[Tensor, "batch n d_vocab"]) -> MetricValue:
+        """``-mean_i log_softmax(selected[:, i])[targets[:, i]]`` per prompt."""
+        _check_rows(selected, self.batch, len(self.reads.positions), "SpanLoss")
+        return self._reduce(-_token_log_probs(selected, self._tokens_at(self.targets, selected.device)).mean(-1))
+
+    def __repr__(self) -> str:
+        positions = self.reads.positions
+        return f"SpanLoss(batch={self.batch}, start={positions[0]}, stop={positions[-1] + 1}, per_prompt={self.per_prompt})"
+
+
+class KLDivergence(LogitMetric):
+    """KL divergence of the patched run's next-token distribution from the clean run's (the ACDC metric).
+
+    ``value[b] = mean_p sum_v P_clean[b, p, v] (log P_clean[b, p, v] - log P[b, p, v])`` over the chosen
+    positions, with ``P = softmax(logits.float())``; the mean over prompts unless ``per_prompt``.
+    Reads the full vocabulary row at those positions only.
+
+    Args:
+        clean_logits: ``[batch, pos, d_vocab]`` the clean run's logits (only the chosen positions are kept).
+        positions: one position or a sequence of them (default ``-1``, the last).
+        per_prompt: return ``[batch]`` (for ``reduce="mean"`` / ``"none"``) instead of a scalar.
+    """
+
+    def __init__(
+        self,
+        clean_logits: Float[Tensor, "batch pos d_vocab"],
+        positions: Union[int, Sequence[int]] = -1,
+        per_prompt: bool = False,
+    ):
+        super().__init__()
+        several = isinstance(positions, (tuple, list))
+        reads = LogitReads(tuple(positions) if several else positions, None)
+        if not isinstance(clean_logits, Tensor) or not clean_logits.dtype.is_floating_point:
+            raise ValueError("clean_logits must be a floating-point [batch, pos, d_vocab] tensor")
+        _check_logits(clean_logits, clean_logits.shape[0] if clean_logits.ndim == 3 else -1, reads.positions, "KLDivergence")
+        rows = clean_logits.detach()[:, list(reads.positions)].float()
+        if not torch.isfinite(rows).all():
+            raise ValueError("clean_logits hold non-finite values at the chosen positions")
+        self.clean_log_probs = torch.log_softmax(rows, dim=-1)  # [batch, n, d_vocab]
+        self.per_prompt = bool(per_prompt)
+        self.reads, self.batch, self.d_vocab = reads, int(clean_logits.shape[0]), int(clean_logits.shape[-1])
+
+    def from_selected(self, selected: Union[Float[Tensor, "batch d_vocab"], Float[Tensor, "batch n d_vocab"]]) -> MetricValue:
+        """``mean_p KL(clean || softmax(selected[:, p]))`` per prompt."""
+        rows = selected if self.reads.position is None else selected[:, None]
+        _check_rows(rows, self.batch, len(self.reads.positions), "KLDivergence")
+        if rows.shape[-1] != self.d_vocab:
+            raise ValueError(f"KLDivergence was built for d_vocab={self.d_vocab}, got rows of {rows.shape[-1]}")
+        clean = self._tokens_at(self.clean_log_probs, rows.device)
+        log_probs = torch.log_softmax(rows.float(), dim=-1)
+        kl = torch.nn.functional.kl_div(log_probs, clean, log_target=True, reduction="none").sum(-1)
+        return self._reduce(kl.mean(-1))
+
+    def __repr__(self) -> str:
+        return f"KLDivergence(batch={self.batch}, positions={self.reads.positions}, per_prompt={self.per_prompt})"
+
+
+def _check_rows(rows: Tensor, batch: int, n: int, what: str) -> None:
+    if rows.ndim != 3 or rows.shape[:2] != (batch, n):
+        raise ValueError(f"{what}.from_selected expects [batch={batch}, {n} positions, d_vocab] rows, got {tuple(rows.shape)}")
 
 
 def _as_value(value: Any, name: str) -> Float[Tensor, "..."]:

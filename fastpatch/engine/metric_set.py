@@ -4,12 +4,15 @@ The engine's contract with a metric: any callable of ``[batch, pos, d_vocab]`` l
 may also declare what it reads (:func:`logit_reads`): a ``reads`` attribute with ``position``
 (one sequence position) and ``tokens`` (``[batch, k]`` token ids, or ``None`` for the whole
 vocabulary row), and a ``from_selected`` method that computes the metric from those logits
-alone. ``fastpatch.metrics`` implements that protocol; the engine never imports it.
+alone (``[batch, k]``, or ``[batch, d_vocab]``). A metric that reads several positions declares
+``positions`` (a tuple) and ``position = None``, and its ``from_selected`` takes the rows of every
+position stacked in that order, ``[batch, n_positions, k or d_vocab]``. ``fastpatch.metrics``
+implements that protocol; the engine never imports it.
 """
 
 from __future__ import annotations
 
-from typing import Any, Callable, Dict, List, Mapping, Optional, Union
+from typing import Any, Callable, Dict, List, Mapping, Optional, Tuple, Union
 
 import torch
 from jaxtyping import Float
@@ -29,6 +32,12 @@ def logit_reads(metric: Any) -> Optional[Any]:
     if reads is None or not callable(getattr(metric, "from_selected", None)):
         return None
     return reads
+
+
+def read_positions(reads: Any) -> Tuple[int, ...]:
+    """Every position a declared read covers, in ``from_selected``'s order."""
+    positions = getattr(reads, "positions", None)
+    return tuple(positions) if positions else (reads.position,)
 
 
 class MetricSet:
@@ -60,11 +69,9 @@ class MetricSet:
         return (len(self.metrics),) + ((self.batch,) if self.per_example else ())
 
     def common_reads(self) -> Optional[list]:
-        """Each metric's declared reads when all declare them at one position, else ``None``."""
+        """Each metric's declared reads when every metric declares them (at any positions), else ``None``."""
         reads = [logit_reads(fn) for fn in self.metrics.values()]
-        if any(r is None for r in reads) or len({r.position for r in reads}) != 1:
-            return None
-        return reads
+        return None if any(r is None for r in reads) else reads
 
     def _checked(self, name: str, out: Any, device: torch.device) -> Tensor:
         out = torch.as_tensor(out)

@@ -12,7 +12,7 @@ and only the read vocabulary columns when they name them.
 from __future__ import annotations
 
 from collections import defaultdict
-from typing import Callable, Dict, List, Mapping, NamedTuple, Optional, Sequence, Tuple
+from typing import Callable, Dict, List, Mapping, NamedTuple, Optional, Sequence, Tuple, Union
 
 import torch
 from torch import Tensor
@@ -96,7 +96,7 @@ def forward_from_entries(
     start: int,
     cells: Sequence[NativeCell],
     resid_of: Callable[[int], Tensor],
-    read_index: Optional[int] = None,
+    read_index: Optional[Union[int, slice]] = None,
 ) -> Tuple[Tensor, List[int]]:
     """Run a chunk of cells sharing ``start`` from their entry points to the final residual.
 
@@ -105,7 +105,8 @@ def forward_from_entries(
 
     The residual is ``[rows, pos - start, d_model]``; with ``read_index`` (the one position a
     metric reads, counted from ``start``) the last block computes its queries, attention output
-    and MLP at that position only, and the result is ``[rows, 1, d_model]``.
+    and MLP at that position only, and the result is ``[rows, 1, d_model]``; a slice of positions
+    (counted from ``start``) likewise gives ``[rows, len(slice), d_model]``.
     """
     by_entry: Dict[Tuple[int, int], List[int]] = defaultdict(list)
     for cell, block, stage in cells:
@@ -123,7 +124,9 @@ def forward_from_entries(
         return new if x is None else torch.cat([x, new], dim=0)
 
     everything = slice(None)
-    read = everything if read_index is None else slice(read_index, read_index + 1)
+    read = read_index if isinstance(read_index, slice) else everything
+    if isinstance(read_index, int):
+        read = slice(read_index, read_index + 1)
     x: Optional[Tensor] = None
     for l in range(min(layer for layer, _ in by_entry), native.n_layers):
         x = join(x, (l, ATTN), everything)
