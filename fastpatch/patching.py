@@ -62,6 +62,7 @@ from fastpatch.engine.direct_path import DirectPathPlan
 from fastpatch.engine.driver import RunOptions, run_plan
 from fastpatch.engine.metric_set import MetricFn, MetricSet
 from fastpatch.engine.plan import Sweep, index_table
+from fastpatch.sources import DIRECTIONS, resolve_direction
 
 __all__ = [
     "AxisNames",
@@ -94,11 +95,16 @@ __all__ = [
     "get_act_patch_attn_head_k_all_pos",
     "get_act_patch_attn_head_v_all_pos",
     "get_act_patch_attn_head_pattern_all_pos",
+    "get_act_patch_attn_head_scores_by_pos",
+    "get_act_patch_attn_head_scores_dest_src_pos",
+    "get_act_patch_attn_head_scores_all_pos",
     "get_act_patch_attn_head_all_pos_every",
     "get_act_patch_attn_head_by_pos_every",
     "get_act_patch_block_every",
     "get_act_patch_direct_path",
     "get_act_patch_direct_path_all_sources",
+    "DIRECTIONS",
+    "run_sweep",
 ]
 
 # TransformerLens's public type aliases, the same objects, so annotations written for it still hold.
@@ -254,6 +260,23 @@ get_act_patch_attn_head_q_all_pos = _named_sweep(_tl.get_act_patch_attn_head_q_a
 get_act_patch_attn_head_k_all_pos = _named_sweep(_tl.get_act_patch_attn_head_k_all_pos)
 get_act_patch_attn_head_v_all_pos = _named_sweep(_tl.get_act_patch_attn_head_v_all_pos)
 get_act_patch_attn_head_pattern_all_pos = _named_sweep(_tl.get_act_patch_attn_head_pattern_all_pos)
+
+
+def _scores_sweep(tl_pattern_sweep: partial) -> partial:
+    """The pattern sweep's setter and cells on the pre-softmax scores (``hook_attn_scores``, the causal
+    mask as ``-inf``): TransformerLens has no named sweep for them, but patches them the same way
+    (``generic_activation_patch(..., activation_name="attn_scores")``), and so do these."""
+    ours = partial(generic_activation_patch, **{**tl_pattern_sweep.keywords, "activation_name": "attn_scores"})
+    ours.__doc__ = (
+        f"``{tl_pattern_sweep.func.__name__}`` with the pattern sweep's setter and index axes "
+        f"{tuple(tl_pattern_sweep.keywords['index_axis_names'])} on ``attn_scores`` instead of ``pattern``."
+    )
+    return ours
+
+
+get_act_patch_attn_head_scores_by_pos = _scores_sweep(_tl.get_act_patch_attn_head_pattern_by_pos)
+get_act_patch_attn_head_scores_dest_src_pos = _scores_sweep(_tl.get_act_patch_attn_head_pattern_dest_src_pos)
+get_act_patch_attn_head_scores_all_pos = _scores_sweep(_tl.get_act_patch_attn_head_pattern_all_pos)
 
 
 def _every(
@@ -442,3 +465,48 @@ def get_act_patch_direct_path_all_sources(
         method, options, "get_act_patch_direct_path_all_sources()",
     )
     return out.reshape((cfg.n_layers, cfg.n_heads) + out.shape[1:])
+
+
+# ---- direction -----------------------------------------------------------------------------------
+_DIRECT_PATH = (get_act_patch_direct_path, get_act_patch_direct_path_all_sources)
+
+
+def run_sweep(
+    sweep: Callable[..., Any],
+    model: Any,
+    clean_tokens: Optional[Int[torch.Tensor, "batch pos"]],
+    corrupted_tokens: Optional[Int[torch.Tensor, "batch pos"]],
+    patching_metric: Any,
+    *,
+    direction: str = "denoising",
+    source: Optional[Mapping[str, torch.Tensor]] = None,
+    **kwargs: Any,
+) -> Any:
+    """Run ``sweep`` (any sweep of this module, e.g. ``get_act_patch_resid_pre``) in a named direction.
+
+    - ``direction="denoising"`` (default): the clean run's activations patched into the corrupted run,
+      ``sweep(model, corrupted_tokens, clean_cache, patching_metric, **kwargs)``. Asks which
+      activations *suffice* to restore the clean behaviour.
+    - ``"noising"``: the corrupted run's activations patched into the clean run,
+      ``sweep(model, clean_tokens, corrupted_cache, patching_metric, **kwargs)``. Asks which
+      activations are *necessary*: where does losing the clean value break the behaviour?
+    - ``source`` (e.g. an ablation from :mod:`fastpatch.sources`) replaces the cache of the run
+      whose activations are patched in: ``clean_tokens`` (denoising) or ``corrupted_tokens``
+      (noising) must then be ``None``.
+
+    Direct path sweeps get the patched run's own cache as their ``corrupted_cache``. The caches are
+    one ``run_with_cache`` each; ``kwargs`` go to ``sweep`` unchanged, and so does its return value.
+    """
+    if not callable(sweep):
+        raise ValueError(f"sweep must be a sweep function of fastpatch.patching, got {type(sweep).__name__}")
+    run = resolve_direction(clean_tokens, corrupted_tokens, source, direction)
+    check_tokens(model, run.target, run.target_name)
+    if run.values is not None:
+        check_tokens(model, run.values, run.values_name)
+        require_eval_mode(model, operation="run_sweep()")
+    with torch.no_grad():
+        values = source if run.values is None else model.run_with_cache(run.values)[1]
+        if sweep in _DIRECT_PATH:
+            target_cache = model.run_with_cache(run.target)[1]
+            return sweep(model, run.target, values, target_cache, patching_metric, **kwargs)
+    return sweep(model, run.target, values, patching_metric, **kwargs)

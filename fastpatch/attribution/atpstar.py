@@ -26,12 +26,13 @@ from jaxtyping import Float
 from torch import Tensor
 
 from fastpatch.attribution.passes import (
+    Runs,
     capture,
-    check_inputs,
     finish,
     gradients,
     hook_names,
     named_estimator,
+    patch_values,
     score_dtype,
 )
 from fastpatch.engine.model_state import preserved_model_state
@@ -69,11 +70,7 @@ def _layer_estimate(
     return torch.stack(cols, dim=1)
 
 
-def _atpstar(
-    model: Any, clean_tokens: Tensor, corrupted_tokens: Tensor, metric: MetricFn,
-    which: str, by_pos: bool, reduce: str, operation: str,
-) -> Tensor:
-    check_inputs(model, operation, reduce, clean_tokens=clean_tokens, corrupted_tokens=corrupted_tokens)
+def _atpstar(model: Any, runs: Runs, metric: MetricFn, which: str, by_pos: bool, reduce: str) -> Tensor:
     cfg = model.cfg
     n_heads = cfg.n_heads
     n_kv = getattr(cfg, "n_key_value_heads", None) or n_heads
@@ -82,16 +79,16 @@ def _atpstar(
     qk_names = hook_names(model, [which])
     per_layer = []
     with preserved_model_state(model):
-        grads = gradients(model, corrupted_tokens, metric, pattern_names, reduce)
-        clean_qk = capture(model, clean_tokens, qk_names)
-        corrupted_scores = capture(model, corrupted_tokens, score_names)
+        grads = gradients(model, runs.target, metric, pattern_names, reduce)
+        clean_qk = patch_values(model, runs, qk_names)
+        corrupted_scores = capture(model, runs.target, score_names)
         for layer in range(cfg.n_layers):
             qk_name, score_name = qk_names[layer], score_names[layer]
 
             def swap(tensor: Tensor, hook: Any, patched: Tensor = clean_qk[qk_name]) -> Tensor:
-                return patched.to(tensor.dtype)
+                return patched.to(tensor.dtype).expand_as(tensor)
 
-            hybrid = capture(model, corrupted_tokens, [score_name], fwd_hooks=[(qk_name, swap)])[score_name]
+            hybrid = capture(model, runs.target, [score_name], fwd_hooks=[(qk_name, swap)])[score_name]
             dtype = score_dtype(hybrid)
             s_corr = corrupted_scores[score_name].to(dtype)  # [batch, head, dest, src], masked
             est = _layer_estimate(s_corr, hybrid.to(dtype), grads[pattern_names[layer]].to(dtype), which, by_pos)
@@ -106,9 +103,7 @@ def _named(which: str, by_pos: bool, shape: str) -> Callable[..., Tensor]:
     return named_estimator(
         f"get_attr_patch_attn_head_{which}_{positions}_atpstar",
         f"AtP* (QK-fixed) estimate of ``get_act_patch_attn_head_{which}_{positions}``: ``{shape}``.",
-        lambda model, clean, corrupted, metric, reduce, operation: _atpstar(
-            model, clean, corrupted, metric, which, by_pos, reduce, operation
-        ),
+        lambda model, runs, metric, reduce: _atpstar(model, runs, metric, which, by_pos, reduce),
         shape,
     )
 

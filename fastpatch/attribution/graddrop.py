@@ -17,13 +17,13 @@ every node of the last layer) the estimate equals plain attribution.
 
 from __future__ import annotations
 
-from typing import Any, Dict, Optional
+from typing import Any, Dict, Mapping, Optional
 
 from jaxtyping import Float
 from torch import Tensor
 
 from fastpatch.attribution import passes
-from fastpatch.attribution.passes import SWEEPS, Tokens
+from fastpatch.attribution.passes import SOURCE_DOC, SWEEPS, Tokens
 from fastpatch.engine.model_state import preserved_model_state
 from fastpatch.metrics import MetricFn
 
@@ -41,8 +41,9 @@ def _stop_gradient(tensor: Tensor, hook: Any) -> Tensor:
 
 
 def get_attr_patch_graddrop(
-    model: Any, clean_tokens: Tokens, corrupted_tokens: Tokens, patching_metric: MetricFn,
+    model: Any, clean_tokens: Optional[Tokens], corrupted_tokens: Optional[Tokens], patching_metric: MetricFn,
     sweep: str = "attn_head_out_all_pos", *, reduce: str = "scalar", absolute: bool = False,
+    source: Optional[Mapping[str, Tensor]] = None, direction: str = "denoising",
 ) -> Float[Tensor, "..."]:
     """GradDrop estimate (AtP*, Kramar et al. 2024) of ``get_act_patch_<sweep>`` minus the corrupted baseline.
 
@@ -82,8 +83,7 @@ def get_attr_patch_graddrop(
                 f"stream itself. Sweeps: {list(GRADDROP_SWEEPS)}"
             )
         raise ValueError(f"unknown sweep {sweep!r}; GradDrop sweeps: {list(GRADDROP_SWEEPS)}")
-    tokens = dict(clean_tokens=clean_tokens, corrupted_tokens=corrupted_tokens)
-    passes.check_inputs(model, "get_attr_patch_graddrop()", reduce, **tokens)
+    runs = passes.resolve_runs(model, "get_attr_patch_graddrop()", reduce, clean_tokens, corrupted_tokens, source, direction)
     n_layers = model.cfg.n_layers
     if n_layers < 2:
         raise ValueError(f"GradDrop averages over n_layers - 1 layer drops and needs at least 2 layers, got {n_layers}")
@@ -91,7 +91,7 @@ def get_attr_patch_graddrop(
     drop_points = passes.hook_names(model, ["attn_out", "mlp_out"])  # [attn_out 0..L-1, mlp_out 0..L-1]
     total: Optional[Tensor] = None
     with preserved_model_state(model):
-        clean = passes.capture(model, clean_tokens, names)
+        clean = passes.patch_values(model, runs, names)
         corrupted: Dict[str, Tensor] = {}
         delta: Dict[str, Tensor] = {}
         for layer in range(n_layers):
@@ -99,7 +99,7 @@ def get_attr_patch_graddrop(
             # the first drop's forward also records the corrupted activations (its probes change nothing)
             record = corrupted if layer == 0 else None
             grads = passes.gradients(
-                model, corrupted_tokens, patching_metric, names, reduce, record=record, after_hooks=drops
+                model, runs.target, patching_metric, names, reduce, record=record, after_hooks=drops
             )
             if layer == 0:
                 delta = {n: passes.difference(clean[n], corrupted[n]) for n in names}
@@ -110,3 +110,6 @@ def get_attr_patch_graddrop(
             total = est if total is None else total + est
     assert total is not None
     return total / (n_layers - 1)
+
+
+get_attr_patch_graddrop.__doc__ += SOURCE_DOC

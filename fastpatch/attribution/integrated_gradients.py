@@ -33,7 +33,7 @@ exactly.
 
 from __future__ import annotations
 
-from typing import Any, Optional, Sequence
+from typing import Any, Mapping, Optional, Sequence
 
 import torch
 import transformer_lens.utilities as tl_utils
@@ -41,9 +41,9 @@ from jaxtyping import Float
 from torch import Tensor
 
 from fastpatch.attribution.passes import (
+    SOURCE_DOC,
     Tokens,
     capture,
-    check_inputs,
     check_schedule,
     check_sweep,
     difference,
@@ -53,6 +53,8 @@ from fastpatch.attribution.passes import (
     hook_names,
     ig_alphas,
     layer_stack,
+    patch_values,
+    resolve_runs,
 )
 from fastpatch.engine.model_state import preserved_model_state
 from fastpatch.metrics import MetricFn
@@ -64,9 +66,10 @@ IG_RULES = ("midpoint", "left")
 
 
 def get_attr_patch_ig(
-    model: Any, clean_tokens: Tokens, corrupted_tokens: Tokens, patching_metric: MetricFn,
+    model: Any, clean_tokens: Optional[Tokens], corrupted_tokens: Optional[Tokens], patching_metric: MetricFn,
     sweep: str, ig_steps: int = 8,
     *, reduce: str = "scalar", rule: str = "midpoint", cell: Optional[Sequence[int]] = None,
+    source: Optional[Mapping[str, Tensor]] = None, direction: str = "denoising",
 ) -> Float[Tensor, "..."]:
     """Integrated-gradients estimate of ``get_act_patch_<sweep>`` minus the corrupted baseline.
 
@@ -79,7 +82,7 @@ def get_attr_patch_ig(
     """
     act = check_sweep(sweep)
     check_schedule(ig_steps, rule, IG_RULES)
-    check_inputs(model, "get_attr_patch_ig()", reduce, clean_tokens=clean_tokens, corrupted_tokens=corrupted_tokens)
+    runs = resolve_runs(model, "get_attr_patch_ig()", reduce, clean_tokens, corrupted_tokens, source, direction)
     names = hook_names(model, [act])
     if cell is not None:
         cell = tuple(int(i) for i in cell)
@@ -87,8 +90,8 @@ def get_attr_patch_ig(
             raise ValueError(f"cell {cell}: layer out of range for {model.cfg.n_layers} layers")
         names = [tl_utils.get_act_name(act, cell[0])]
     with preserved_model_state(model):
-        clean = capture(model, clean_tokens, names)
-        corrupted = capture(model, corrupted_tokens, names)
+        clean = patch_values(model, runs, names)
+        corrupted = capture(model, runs.target, names)
         delta = {n: difference(clean[n], corrupted[n]) for n in names}
         if cell is not None:
             (n,) = names
@@ -97,10 +100,13 @@ def get_attr_patch_ig(
         total = {n: torch.zeros_like(delta[n]) for n in names}
         for alpha in ig_alphas(ig_steps, rule):
             values = {n: corrupted[n].to(delta[n].dtype) + alpha * delta[n] for n in names}
-            grads = gradients(model, corrupted_tokens, patching_metric, names, reduce, values)
+            grads = gradients(model, runs.target, patching_metric, names, reduce, values)
             for n in names:
                 total[n] += grads[n].to(total[n].dtype)
     scores = {n: delta[n] * (total[n] / ig_steps) for n in names}
     if cell is not None:
         return finish(scores[names[0]].flatten(1).sum(1), reduce)
     return finish(layer_stack(model, scores, sweep), reduce)
+
+
+get_attr_patch_ig.__doc__ += SOURCE_DOC

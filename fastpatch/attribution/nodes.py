@@ -24,7 +24,7 @@ than a node.
 
 from __future__ import annotations
 
-from typing import Any, Callable, Dict, Optional, Sequence
+from typing import Any, Callable, Dict, Mapping, Optional, Sequence
 
 import torch
 import transformer_lens.utilities as tl_utils
@@ -32,16 +32,20 @@ from torch import Tensor
 
 from fastpatch.attribution.passes import (
     REDUCES,
+    SCORE_SWEEPS,
+    SOURCE_DOC,
     SWEEPS,
+    Runs,
     Tokens,
-    capture,
-    check_inputs,
+    check_sweep,
     difference,
     finish,
     gradients,
     hook_names,
     layer_stack,
     named_estimator,
+    patch_values,
+    resolve_runs,
 )
 from fastpatch.engine.model_state import preserved_model_state
 from fastpatch.engine.sweep_groups import BLOCK, HEAD_ALL_POS, HEAD_BY_POS, stack_head_sweeps
@@ -50,6 +54,7 @@ from fastpatch.metrics import MetricFn
 __all__ = [
     "REDUCES",
     "SWEEPS",
+    "SCORE_SWEEPS",
     "attribute_nodes",
     "get_attr_patch_resid_pre",
     "get_attr_patch_resid_mid",
@@ -67,25 +72,27 @@ __all__ = [
     "get_attr_patch_attn_head_v_all_pos",
     "get_attr_patch_attn_head_pattern_all_pos",
     "get_attr_patch_mlp_neuron_by_pos",
+    "get_attr_patch_attn_head_scores_by_pos",
+    "get_attr_patch_attn_head_scores_dest_src_pos",
+    "get_attr_patch_attn_head_scores_all_pos",
     "get_attr_patch_attn_head_all_pos_every",
     "get_attr_patch_attn_head_by_pos_every",
     "get_attr_patch_block_every",
 ]
 
 
-def _scores(
-    model: Any, clean_tokens: Tensor, corrupted_tokens: Tensor, metric: MetricFn, names: Sequence[str], reduce: str
-) -> Dict[str, Tensor]:
+def _scores(model: Any, runs: Runs, metric: MetricFn, names: Sequence[str], reduce: str) -> Dict[str, Tensor]:
     """``(clean - corrupted) * d metric / d act`` per element (at least float32), for every hook name.
 
-    One corrupted forward with zero probes, one ``autograd.grad``, one clean forward (no grad).
+    One corrupted forward with zero probes, one ``autograd.grad``, one clean forward (no grad; none
+    with a ``source``). "Clean" and "corrupted" stand for ``runs``' patched-in and patched runs.
     """
     corrupted: Dict[str, Tensor] = {}
     # The clean forward runs last: TransformerBridge keeps the last forward's attention pattern
     # on its attention modules, and a no-grad one leaves no autograd graph attached to the model.
     with preserved_model_state(model):
-        grads = gradients(model, corrupted_tokens, metric, names, reduce, record=corrupted)
-        clean = capture(model, clean_tokens, names)
+        grads = gradients(model, runs.target, metric, names, reduce, record=corrupted)
+        clean = patch_values(model, runs, names)
     out = {}
     for name in names:
         delta = difference(clean[name], corrupted[name])
@@ -93,32 +100,29 @@ def _scores(
     return out
 
 
-def _batch_first(
-    model: Any, clean_tokens: Tensor, corrupted_tokens: Tensor, metric: MetricFn,
-    sweeps: Sequence[str], reduce: str, operation: str,
-) -> Dict[str, Tensor]:
+def _batch_first(model: Any, runs: Runs, metric: MetricFn, sweeps: Sequence[str], reduce: str) -> Dict[str, Tensor]:
     """``{sweep: [batch, n_layers, *cell]}`` for several sweeps from one set of passes."""
-    unknown = [s for s in sweeps if s not in SWEEPS]
-    if unknown:
-        raise ValueError(f"unknown sweeps {unknown}; known: {sorted(SWEEPS)}")
-    check_inputs(model, operation, reduce, clean_tokens=clean_tokens, corrupted_tokens=corrupted_tokens)
-    names = hook_names(model, [SWEEPS[s][0] for s in sweeps])
-    scores = _scores(model, clean_tokens, corrupted_tokens, metric, names, reduce)
+    names = hook_names(model, [check_sweep(s) for s in sweeps])
+    scores = _scores(model, runs, metric, names, reduce)
     return {s: layer_stack(model, scores, s) for s in sweeps}
 
 
 def attribute_nodes(
-    model: Any, clean_tokens: Tokens, corrupted_tokens: Tokens, patching_metric: MetricFn,
+    model: Any, clean_tokens: Optional[Tokens], corrupted_tokens: Optional[Tokens], patching_metric: MetricFn,
     sweeps: Optional[Sequence[str]] = None, *, reduce: str = "scalar",
+    source: Optional[Mapping[str, Tensor]] = None, direction: str = "denoising",
 ) -> Dict[str, Tensor]:
     """Several sweeps (names of :data:`SWEEPS`, default all the model has) from ONE clean forward,
     ONE corrupted forward and ONE backward: ``{sweep: estimate}``, each shaped like
     ``get_attr_patch_<sweep>``'s result."""
     if sweeps is None:
         sweeps = [s for s, (act, _) in SWEEPS.items() if tl_utils.get_act_name(act, 0) in model.hook_dict]
-    operation = "attribute_nodes()"
-    out = _batch_first(model, clean_tokens, corrupted_tokens, patching_metric, list(sweeps), reduce, operation)
+    runs = resolve_runs(model, "attribute_nodes()", reduce, clean_tokens, corrupted_tokens, source, direction)
+    out = _batch_first(model, runs, patching_metric, list(sweeps), reduce)
     return {s: finish(v, reduce) for s, v in out.items()}
+
+
+attribute_nodes.__doc__ += SOURCE_DOC
 
 
 def _named(
@@ -127,14 +131,14 @@ def _named(
     """A public ``get_attr_patch_*`` function: ``sweeps`` from one set of passes, ``combine``d
     (``(model, {sweep: [batch, n_layers, *cell]}) -> [batch, ...]``), then finished per ``reduce``."""
 
-    def run(model: Any, clean: Tensor, corrupted: Tensor, metric: MetricFn, reduce: str, operation: str) -> Tensor:
-        return finish(combine(model, _batch_first(model, clean, corrupted, metric, sweeps, reduce, operation)), reduce)
+    def run(model: Any, runs: Runs, metric: MetricFn, reduce: str) -> Tensor:
+        return finish(combine(model, _batch_first(model, runs, metric, sweeps, reduce)), reduce)
 
     return named_estimator(name, doc, run, shape)
 
 
 def _sweep(sweep: str, shape: str) -> Callable[..., Tensor]:
-    act = SWEEPS[sweep][0]
+    act = check_sweep(sweep)
     exact = "" if sweep == "mlp_neuron_by_pos" else f" of ``fastpatch.patching.get_act_patch_{sweep}``"
     doc = (
         f"First-order estimate{exact} (patched metric minus the corrupted baseline), from one clean "
@@ -162,6 +166,12 @@ get_attr_patch_attn_head_k_all_pos = _sweep("attn_head_k_all_pos", "[n_layers, n
 get_attr_patch_attn_head_v_all_pos = _sweep("attn_head_v_all_pos", "[n_layers, n_kv_heads]")
 get_attr_patch_attn_head_pattern_all_pos = _sweep("attn_head_pattern_all_pos", "[n_layers, n_heads]")
 get_attr_patch_mlp_neuron_by_pos = _sweep("mlp_neuron_by_pos", "[n_layers, pos, d_mlp]")
+# attention scores (pre-softmax; the causal mask's -inf is no change): cells as for the pattern
+get_attr_patch_attn_head_scores_by_pos = _sweep("attn_head_scores_by_pos", "[n_layers, n_heads, dest_pos]")
+get_attr_patch_attn_head_scores_dest_src_pos = _sweep(
+    "attn_head_scores_dest_src_pos", "[n_layers, n_heads, dest_pos, src_pos]"
+)
+get_attr_patch_attn_head_scores_all_pos = _sweep("attn_head_scores_all_pos", "[n_layers, n_heads]")
 
 # The ``*_every`` groups stack like ``fastpatch.patching.get_act_patch_*_every`` (batch first here,
 # so the patch-type axis goes at dim 1).

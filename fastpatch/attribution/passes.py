@@ -27,7 +27,7 @@ non-integrated score: ``"left"`` for patching estimates (``alpha = 0`` is the co
 from __future__ import annotations
 
 from functools import partial
-from typing import Any, Callable, Dict, List, Optional, Sequence, Tuple
+from typing import Any, Callable, Dict, List, Mapping, NamedTuple, Optional, Sequence, Tuple
 
 import torch
 import transformer_lens.utilities as tl_utils
@@ -35,9 +35,10 @@ from jaxtyping import Float, Int
 from torch import Tensor
 
 from fastpatch import patching
-from fastpatch.engine.checks import check_tokens, require_eval_mode
+from fastpatch.engine.checks import cached_activation, check_cached_activation, check_tokens, require_eval_mode
 from fastpatch.engine.model_state import refuse_user_hooks
 from fastpatch.metrics import MetricFn
+from fastpatch.sources import DIRECTIONS, resolve_direction  # noqa: F401 (DIRECTIONS re-exported)
 
 Tokens = Int[Tensor, "batch pos"]  # token ids, as every method takes them
 REDUCES = ("scalar", "none")
@@ -89,12 +90,22 @@ SWEEPS: Dict[str, Tuple[str, Callable[[Tensor], Tensor]]] = {
     "mlp_neuron_by_pos": ("post", _unchanged),
 }
 
+# The pattern sweeps' cells on the pre-softmax scores (``hook_attn_scores``, masked entries -inf,
+# whose difference counts as 0): ``fastpatch.patching.get_act_patch_attn_head_scores_*``. Asked for
+# by name; not in :data:`SWEEPS`, the default set of ``attribute_nodes``.
+SCORE_SWEEPS: Dict[str, Tuple[str, Callable[[Tensor], Tensor]]] = {
+    "attn_head_scores_by_pos": ("attn_scores", _sum_last),
+    "attn_head_scores_dest_src_pos": ("attn_scores", _unchanged),
+    "attn_head_scores_all_pos": ("attn_scores", _pattern_all_pos),
+}
+_TABLE = {**SWEEPS, **SCORE_SWEEPS}
+
 
 def check_sweep(sweep: str) -> str:
-    """``sweep``'s activation name, or a ``ValueError`` naming the known sweeps."""
-    if sweep not in SWEEPS:
-        raise ValueError(f"unknown sweep {sweep!r}; known: {sorted(SWEEPS)}")
-    return SWEEPS[sweep][0]
+    """``sweep``'s activation name (:data:`SWEEPS` or :data:`SCORE_SWEEPS`), or a ``ValueError`` naming the known sweeps."""
+    if sweep not in _TABLE:
+        raise ValueError(f"unknown sweep {sweep!r}; known: {sorted(_TABLE)}")
+    return _TABLE[sweep][0]
 
 
 def _neuron_setter(corrupted_activation: Tensor, index: Sequence[int], clean_activation: Tensor) -> Tensor:
@@ -136,6 +147,47 @@ def check_inputs(model: Any, operation: str, reduce: str, **tokens: Any) -> None
         )
     if torch.is_inference_mode_enabled():
         raise ValueError(f"{operation} needs autograd, but torch.inference_mode() is active")
+
+
+# ---- which run is patched, and with what ---------------------------------------------------------
+
+class Runs(NamedTuple):
+    """The run an estimate patches (gradients are taken there) and what is patched into it.
+
+    ``target``: tokens of the patched run. The patched-in activations come from a run on
+    ``values`` (tokens), or from ``source`` (a cache such as :mod:`fastpatch.sources` builds).
+    """
+
+    target: Tensor
+    values: Optional[Tensor]
+    source: Optional[Mapping[str, Tensor]]
+
+
+def resolve_runs(
+    model: Any, operation: str, reduce: str, clean_tokens: Optional[Tensor], corrupted_tokens: Optional[Tensor],
+    source: Optional[Mapping[str, Tensor]] = None, direction: str = "denoising",
+) -> Runs:
+    """Check the inputs (:func:`check_inputs`) and name the patched run
+    (:func:`fastpatch.sources.resolve_direction`: ``"noising"`` is the denoising estimate with the two
+    token arguments swapped; ``source`` replaces the tokens of the run whose activations are patched in).
+    """
+    run = resolve_direction(clean_tokens, corrupted_tokens, source, direction)
+    tokens = {run.target_name: run.target, **({} if run.values is None else {run.values_name: run.values})}
+    check_inputs(model, operation, reduce, **tokens)
+    return Runs(run.target, run.values, source)
+
+
+def patch_values(model: Any, runs: Runs, names: Sequence[str]) -> Dict[str, Tensor]:
+    """The activations patched in at ``names``: captured from the ``values`` run, or read from ``source``
+    (checked against the patched run's batch and positions; ``[1, ...]`` broadcasts over the batch)."""
+    if runs.source is None:
+        return capture(model, runs.values, names)
+    out = {}
+    for name in names:
+        act = cached_activation(runs.source, name, "source")
+        check_cached_activation(act, name, runs.target, what="source")
+        out[name] = act
+    return out
 
 
 def _is_count(value: Any) -> bool:
@@ -226,7 +278,7 @@ def gradients(
             if record is not None:
                 record[name] = tensor.detach().clone()
             if name in values:
-                tensor = tensor + (values[name].to(tensor.dtype) - tensor).detach()
+                tensor = tensor + difference(values[name].to(tensor.dtype), tensor).to(tensor.dtype).detach()
             probes[name] = torch.zeros_like(tensor, requires_grad=True)
             return tensor + probes[name]
 
@@ -284,27 +336,39 @@ def capture(
 
 
 # ---- public functions -----------------------------------------------------------------------------
-# run(model, clean_tokens, corrupted_tokens, patching_metric, reduce, operation) -> estimate
-Estimator = Callable[[Any, Tensor, Tensor, MetricFn, str, str], Tensor]
+# run(model, runs, patching_metric, reduce) -> estimate
+Estimator = Callable[[Any, Runs, MetricFn, str], Tensor]
 
 
 def named_estimator(name: str, doc: str, run: Estimator, shape: str) -> Callable[..., Tensor]:
     """The public function ``name(model, clean_tokens, corrupted_tokens, patching_metric, *,
-    reduce="scalar")`` that every fixed-sweep ``get_attr_patch_*`` shares; it calls ``run`` with
-    ``"name()"`` as the operation that error messages name. ``shape``: the result's axes for
+    reduce="scalar", source=None, direction="denoising")`` that every fixed-sweep ``get_attr_patch_*``
+    shares: it checks the inputs (:func:`resolve_runs`, with ``"name()"`` as the operation that error
+    messages name) and calls ``run`` with the resolved :class:`Runs`. ``shape``: the result's axes for
     ``reduce="scalar"`` (e.g. ``"[n_layers, pos]"``), written into the return annotation with the
     trailing batch axis of ``reduce="none"``."""
 
     def fn(
-        model: Any, clean_tokens: Tokens, corrupted_tokens: Tokens, patching_metric: MetricFn, *, reduce: str = "scalar"
+        model: Any, clean_tokens: Optional[Tokens], corrupted_tokens: Optional[Tokens], patching_metric: MetricFn, *,
+        reduce: str = "scalar", source: Optional[Mapping[str, Tensor]] = None, direction: str = "denoising",
     ) -> Float[Tensor, "..."]:
-        return run(model, clean_tokens, corrupted_tokens, patching_metric, reduce, f"{name}()")
+        runs = resolve_runs(model, f"{name}()", reduce, clean_tokens, corrupted_tokens, source, direction)
+        return run(model, runs, patching_metric, reduce)
 
     fn.__name__ = fn.__qualname__ = name
-    fn.__doc__ = doc
+    fn.__doc__ = doc + SOURCE_DOC
     axes = shape.strip("[]").replace(",", "")
     fn.__annotations__["return"] = f'Float[Tensor, "{axes} *batch"]'
     return fn
+
+
+SOURCE_DOC = """
+
+    ``source=``: patch in the activations of a cache (e.g. an ablation from :mod:`fastpatch.sources`)
+    instead of a run on ``clean_tokens`` (then ``None``). ``direction="noising"``: patch the
+    corrupted run's activations (or ``source``'s) into the clean run instead, the same as swapping
+    the two token arguments.
+"""
 
 
 # ---- arithmetic on captured activations ---------------------------------------------------------
@@ -314,14 +378,21 @@ def score_dtype(t: Tensor) -> torch.dtype:
 
 
 def difference(clean: Tensor, corrupted: Tensor) -> Tensor:
-    """``clean - corrupted`` in :func:`score_dtype`."""
+    """``clean - corrupted`` in :func:`score_dtype` (``[1, ...]`` ``clean`` broadcasts over the batch);
+    0 where they are equal, so the ``-inf`` of masked attention scores is no change rather than NaN."""
+    if clean.shape[1:] != corrupted.shape[1:] or clean.shape[0] not in (1, corrupted.shape[0]):
+        raise ValueError(
+            f"the patched-in activation has shape {tuple(clean.shape)}, the patched run's {tuple(corrupted.shape)}: "
+            "they come from different models or sequence lengths"
+        )
     dtype = score_dtype(clean)
-    return clean.to(dtype) - corrupted.to(dtype)
+    clean, corrupted = clean.to(dtype), corrupted.to(dtype)
+    return torch.where(clean == corrupted, torch.zeros((), dtype=dtype, device=clean.device), clean - corrupted)
 
 
 def layer_stack(model: Any, scores: Dict[str, Tensor], sweep: str) -> Tensor:
     """One sweep's cells from per-element scores by hook name, batch first: ``[batch, n_layers, *cell]``."""
-    act, reducer = SWEEPS[sweep]
+    act, reducer = _TABLE[sweep]
     return torch.stack([reducer(scores[tl_utils.get_act_name(act, l)]) for l in range(model.cfg.n_layers)], dim=1)
 
 

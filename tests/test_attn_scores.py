@@ -1,0 +1,93 @@
+"""Attention-score patching ("attn_scores" with TransformerLens's pattern setters) and its attribution.
+
+Exact sweeps against ``transformer_lens.patching.generic_activation_patch`` on ``attn_scores``
+(the causal mask's -inf is valid input, NaN is not); attribution against autograd through a
+per-cell interpolation hook on the scores.
+"""
+
+import warnings
+
+import pytest
+import torch
+import zoo
+from helpers import assert_close, assert_varies
+from transformer_lens import patching as tl
+
+from fastpatch import attribution as fa
+from fastpatch import patching as fp
+from fastpatch.sources import zero_ablation
+
+MODELS = ("gpt2", "neox", "llama")
+SCORES = "blocks.{}.attn.hook_attn_scores"
+
+
+@pytest.fixture(scope="module", params=MODELS)
+def case(request):
+    return zoo.Case.build(request.param)
+
+
+@pytest.mark.parametrize("sweep, setter, axes", [
+    ("all_pos", tl.layer_head_pattern_patch_setter, ["layer", "head_index"]),
+    ("by_pos", tl.layer_head_pos_pattern_patch_setter, ["layer", "head_index", "dest_pos"]),
+])
+def test_score_sweeps_equal_transformer_lens(case, sweep, setter, axes):
+    model, metric = case.model, case.per_example
+    ref = tl.generic_activation_patch(model, case.corrupted, case.clean_cache, metric, setter, "attn_scores", axes,
+                                      reduce="mean")
+    assert_varies(ref, f"scores {sweep}")
+    ours = getattr(fp, f"get_act_patch_attn_head_scores_{sweep}")
+    # auto: the native backend refuses scores, with its reason, and the hook backend runs (by_pos: hooks only)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        for backend in ("hooks", "auto") if sweep == "all_pos" else ("hooks",):
+            assert_close(ours(model, case.corrupted, case.clean_cache, metric, reduce="mean", backend=backend,
+                              progress=False), ref)
+    with pytest.raises(ValueError, match=r"does not patch \['attn_scores'\]"):
+        ours(model, case.corrupted, case.clean_cache, metric, reduce="mean", backend="native", progress=False)
+
+
+def test_masked_scores_are_valid_but_nan_is_not(case):
+    name = SCORES.format(1)
+    assert torch.isneginf(case.clean_cache[name]).any()
+    for bad in (float("nan"), float("inf")):
+        cache = dict(case.clean_cache.items())
+        cache[name] = cache[name].clone()
+        cache[name][0, 0, 3, 1] = bad  # a causal (unmasked) entry
+        with pytest.raises(ValueError, match=r"hook_attn_scores'\] contains NaN or infinite values \(-inf is allowed"):
+            fp.get_act_patch_attn_head_scores_all_pos(case.model, case.corrupted, cache, case.scalar, progress=False)
+
+
+def _autograd_scores(model, tokens, metric, source, broadcast, grid):
+    """d metric / d alpha at 0 with each layer's scores set to ``s + alpha * (source - s)`` (0 where
+    both are -inf), ``alpha`` one number per cell of ``grid`` (``broadcast`` puts it on ``[batch, head, dest, src]``)."""
+    n_layers = model.cfg.n_layers
+    alpha = torch.zeros(n_layers, *grid, requires_grad=True)
+
+    def interpolate(s, hook, layer):
+        src = source[SCORES.format(layer)]
+        step = torch.where(src == s, torch.zeros_like(s), src - s).detach()
+        return s + broadcast(alpha[layer]) * step
+
+    hooks = [(SCORES.format(layer), lambda s, hook, layer=layer: interpolate(s, hook, layer)) for layer in range(n_layers)]
+    with torch.enable_grad():
+        (grad,) = torch.autograd.grad(metric(model.run_with_hooks(tokens, fwd_hooks=hooks)), alpha)
+    return grad
+
+
+def test_score_attribution_equals_autograd(case):
+    model, metric = case.model, case.scalar
+    n_heads, n_pos = model.cfg.n_heads, case.corrupted.shape[1]
+    zero = zero_ablation(model, case.corrupted)
+    for source, kw in ((case.clean_cache, dict(clean_tokens=case.clean)), (zero, dict(clean_tokens=None, source=zero))):
+        clean = kw.pop("clean_tokens")
+        all_pos = fa.get_attr_patch_attn_head_scores_all_pos(model, clean, case.corrupted, metric, **kw)
+        by_pos = fa.get_attr_patch_attn_head_scores_by_pos(model, clean, case.corrupted, metric, **kw)
+        ref_all = _autograd_scores(model, case.corrupted, metric, source, lambda a: a[None, :, None, None], (n_heads,))
+        ref_by = _autograd_scores(model, case.corrupted, metric, source, lambda a: a[None, :, :, None], (n_heads, n_pos))
+        for ours, ref in ((all_pos, ref_all), (by_pos, ref_by)):
+            assert torch.isfinite(ours).all()
+            assert_varies(ref, "score attribution")
+            assert_close(ours, ref)
+    # integrated gradients sets the scores (mask included) in the forward: one left step is plain attribution
+    ig = fa.get_attr_patch_ig(model, case.clean, case.corrupted, metric, "attn_head_scores_all_pos", 1, rule="left")
+    assert_close(ig, fa.get_attr_patch_attn_head_scores_all_pos(model, case.clean, case.corrupted, metric))

@@ -1,0 +1,99 @@
+"""direction="denoising" | "noising": each equals the argument swap it stands for.
+
+Exact sweeps (``fastpatch.patching.run_sweep``) against TransformerLens's own functions called with
+the swapped arguments; attribution (``direction=`` on every node function) against the same
+function with the two token arguments swapped.
+"""
+
+import pytest
+import torch
+import zoo
+from helpers import assert_close, assert_varies
+from transformer_lens import patching as tl
+
+from fastpatch import attribution as fa
+from fastpatch import patching as fp
+from fastpatch.sources import resample_ablation
+
+MODELS = ("gpt2", "neox", "llama")
+
+
+@pytest.fixture(scope="module", params=MODELS)
+def case(request):
+    case = zoo.Case.build(request.param)
+    with torch.no_grad():
+        _, case.corrupted_cache = case.model.run_with_cache(case.corrupted)
+    return case
+
+
+@pytest.fixture(scope="module")
+def expected(case):
+    """TransformerLens's head-out sweep with the arguments each direction stands for, and a noising
+    direct path (the patched run's own cache as ``corrupted_cache``)."""
+    model, metric, sweep = case.model, case.scalar, tl.get_act_patch_attn_head_out_all_pos
+    source = resample_ablation(model, case.corrupted, seed=1)
+    return {
+        "denoising": sweep(model, case.corrupted, case.clean_cache, metric),
+        "noising": sweep(model, case.clean, case.corrupted_cache, metric),
+        "source": (source, sweep(model, case.clean, source, metric)),
+        "path": tl.get_act_patch_direct_path(model, case.clean, case.corrupted_cache, case.clean_cache, metric, 0, 0,
+                                             verbose=False),
+    }
+
+
+@pytest.mark.parametrize("backend", ["hooks", "native"])
+def test_exact_directions_equal_transformer_lens_with_swapped_arguments(case, expected, backend):
+    model, metric = case.model, case.scalar
+    sweep = fp.get_act_patch_attn_head_out_all_pos
+    kw = dict(backend=backend, progress=False)
+    for direction in ("denoising", "noising"):
+        assert_varies(expected[direction], direction)
+        ours = fp.run_sweep(sweep, model, case.clean, case.corrupted, metric, direction=direction, **kw)
+        assert_close(ours, expected[direction])
+    assert not torch.allclose(expected["denoising"], expected["noising"])
+    # a source stands in for the run whose activations are patched in: noising the clean run with it
+    source, ref = expected["source"]
+    assert_close(fp.run_sweep(sweep, model, case.clean, None, metric, direction="noising", source=source, **kw), ref)
+    ours = fp.run_sweep(fp.get_act_patch_direct_path, model, case.clean, case.corrupted, metric, direction="noising",
+                        src_layer=0, src_head=0, verbose=False, backend=backend)
+    assert_varies(expected["path"][1:], "noising direct paths")
+    assert_close(ours, expected["path"])
+
+
+def test_attribution_noising_is_the_argument_swap(case):
+    model, metric = case.model, case.scalar
+    calls = {
+        "nodes": lambda a, b, **kw: fa.attribute_nodes(model, a, b, metric, ["resid_pre", "attn_head_q_by_pos"], **kw),
+    }
+    if case.name == "gpt2":  # the other methods resolve the direction the same way (passes.resolve_runs)
+        calls.update({
+            "ig": lambda a, b, **kw: fa.get_attr_patch_ig(model, a, b, metric, "attn_head_out_all_pos", 1, **kw),
+            "graddrop": lambda a, b, **kw: fa.get_attr_patch_graddrop(model, a, b, metric, "mlp_out", **kw),
+            "atpstar": lambda a, b, **kw: fa.get_attr_patch_attn_head_q_all_pos_atpstar(model, a, b, metric, **kw),
+        })
+    for name, call in calls.items():
+        swapped = call(case.corrupted, case.clean)
+        denoising = call(case.clean, case.corrupted, direction="denoising")
+        noising = call(case.clean, case.corrupted, direction="noising")
+        for key in swapped if isinstance(swapped, dict) else [None]:
+            pick = (lambda r: r[key]) if key is not None else (lambda r: r)
+            assert_varies(pick(swapped), f"{name} {key}")
+            assert_close(pick(noising), pick(swapped))
+            assert not torch.allclose(pick(noising), pick(denoising))
+    # the named node functions take direction= too
+    assert_close(fa.get_attr_patch_resid_pre(model, case.clean, case.corrupted, metric, direction="noising"),
+                 fa.get_attr_patch_resid_pre(model, case.corrupted, case.clean, metric))
+
+
+def test_bad_directions_are_refused(case):
+    model, metric = case.model, case.scalar
+    with pytest.raises(ValueError, match="direction must be one of"):
+        fa.get_attr_patch_resid_pre(model, case.clean, case.corrupted, metric, direction="forward")
+    with pytest.raises(ValueError, match="direction must be one of"):
+        fp.run_sweep(fp.get_act_patch_resid_pre, model, case.clean, case.corrupted, metric, direction="backward")
+    source = resample_ablation(model, case.corrupted)
+    with pytest.raises(ValueError, match="give corrupted_tokens or source=, not both"):
+        fp.run_sweep(fp.get_act_patch_resid_pre, model, case.clean, case.corrupted, metric, direction="noising",
+                     source=source)
+    with pytest.raises(ValueError, match="clean_tokens is None: with direction='noising' it is the run that is patched"):
+        fa.get_attr_patch_resid_pre(model, None, case.corrupted, metric, direction="noising")

@@ -1,0 +1,170 @@
+"""Ablation sources (fastpatch.sources): zero, mean and resample caches as the source of every
+exact sweep, direct path patching and attribution.
+
+References: the caches against the model's own ``run_with_cache`` (zeros, batch means, a
+permutation); exact sweeps and direct paths against TransformerLens's own functions called with
+the same cache; attribution against autograd through a per-cell interpolation hook.
+"""
+
+from functools import partial
+
+import pytest
+import torch
+import zoo
+from helpers import assert_close, assert_varies
+from transformer_lens import patching as tl
+
+from fastpatch import attribution as fa
+from fastpatch import patching as fp
+from fastpatch.sources import SourceCache, mean_ablation, resample_ablation, zero_ablation
+
+MODELS = ("gpt2", "neox", "llama")
+KINDS = ("zero", "mean", "resample")
+BACKENDS = ("hooks", "native")
+
+
+@pytest.fixture(scope="module", params=MODELS)
+def case(request):
+    return zoo.Case.build(request.param)
+
+
+@pytest.fixture(scope="module")
+def reference_tokens():
+    """Six reference prompts for the mean: more than the three patched ones (broadcast over the batch)."""
+    return torch.randint(0, zoo.VOCAB, (6, 5), generator=torch.Generator().manual_seed(7))
+
+
+@pytest.fixture(scope="module")
+def sources(case, reference_tokens):
+    model, batch = case.model, case.corrupted.shape[0]
+    return {
+        "zero": zero_ablation(model, case.clean),
+        "mean": mean_ablation(model, reference_tokens, batch=batch),
+        "resample": resample_ablation(model, case.clean, seed=1),
+    }
+
+
+def test_caches_hold_the_ablated_run(case, reference_tokens, sources):
+    model = case.model
+    with torch.no_grad():
+        _, ref = model.run_with_cache(reference_tokens)
+    batch = case.clean.shape[0]
+    perm = sources["resample"].permutation
+    assert sorted(perm.tolist()) == list(range(batch)) and perm.tolist() != list(range(batch))
+    per_all = mean_ablation(model, reference_tokens, per_position=False, batch=batch)
+    for name in ("blocks.1.hook_resid_pre", "blocks.0.attn.hook_z", "blocks.2.attn.hook_pattern"):
+        for kind in KINDS:
+            assert isinstance(sources[kind], SourceCache) and sources[kind].kind == kind
+            assert sources[kind][name].shape == case.clean_cache[name].shape
+        assert torch.equal(sources["zero"][name], torch.zeros_like(case.clean_cache[name]))
+        assert_close(sources["mean"][name], ref[name].mean(0, keepdim=True).expand(batch, *ref[name].shape[1:]))
+        assert torch.equal(sources["resample"][name], case.clean_cache[name][perm])
+    name = "blocks.1.hook_resid_pre"
+    assert_close(per_all[name], ref[name].mean((0, 1), keepdim=True).expand(batch, *ref[name].shape[1:]))
+    # attention: the mean stays per (dest, src) and zero scores keep the causal mask
+    assert_close(per_all["blocks.0.attn.hook_pattern"], sources["mean"]["blocks.0.attn.hook_pattern"])
+    scores = sources["zero"]["blocks.0.attn.hook_attn_scores"]
+    masked = torch.isneginf(case.clean_cache["blocks.0.attn.hook_attn_scores"])
+    assert masked.any() and torch.isneginf(scores[masked]).all() and (scores[~masked] == 0).all()
+
+
+# per kind, a sweep (activation name, setter, index axes): head outputs, the residual stream by position
+SWEEPS = {
+    "zero": ("z", tl.layer_head_vector_patch_setter, ["layer", "head"]),
+    "mean": ("resid_pre", tl.layer_pos_patch_setter, ["layer", "pos"]),
+    "resample": ("z", tl.layer_head_vector_patch_setter, ["layer", "head"]),
+}
+
+
+@pytest.mark.parametrize("kind", KINDS)
+def test_exact_sweeps_equal_transformer_lens_with_the_source(case, sources, kind):
+    source = sources[kind]
+    act, setter, axes = SWEEPS[kind]
+    ref = tl.generic_activation_patch(case.model, case.corrupted, source, case.per_example, setter, act, axes,
+                                      reduce="mean")
+    assert_varies(ref, f"{kind} {act}")
+    for backend in BACKENDS:
+        ours = fp.generic_activation_patch(
+            case.model, case.corrupted, source, case.per_example, setter, act, axes, reduce="mean", backend=backend,
+            progress=False,
+        )
+        assert_close(ours, ref)
+
+
+def test_direct_paths_equal_transformer_lens_with_the_source(case, sources):
+    kind = KINDS[MODELS.index(case.name)]  # one kind per model: the sweep test covers every pair
+    with torch.no_grad():
+        _, corrupted_cache = case.model.run_with_cache(case.corrupted)
+    args = (case.model, case.corrupted, sources[kind], corrupted_cache, case.scalar, 0, 1)
+    ref = tl.get_act_patch_direct_path(*args, component="q", verbose=False)
+    assert_varies(ref[1:], f"{kind} direct paths")
+    for backend in BACKENDS:
+        assert_close(fp.get_act_patch_direct_path(*args, component="q", verbose=False, backend=backend), ref)
+
+
+def _autograd_estimate(model, tokens, metric, source, act, broadcast):
+    """d metric / d alpha at alpha = 0 with each layer's ``act`` set to ``x + alpha * (source - x)``,
+    ``alpha`` one number per cell (``broadcast`` puts a layer's cell grid on the activation's axes)."""
+    names = [f"blocks.{layer}.{'attn.hook_z' if act == 'z' else 'hook_resid_pre'}" for layer in range(model.cfg.n_layers)]
+    first = source[names[0]]
+    grid = (first.shape[1],) if act == "resid_pre" else (first.shape[2],)
+    alpha = torch.zeros(len(names), *grid, requires_grad=True)
+
+    def interpolate(x, hook, layer):
+        return x + broadcast(alpha[layer]) * (source[names[layer]] - x).detach()
+
+    hooks = [(name, partial(interpolate, layer=layer)) for layer, name in enumerate(names)]
+    with torch.enable_grad():
+        logits = model.run_with_hooks(tokens, fwd_hooks=hooks)
+        (grad,) = torch.autograd.grad(metric(logits), alpha)
+    return grad
+
+
+@pytest.mark.parametrize("kind", KINDS)
+def test_attribution_with_the_source_equals_autograd(case, sources, kind):
+    source, model = sources[kind], case.model
+    resid = fa.get_attr_patch_resid_pre(model, None, case.corrupted, case.scalar, source=source)
+    heads = fa.get_attr_patch_attn_head_out_all_pos(model, None, case.corrupted, case.scalar, source=source)
+    ref_resid = _autograd_estimate(model, case.corrupted, case.scalar, source, "resid_pre", lambda a: a[None, :, None])
+    ref_heads = _autograd_estimate(model, case.corrupted, case.scalar, source, "z", lambda a: a[None, None, :, None])
+    for ours, ref in ((resid, ref_resid), (heads, ref_heads)):
+        assert_varies(ref, kind)
+        assert_close(ours, ref)
+
+
+def test_every_attribution_function_reads_a_source_like_a_clean_run():
+    """A plain clean cache given as ``source=`` gives the same estimate as the clean tokens (on GPT-2:
+    the plumbing, ``passes.resolve_runs`` / ``patch_values``, is the same for every model)."""
+    case = zoo.Case.build("gpt2")
+    model, metric = case.model, case.scalar
+    src = dict(source=case.clean_cache)
+    calls = {
+        "nodes": lambda c, **kw: fa.attribute_nodes(model, c, case.corrupted, metric, ["attn_head_v_all_pos"], **kw)[
+            "attn_head_v_all_pos"
+        ],
+        "ig": lambda c, **kw: fa.get_attr_patch_ig(model, c, case.corrupted, metric, "mlp_out", 1, **kw),
+        "graddrop": lambda c, **kw: fa.get_attr_patch_graddrop(model, c, case.corrupted, metric, **kw),
+        "atpstar": lambda c, **kw: fa.get_attr_patch_attn_head_k_all_pos_atpstar(model, c, case.corrupted, metric, **kw),
+    }
+    for name, call in calls.items():
+        ref = call(case.clean)
+        assert_varies(ref, name)
+        assert_close(call(None, **src), ref)
+
+
+def test_bad_sources_are_refused(case, sources):
+    model, metric = case.model, case.scalar
+    with pytest.raises(ValueError, match="give clean_tokens or source=, not both"):
+        fa.get_attr_patch_resid_pre(model, case.clean, case.corrupted, metric, source=sources["zero"])
+    with pytest.raises(ValueError, match="clean_tokens is None"):
+        fa.get_attr_patch_resid_pre(model, None, case.corrupted, metric)
+    partial = zero_ablation(model, case.clean, names_filter=lambda n: n.endswith("hook_z"))
+    with pytest.raises(ValueError, match="source has no activation 'blocks.0.hook_resid_pre'"):
+        fa.get_attr_patch_resid_pre(model, None, case.corrupted, metric, source=partial)
+    longer = zero_ablation(model, torch.zeros(3, 7, dtype=torch.long))
+    with pytest.raises(ValueError, match="different sequence length"):
+        fa.get_attr_patch_resid_pre(model, None, case.corrupted, metric, source=longer)
+    with pytest.raises(ValueError, match="clean_cache.*different sequence length"):
+        fp.get_act_patch_resid_pre(model, case.corrupted, longer, metric, progress=False)
+    with pytest.raises(ValueError, match="batch must be a positive integer"):
+        mean_ablation(model, case.clean, batch=0)
