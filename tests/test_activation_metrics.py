@@ -87,3 +87,35 @@ def test_per_cell_user_hooks_give_transformer_lens_numbers(hooked_case):
     assert_varies(ref[1:])
     assert_close(fp.get_act_patch_direct_path(*path_args, verbose=False, user_hooks="per_cell"), ref)
     assert fastpatch.hook_count(model) == 1
+
+
+# ---- drop-in gaps (issue 15, item 8) -----------------------------------------------------------
+def test_transformer_lens_type_aliases_are_reexported():
+    for name in ("Logits", "CorruptedActivation", "PatchedActivation", "AxisNames", "Reduce"):
+        assert getattr(fp, name) is getattr(tl, name), name
+        assert name in fp.__all__, name
+    assert "MetricFn" in fp.__all__
+
+
+def test_every_transformer_lens_setter_is_batched_with_its_values():
+    """Enumerated from TransformerLens's module, so a setter added there fails here until it is batched."""
+    from fastpatch.engine.setters import apply_batched, setter_axes
+
+    setters = {name: obj for name, obj in vars(tl).items() if name.endswith("_patch_setter") and callable(obj)}
+    assert len(setters) >= 6
+    g = torch.Generator().manual_seed(0)
+    batch, n_cells = 2, 5
+    for name, setter in setters.items():
+        axes = setter_axes(setter)
+        assert axes is not None, f"{name} is not recognised by fastpatch.engine.setters"
+        assert getattr(fp, name) is setter
+        # head-vector activations [batch, pos, head, d_head]; pattern-shaped ones [batch, head, dest, src]
+        shape = (batch, 3, 6, 6) if "pattern" in name else (batch, 6, 3, 4)
+        clean, corrupted = torch.randn(shape, generator=g), torch.randn(shape, generator=g)
+        indices = torch.stack([torch.randint(0, shape[a], (n_cells,), generator=g) for a in axes], dim=1)
+        ours = corrupted.repeat(n_cells, *([1] * (len(shape) - 1)))
+        apply_batched(ours.view(n_cells, *shape), axes, torch.arange(n_cells), indices, clean)
+        for c in range(n_cells):
+            expected = setter(corrupted.clone(), [0] + indices[c].tolist(), clean)
+            assert torch.equal(ours[c * batch : (c + 1) * batch], expected), (name, indices[c].tolist())
+            assert not torch.equal(expected, corrupted), name  # the patch changed something
