@@ -389,9 +389,28 @@ EXACT_EDGES: Callable[..., Any] = plain_loop_edges
 EXACT_EDGES_NAME = "bench.attribution_quality.plain_loop_edges (one hooked forward per edge)"
 
 
-def check_loop_against_direct_paths(
+def _agreement_check(ours: Sequence[float], theirs: Sequence[float], what: str) -> Dict[str, Any]:
+    """Max error of ``ours`` against ``theirs`` (float64); ``AssertionError`` above 1e-5 of the largest
+    ``|theirs|`` (fp32), or when ``theirs`` is all zero (nothing would have been compared)."""
+    ours_t, theirs_t = torch.tensor(ours, dtype=torch.float64), torch.tensor(theirs, dtype=torch.float64)
+    error, scale = float((ours_t - theirs_t).abs().max()), float(theirs_t.abs().max())
+    assert scale > 0 and error <= 1e-5 * scale, f"exact edges disagree with {what}: {error:.3g} (scale {scale:.3g})"
+    return {"edges_checked": len(ours), "max_abs_error": error, "max_abs_value": scale}
+
+
+def check_against_plain_loop(edges: Any, loop: Any) -> Dict[str, Any]:
+    """Every valid edge of ``edges`` against :func:`plain_loop_edges`' (same names and validity)."""
+    if edges.writer_names != loop.writer_names or edges.reader_names != loop.reader_names or \
+            not torch.equal(edges.valid.cpu(), loop.valid.cpu()):
+        raise AssertionError("the exact edges' layout differs from the plain loop's")
+    valid = loop.valid.cpu()
+    return _agreement_check(edges.scores.double().cpu()[valid].tolist(), loop.scores.double().cpu()[valid].tolist(),
+                            "the plain loop")
+
+
+def check_against_direct_paths(
     model: Any, clean_tokens: Tensor, corrupted_tokens: Tensor, metric: Callable[[Tensor], Tensor], edges: Any,
-) -> Dict[str, float]:
+) -> Dict[str, Any]:
     """The exact edges of every head writer against ``fastpatch.patching.get_act_patch_direct_path_all_sources``
     (TransformerLens's direct path patching, for Q/K/V; fastpatch's own for MLP inputs and logits),
     an independent computation of the same edges. Raises ``AssertionError`` if they differ by more
@@ -422,10 +441,7 @@ def check_loop_against_direct_paths(
                 for reader, value in cells:
                     ours.append(float(edges.scores[w, r_index[reader]]))
                     theirs.append(float(value) - baseline)
-    ours_t, theirs_t = torch.tensor(ours, dtype=torch.float64), torch.tensor(theirs, dtype=torch.float64)
-    error, scale = float((ours_t - theirs_t).abs().max()), float(theirs_t.abs().max())
-    assert scale > 0 and error <= 1e-5 * scale, f"exact edges disagree with direct path patching: {error:.3g} (scale {scale:.3g})"
-    return {"edges_checked": len(ours), "max_abs_error": error, "max_abs_value": scale}
+    return _agreement_check(ours, theirs, "direct path patching")
 
 
 @dataclass
@@ -551,10 +567,10 @@ def run_faithfulness(task: Task, ig_steps: int) -> Dict[str, Any]:
         print(f"  {task.name}: {component} done", flush=True)
 
     edges, t_exact = _timed(lambda: EXACT_EDGES(model, clean, corrupted, metric))
-    check = check_loop_against_direct_paths(model, clean, corrupted, metric, edges)
     exact, valid = edges.scores.detach().double().cpu(), edges.valid.cpu()
     row = {"component": "edges", "exact": EXACT_EDGES_NAME, "shape": list(exact.shape), "exact_seconds": t_exact,
-           "valid_edges": int(valid.sum()), "head_writer_edges_vs_direct_path_patching": check, "methods": {},
+           "valid_edges": int(valid.sum()), "methods": {},
+           "head_writer_edges_vs_direct_path_patching": check_against_direct_paths(model, clean, corrupted, metric, edges),
            "not_applicable": {"atp*": "AtP*'s QK fix is defined for query and key nodes, not for edges",
                               "graddrop": "GradDrop is a node method (fastpatch.attribution.get_attr_patch_graddrop)"}}
     for method, kwargs in (("attribution", {}), ("ig", {"ig_steps": ig_steps})):
@@ -566,6 +582,9 @@ def run_faithfulness(task: Task, ig_steps: int) -> Dict[str, Any]:
                                   "top_k_recall": top_k_recall(estimate.scores, exact, valid),
                                   "values": _rounded(estimate.scores)}
     row.update(writers=edges.writer_names, readers=edges.reader_names, exact_values=_rounded(exact))
+    if EXACT_EDGES is not plain_loop_edges:  # the batched exact edges, checked edge by edge against the plain loop
+        loop, row["plain_loop_seconds"] = _timed(lambda: plain_loop_edges(model, clean, corrupted, metric))
+        row["all_edges_vs_plain_loop"] = check_against_plain_loop(edges, loop)
     rows.append(row)
     print(f"  {task.name}: edges done", flush=True)
     return {"model": task.name, "config": task.description, "clean_metric": clean_metric,
@@ -637,7 +656,8 @@ def faithfulness_main(args: argparse.Namespace, command: str) -> Dict[str, Any]:
             },
             "edges": {
                 "exact": EXACT_EDGES_NAME,
-                "exact_note": "fastpatch.circuits.exact_edges had not landed; EXACT_EDGES in this script switches to it",
+                "exact_note": "fastpatch.circuits.exact_edges had not landed; EXACT_EDGES in this script switches to it"
+                if EXACT_EDGES is plain_loop_edges else "every edge checked against plain_loop_edges (all_edges_vs_plain_loop)",
                 "attribution": "fastpatch.attribution.get_attr_patch_edges (summed over positions)",
                 "ig": f"fastpatch.attribution.get_attr_patch_edges(..., ig_steps={args.ig_steps}) (EAP-IG)",
                 "check": "every head-writer edge equals fastpatch.patching.get_act_patch_direct_path_all_sources "
