@@ -24,11 +24,11 @@ def test_report_heatmaps_render_in_chromium(tmp_path):
         ("Residual stream", figures.layer_position_heatmap(resid, [f"tok{int(t)}" for t in case.corrupted[0]])),
         ("Top heads", analysis.top_k(heads, ("layer", "head"), k=3)),
     ])
-    browser = [CHROMIUM, "--headless", "--disable-gpu", "--no-sandbox", "--virtual-time-budget=10000"]
-    dom = subprocess.run(browser + ["--dump-dom", report.as_uri()], capture_output=True, text=True, timeout=180).stdout
+    # one browser run draws the page, dumps its DOM and takes a screenshot
+    shot = tmp_path / "report.png"
+    browser = [CHROMIUM, "--headless", "--disable-gpu", "--no-sandbox", "--virtual-time-budget=10000",
+               "--hide-scrollbars", f"--screenshot={shot}", "--window-size=1100,1400", "--dump-dom"]
+    dom = subprocess.run(browser + [report.as_uri()], capture_output=True, text=True, timeout=180).stdout
     assert dom.count('class="main-svg"') >= 2, "plotly did not draw the figures"
     assert dom.count("heatmaplayer") >= 2 and "tok" in dom
-    shot = tmp_path / "report.png"
-    subprocess.run(browser + ["--hide-scrollbars", f"--screenshot={shot}", "--window-size=1100,1400", report.as_uri()],
-                   capture_output=True, timeout=180)
     assert shot.stat().st_size > 20_000  # a blank page is a few kB; rendered heatmaps are far more
