@@ -192,6 +192,10 @@ class GreaterThanPrompts(NamedTuple):
     years: Int[Tensor, " batch"]  # YY of each clean prompt, 0..99
     year_position: int  # where YY sits (the only position where clean and corrupted differ)
 
+    def metric(self, per_prompt: bool = False) -> "GreaterThanProbDiff":
+        """The task's metric for these prompts (as ``fastpatch.datasets`` pairs give theirs)."""
+        return GreaterThanProbDiff(self.years, per_prompt=per_prompt)
+
 
 def greater_than_tokens(
     years: Int[Tensor, " batch"], before: int, after: int, generator: torch.Generator | None = None

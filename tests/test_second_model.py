@@ -64,7 +64,7 @@ def test_prompts_and_metric():
     loop = [sum(probs[b][GT_YEAR0 + y] * (1 if y > years[b] else -1) for y in range(GT_N_YEARS)) for b in range(16)]
     per_prompt = GreaterThanProbDiff(p.years, per_prompt=True)(logits)
     torch.testing.assert_close(per_prompt.double(), torch.tensor(loop, dtype=torch.float64), rtol=0, atol=1e-5)
-    assert float(GreaterThanProbDiff(p.years)(logits)) == pytest.approx(sum(loop) / 16, abs=1e-5)
+    assert float(p.metric()(logits)) == pytest.approx(sum(loop) / 16, abs=1e-5)
     with pytest.raises(ValueError, match="years"):
         GreaterThanProbDiff(torch.tensor([100]))
     with pytest.raises(ValueError, match="logits"):
