@@ -27,7 +27,7 @@ What is checked, and against what:
    alpha per reader, one backward for all.
 3. A writer's outgoing edges summed over readers equal its node attribution score
    (``fastpatch.attribution.attribute_nodes``): ``node_scores()``.
-4. Mask, names, ``top_edges``, refusals (GQA, training mode), hygiene.
+4. Mask, names, ``top_edges``, refusals (training mode), hygiene.
 5. Speed versus TransformerLens (printed, not asserted).
 """
 
@@ -220,10 +220,7 @@ def test_mask_names_and_top_edges(case, edges):
 
 
 def test_refusals_and_state():
-    model = zoo.llama()
-    clean, corrupted = zoo.prompt_pair()
-    with pytest.raises(ValueError, match="GQA"):
-        get_attr_patch_edges(model, clean, corrupted, _metric)
+    clean, corrupted = zoo.prompt_pair()  # grouped-query models are supported: tests/test_exact_edges.py
     model = zoo.gpt2()
     flags = model_flags(model)
     model.train()

@@ -26,7 +26,7 @@ head ``h``'s own copy of the residual gets ``J_ln1(x)^T (gamma * (dq_h @ W_Q[h]^
 gradient at ``hook_q`` (before rotary) and the corrupted residual ``x`` at ``ln1``'s input, without
 the fork (which not every attention bridge has). MLP and logits readers are one einsum each,
 ``[writers, batch, pos, d_model] x [readers, batch, pos, d_model] -> [writers, readers]``; the
-``3 * n_layers * n_heads`` Q/K/V readers go through :func:`fastpatch.ops.edge_scores.qkv_edge_scores`
+Q/K/V readers (``n_layers * (n_heads + 2 * n_key_value_heads)``) go through :func:`fastpatch.ops.edge_scores.qkv_edge_scores`
 (``backend``): the fused Triton kernel on CUDA in half precision, a row-chunked PyTorch contraction
 elsewhere (in fp32 it is predicted faster than the kernel, see ``docs/design-notes.md``), both
 with the analytic LayerNorm/RMSNorm VJP (checked against autograd through the model's own ``ln1``
@@ -55,8 +55,10 @@ since a write reaches the metric only through the readers after it, a writer's o
 scores summed over readers equal its node score (:meth:`EdgeScores.node_scores`, TransformerLens's
 ``node_scores`` of an edge sweep).
 
-Refused, like TransformerLens: grouped-/multi-query attention (K/V inputs shared across query
-heads) and models in training mode. The model is handed back with its hooks, flags and mode.
+Grouped-/multi-query attention (which TransformerLens refuses): a K/V input is shared by the
+query heads of its group, so the K/V readers are the K/V heads (``"L{l}KV{g}.k"``), whose input
+gradient is ``J_ln1(x)^T (dk_g @ W_K[g]^T)`` as for any head. Per-position edges: ``per_position``.
+Refused: models in training mode. The model is handed back with its hooks, flags and mode.
 """
 
 from __future__ import annotations
@@ -82,6 +84,7 @@ from fastpatch.attribution.passes import (
     ig_alphas,
     score_dtype,
 )
+from fastpatch.engine.edge_plan import edge_layout, valid_edges
 from fastpatch.engine.model_state import preserved_model_state
 from fastpatch.metrics import MetricFn
 from fastpatch.ops.edge_scores import norm_vjp, qkv_edge_scores
@@ -96,47 +99,63 @@ _NORM_KINDS = {"LN": "LN", "LNPre": "LN", "RMS": "RMS", "RMSPre": "RMS"}
 
 @dataclass
 class EdgeScores:
-    """Edge attribution scores ``[n_writers, n_readers]`` with their names and validity mask.
+    """Edge scores ``[n_writers, n_readers]`` (``[n_writers, n_readers, pos]`` per position) with
+    their names and validity mask ``[n_writers, n_readers]``.
 
     Writers: ``"embed"``, then per layer ``"L{l}H{h}"`` for every head and ``"MLP{l}"``.
-    Readers: per layer ``"L{l}H{h}.q"`` for every head, then ``.k``, then ``.v``, then
-    ``"MLP{l}.in"``; last ``"logits"``. ``scores`` is 0 wherever ``valid`` is ``False``.
+    Readers: per layer ``"L{l}H{h}.q"`` for every head, then ``.k``, then ``.v`` (on grouped-query
+    models one K/V reader per K/V head, ``"L{l}KV{g}.k"``), then ``"MLP{l}.in"``; last ``"logits"``
+    (``fastpatch.engine.edge_plan.edge_layout``). ``scores`` is 0 wherever ``valid`` is ``False``.
+    ``baseline``: the metric of the unpatched run the scores are changes of (exact edges; ``None``
+    for attribution).
     """
 
     scores: Tensor
     valid: Tensor
     writer_names: List[str]
     reader_names: List[str]
+    baseline: Optional[float] = None
+
+    @property
+    def per_position(self) -> bool:
+        return self.scores.ndim == 3
+
+    def _cells(self) -> Tuple[Tensor, ...]:
+        """Indices of every valid edge (and position), writer-major."""
+        valid = self.valid
+        if self.per_position:
+            valid = valid[:, :, None].expand_as(self.scores)
+        return torch.nonzero(valid, as_tuple=True)
+
+    def _frame(self, cells: Tuple[Tensor, ...], values: Tensor) -> pd.DataFrame:
+        columns = {
+            "writer": [self.writer_names[int(i)] for i in cells[0]],
+            "reader": [self.reader_names[int(i)] for i in cells[1]],
+        }
+        if self.per_position:
+            columns["pos"] = cells[2].tolist()
+        columns["score"] = values.tolist()
+        return pd.DataFrame(columns)
 
     def top_edges(self, k: int = 10) -> pd.DataFrame:
-        """The ``k`` valid edges with the largest ``|score|``: columns writer, reader, score."""
-        w, r = torch.nonzero(self.valid, as_tuple=True)
-        values = self.scores[w, r]
+        """The ``k`` valid edges with the largest ``|score|``: columns writer, reader (pos), score."""
+        cells = self._cells()
+        values = self.scores[cells]
         order = torch.argsort(values.abs(), descending=True, stable=True)[:k]
-        return pd.DataFrame(
-            {
-                "writer": [self.writer_names[int(i)] for i in w[order]],
-                "reader": [self.reader_names[int(i)] for i in r[order]],
-                "score": values[order].tolist(),
-            }
-        )
+        return self._frame(tuple(i[order] for i in cells), values[order])
 
     def node_scores(self) -> pd.Series:
         """Each writer's outgoing edge scores summed over readers (TransformerLens's ``node_scores``
-        of an edge sweep, summed over positions): its node attribution score, since a write reaches
-        the metric only through the readers after it, the logits reader carrying the direct path."""
-        return pd.Series(self.scores.sum(1).tolist(), index=self.writer_names, name="score")
+        of an edge sweep, summed over positions): for attribution its node attribution score, since
+        a write reaches the metric only through the readers after it, the logits reader carrying
+        the direct path."""
+        summed = self.scores.sum(tuple(range(1, self.scores.ndim)))
+        return pd.Series(summed.tolist(), index=self.writer_names, name="score")
 
     def to_frame(self) -> pd.DataFrame:
-        """Every valid edge: writer, reader, score."""
-        w, r = torch.nonzero(self.valid, as_tuple=True)
-        return pd.DataFrame(
-            {
-                "writer": [self.writer_names[int(i)] for i in w],
-                "reader": [self.reader_names[int(i)] for i in r],
-                "score": self.scores[w, r].tolist(),
-            }
-        )
+        """Every valid edge: writer, reader, (pos,) score."""
+        cells = self._cells()
+        return self._frame(cells, self.scores[cells])
 
 
 def _check(
@@ -149,12 +168,6 @@ def _check(
     tokens = dict(clean_tokens=clean_tokens, corrupted_tokens=corrupted_tokens)
     check_inputs(model, "get_attr_patch_edges()", "scalar", **tokens)
     cfg = model.cfg
-    kv = getattr(cfg, "n_key_value_heads", None)
-    if kv is not None and kv != cfg.n_heads:
-        raise ValueError(
-            f"n_key_value_heads={kv} for n_heads={cfg.n_heads} (GQA/MQA): K/V inputs are shared across "
-            "query heads, so a head's K/V reader is not its own; edge attribution is unsupported here"
-        )
     if backend == "triton" and getattr(cfg, "normalization_type", None) not in _NORM_KINDS:
         # refused before any pass; conventions are checked on the corrupted run's residual (_ln1_spec)
         raise ValueError(
@@ -163,53 +176,24 @@ def _check(
         )
 
 
-def _names(n_layers: int, n_heads: int) -> Tuple[List[str], List[str]]:
-    writers = ["embed"]
-    readers: List[str] = []
-    for l in range(n_layers):
-        writers += [f"L{l}H{h}" for h in range(n_heads)] + [f"MLP{l}"]
-        readers += [f"L{l}H{h}.{c}" for c in QKV for h in range(n_heads)] + [f"MLP{l}.in"]
-    return writers, readers + ["logits"]
-
-
-def _valid_mask(n_layers: int, n_heads: int, parallel: bool, device: torch.device) -> Tensor:
-    """``[n_writers, n_readers]``: the reader comes after the writer."""
-    # writer layer and kind: embed = (-1, attn-like), head (l, 0), mlp (l, 1)
-    w_layer, w_mlp = [-1], [False]
-    for l in range(n_layers):
-        w_layer += [l] * (n_heads + 1)
-        w_mlp += [False] * n_heads + [True]
-    r_layer, r_mlp = [], []
-    for l in range(n_layers):
-        r_layer += [l] * (3 * n_heads + 1)
-        r_mlp += [False] * (3 * n_heads) + [True]
-    r_layer.append(n_layers)  # logits: after everything
-    r_mlp.append(False)
-    wl, wm = torch.tensor(w_layer)[:, None], torch.tensor(w_mlp)[:, None]
-    rl, rm = torch.tensor(r_layer)[None], torch.tensor(r_mlp)[None]
-    strictly_later = rl > wl
-    # a head feeds its own block's MLP on sequential blocks (the MLP reads attention's output)
-    same_block_mlp = (rl == wl) & rm & ~wm & (wl >= 0) & (not parallel)
-    return (strictly_later | same_block_mlp).to(device)
-
-
-def _qkv_input_grads(model: Any, layer: int, resid: Tensor, grads: List[Tensor]) -> Tensor:
-    """``[3, n_heads, batch, pos, d_model]``: d metric / d (the pre-norm residual copy each head's
-    Q, K and V projection reads), from the gradients at ``hook_q/k/v`` ``[batch, pos, n_heads, d_head]``.
+def _qkv_input_grads(model: Any, layer: int, resid: Tensor, grads: List[Tensor]) -> Float[Tensor, "reader batch pos d_model"]:
+    """d metric / d (the pre-norm residual copy each Q/K/V reader's projection reads), from the
+    gradients at ``hook_q/k/v`` ``[batch, pos, heads, d_head]``: readers are the query heads, then
+    the K heads, then the V heads (K/V heads on grouped-query models).
 
     Head ``h``'s Q is ``ln1(x) @ W_Q[h] + b_Q[h]`` (rotary, if any, comes after ``hook_q``), so the
     gradient at its own copy of ``x`` is ``J_ln1(x)^T (dq_h @ W_Q[h]^T)``: the vector-Jacobian
-    product of the block's own ``ln1`` module, evaluated at the corrupted residual for all
-    ``3 * n_heads`` cotangents at once. This is the gradient TransformerLens's
-    ``use_split_qkv_input`` fork (``attn.hook_{q,k,v}_input``) reads, without the fork (which not
-    every attention bridge has) and without touching the model's flags.
+    product of the block's own ``ln1`` module, evaluated at the corrupted residual for every
+    reader's cotangent at once. This is the gradient TransformerLens's ``use_split_qkv_input`` fork
+    (``attn.hook_{q,k,v}_input``) reads, without the fork (which not every attention bridge has)
+    and without touching the model's flags.
     """
     attn, ln1 = model.blocks[layer].attn, model.blocks[layer].ln1
-    cot = torch.stack(
+    cot = torch.cat(
         [torch.einsum("bphe,hde->hbpd", g, W.detach().to(g.dtype)) for g, W in zip(grads, (attn.W_Q, attn.W_K, attn.W_V))]
-    )  # [3, H, b, p, d_model]
-    three, n_heads = cot.shape[:2]
-    x = resid.detach()[None].expand(three * n_heads, *resid.shape).reshape(-1, *resid.shape[1:]).requires_grad_(True)
+    )  # [readers, b, p, d_model]
+    n_readers = cot.shape[0]
+    x = resid.detach()[None].expand(n_readers, *resid.shape).reshape(-1, *resid.shape[1:]).requires_grad_(True)
     with torch.enable_grad():
         out = ln1(x)
         (gx,) = torch.autograd.grad(out, x, cot.reshape(out.shape).to(out.dtype))
@@ -338,55 +322,71 @@ def _embedding_ig_runs(
 
 
 class _EdgeContraction:
-    """One run's reader gradients -> ``[n_writers, n_readers]`` scores (before the validity mask),
-    against fixed clean-minus-corrupted ``writes``.
+    """One run's reader gradients -> ``[n_writers, n_readers]`` scores (``[n_writers, n_readers,
+    pos]`` with ``per_position``; before the validity mask), against fixed clean-minus-corrupted ``writes``.
 
     The Q/K/V readers' norm is settled once, at construction, on the corrupted run's ln1 inputs
     ``resid``: the analytic LayerNorm/RMSNorm VJP for :func:`qkv_edge_scores` where it matches
     autograd through the model's ``ln1`` (:func:`_ln1_spec`), else the VJP of ``ln1`` itself.
     """
 
-    def __init__(self, model: Any, hooks: _EdgeHooks, backend: str, writes: Tensor, resid: List[Tensor]):
+    def __init__(
+        self, model: Any, hooks: _EdgeHooks, backend: str, writes: Tensor, resid: List[Tensor], per_position: bool
+    ):
         self.model, self.hooks, self.backend, self.writes = model, hooks, backend, writes
+        self.per_position = per_position
         self.dtype = writes.dtype
-        self.n_layers, self.n_heads = int(model.cfg.n_layers), int(model.cfg.n_heads)
+        self.n_layers = int(model.cfg.n_layers)
         self.norm: Optional[Tuple[str, Tensor, float]] = None  # None: autograd through ln1
         if backend != "autograd":
             self.norm, reason = _ln1_spec(model, resid)
             if self.norm is None and backend == "triton":
                 raise ValueError(f"backend='triton' needs LayerNorm/RMSNorm pre-attention norms: {reason}")
 
-    def scores(self, grad: Dict[str, Tensor], record: Dict[str, Tensor]) -> Float[Tensor, "writer reader"]:
+    def scores(self, grad: Dict[str, Tensor], record: Dict[str, Tensor]) -> Float[Tensor, "writer reader *pos"]:
         """Scores from one run's reader gradients ``grad`` and its ln1 inputs in ``record``."""
-        s_qkv = self._qkv([record[n] for n in self.hooks.ln1], grad)  # [W, L, 3, H]
+        p = "p" if self.per_position else ""
+        s_qkv = self._qkv([record[n] for n in self.hooks.ln1], grad)  # [W, L, qkv readers, *pos]
         g_mlp = torch.stack([grad[n] for n in self.hooks.mlp]).to(self.dtype)
-        s_mlp = torch.einsum("wbpd,lbpd->wl", self.writes, g_mlp)  # [W, L]
-        s_logits = torch.einsum("wbpd,bpd->w", self.writes, grad["ln_final.hook_in"].to(self.dtype))  # [W]
-        return torch.cat([torch.cat([s_qkv.flatten(2), s_mlp[:, :, None]], dim=2).flatten(1), s_logits[:, None]], dim=1)
+        s_mlp = torch.einsum(f"wbpd,lbpd->wl{p}", self.writes, g_mlp)  # [W, L, *pos]
+        s_logits = torch.einsum(f"wbpd,bpd->w{p}", self.writes, grad["ln_final.hook_in"].to(self.dtype))  # [W, *pos]
+        return torch.cat([torch.cat([s_qkv, s_mlp[:, :, None]], dim=2).flatten(1, 2), s_logits[:, None]], dim=1)
 
-    def _qkv(self, resid: List[Tensor], grad: Dict[str, Tensor]) -> Float[Tensor, "writer layer 3 head"]:
-        model, dtype, n_layers, n_heads = self.model, self.dtype, self.n_layers, self.n_heads
+    def _qkv(self, resid: List[Tensor], grad: Dict[str, Tensor]) -> Float[Tensor, "writer layer reader *pos"]:
+        """Readers per layer: the query heads, then the K heads, then the V heads (K/V heads on
+        grouped-query models)."""
+        model, dtype, n_layers = self.model, self.dtype, self.n_layers
         per_layer = [[grad[f"blocks.{l}.attn.hook_{c}"] for c in QKV] for l in range(n_layers)]
         if self.norm is None:  # the VJP of the model's own ln1, via autograd
             g_qkv = torch.stack([_qkv_input_grads(model, l, resid[l], per_layer[l]) for l in range(n_layers)]).to(dtype)
-            return torch.einsum("wbpd,lchbpd->wlch", self.writes, g_qkv)  # g_qkv: [L, 3, H, b, p, d_model]
+            p = "p" if self.per_position else ""
+            return torch.einsum(f"wbpd,lrbpd->wlr{p}", self.writes, g_qkv)  # g_qkv: [L, readers, b, p, d_model]
         norm, gamma, eps = self.norm
-        n_w, b, p, d = self.writes.shape
-        g = torch.stack([torch.stack(gs) for gs in per_layer])  # [L, 3, b, p, H, d_head]
-        g = g.to(dtype).permute(0, 1, 4, 2, 3, 5).reshape(n_layers, 3 * n_heads, b * p, -1)  # [L, 3H, rows, d_head]
+        n_w, b, n_pos, d = self.writes.shape
+        # [L, readers, b, p, d_head]: each component's heads [b, p, heads, d_head] moved to the front
+        g = torch.stack([torch.cat([gc.movedim(2, 0) for gc in gs]) for gs in per_layer]).to(dtype)
         attn = [model.blocks[l].attn for l in range(n_layers)]
-        W = torch.stack([torch.stack([a.W_Q, a.W_K, a.W_V]) for a in attn]).detach().to(dtype)  # [L, 3, H, d, d_head]
-        x = torch.stack([r.to(dtype).reshape(b * p, d) for r in resid])  # [L, rows, d_model]
+        W = torch.stack([torch.cat([a.W_Q, a.W_K, a.W_V]) for a in attn]).detach().to(dtype)  # [L, readers, d, d_head]
+        x = torch.stack([r.to(dtype) for r in resid])  # [L, b, p, d_model]
         gamma = gamma.to(device=x.device, dtype=dtype)
-        s = qkv_edge_scores(
-            self.writes.reshape(n_w, b * p, d), g, W.flatten(1, 2), x, gamma, norm=norm, eps=eps, backend=self.backend
-        )  # [W, L, 3H]
-        return s.to(dtype).view(n_w, n_layers, 3, n_heads)
+
+        def contract(writes: Tensor, g: Tensor, x: Tensor) -> Tensor:  # rows flattened: [W, L, readers]
+            return qkv_edge_scores(
+                writes.reshape(n_w, -1, d), g.flatten(2, 3), W, x.flatten(1, 2), gamma, norm=norm, eps=eps,
+                backend=self.backend,
+            ).to(dtype)
+
+        if not self.per_position:
+            return contract(self.writes, g, x)
+        # one contraction per position: its rows are the prompts at that position
+        return torch.stack(
+            [contract(self.writes[:, :, i : i + 1], g[:, :, :, i : i + 1], x[:, :, i : i + 1]) for i in range(n_pos)], dim=-1
+        )
 
 
 def get_attr_patch_edges(
     model: Any, clean_tokens: Tokens, corrupted_tokens: Tokens, patching_metric: MetricFn,
-    *, backend: str = "auto", ig_steps: Optional[int] = None, rule: str = "midpoint",
+    *, backend: str = "auto", ig_steps: Optional[int] = None, rule: str = "midpoint", per_position: bool = False,
 ) -> EdgeScores:
     """First-order edge attribution of every writer -> reader edge (see the module docstring).
 
@@ -413,10 +413,20 @@ def get_attr_patch_edges(
     outgoing scores then sum to a midpoint-rule quadrature of ``metric(clean) - metric(corrupted)``
     (error ``O(1 / ig_steps^2)``). Cost: a clean and a corrupted forward, plus ``ig_steps``
     forward+backward passes.
+
+    ``per_position``: one edge per position ``p`` (the writer's write at ``p`` into the reader at
+    ``p``; scores ``[n_writers, n_readers, pos]``, TransformerLens's per-position edges, the PEAP
+    granularity); summed over positions they are the default scores. Positions where the prompts
+    agree have no write difference, so their scores are exactly 0.
+
+    Grouped-query models: each K/V reader is a K/V head (``"L{l}KV{g}.k"``), the input its
+    projection reads, shared by the query heads of its group (see ``fastpatch.engine.direct_path``).
     """
     _check(model, clean_tokens, corrupted_tokens, backend, ig_steps, rule)
+    if not isinstance(per_position, bool):
+        raise ValueError(f"per_position must be True or False, got {per_position!r}")
     cfg = model.cfg
-    n_layers, n_heads = int(cfg.n_layers), int(cfg.n_heads)
+    n_layers = int(cfg.n_layers)
     hooks = _EdgeHooks.of(n_layers)
     with preserved_model_state(model):
         if ig_steps is None:
@@ -432,11 +442,11 @@ def get_attr_patch_edges(
             clean = capture(model, clean_tokens, hooks.writers)
             runs = _embedding_ig_runs(model, corrupted_tokens, patching_metric, hooks, clean, corrupted, ig_steps, rule)
         resid = [corrupted[n] for n in hooks.ln1]
-        contraction = _EdgeContraction(model, hooks, backend, _writes(model, clean, corrupted), resid)
+        contraction = _EdgeContraction(model, hooks, backend, _writes(model, clean, corrupted), resid, per_position)
         # a score is linear in its run's reader gradients, so the runs' scores are averaged
         per_run = (contraction.scores(grad, record) for grad, record in runs)
         scores = functools.reduce(operator.add, per_run) / (ig_steps or 1)
-    valid = _valid_mask(n_layers, n_heads, bool(getattr(cfg, "parallel_attn_mlp", False)), scores.device)
-    scores = torch.where(valid, scores, torch.zeros_like(scores))
-    writer_names, reader_names = _names(n_layers, n_heads)
-    return EdgeScores(scores=scores, valid=valid, writer_names=writer_names, reader_names=reader_names)
+    layout = edge_layout(cfg)
+    valid = valid_edges(cfg, layout, scores.device)
+    scores = torch.where(valid if scores.ndim == 2 else valid[:, :, None], scores, torch.zeros_like(scores))
+    return EdgeScores(scores=scores, valid=valid, writer_names=layout.writer_names, reader_names=layout.reader_names)

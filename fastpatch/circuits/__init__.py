@@ -1,0 +1,11 @@
+"""Circuits: exact effects of every edge, the ground truth edge attribution is measured against.
+
+- :func:`~fastpatch.circuits.exact_edges.exact_edges`: the metric change from patching each
+  writer -> reader edge alone, every edge in one batched call, returned as the
+  :class:`~fastpatch.attribution.EdgeScores` that ``fastpatch.attribution.get_attr_patch_edges``
+  returns (same edge order, same ``top_edges`` / ``to_frame``).
+"""
+
+from fastpatch.circuits.exact_edges import DIRECTIONS, exact_edges
+
+__all__ = ["DIRECTIONS", "exact_edges"]
