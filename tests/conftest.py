@@ -7,6 +7,9 @@ import torch
 if not torch.cuda.is_available():
     os.environ.setdefault("TRITON_INTERPRET", "1")
 os.environ.setdefault("TQDM_DISABLE", "1")
+# The tests' tensors are tiny: one intra-op thread is faster than a thread pool's hand-offs, and far
+# faster on a busy machine, where every op otherwise waits for a second thread to be scheduled.
+torch.set_num_threads(1)
 
 import sys  # noqa: E402
 from pathlib import Path  # noqa: E402
