@@ -31,7 +31,7 @@ from __future__ import annotations
 
 import operator
 from dataclasses import dataclass
-from typing import Any, Callable, Dict, Optional, Sequence, Tuple, Union
+from typing import Any, Callable, Dict, Mapping, Optional, Sequence, Tuple, Union
 
 import torch
 from jaxtyping import Float, Int
@@ -41,6 +41,8 @@ from torch import Tensor
 # patching engine and the attribution package annotate with) and ``logit_reads`` (what a metric
 # declares it reads: a ``reads`` attribute and a ``from_selected`` method, as every metric here has).
 from fastpatch.engine.metric_set import MetricFn, logit_reads  # noqa: F401 (MetricFn: re-exported)
+
+Acts = Mapping[str, Tensor]  # hook name -> that activation of the patched run, batch first
 
 __all__ = [
     "LogitReads",
@@ -53,6 +55,10 @@ __all__ = [
     "SpanLoss",
     "KLDivergence",
     "NormalizedEffect",
+    "ActivationMetric",
+    "AttentionTo",
+    "NeuronValue",
+    "HeadDLA",
     "logit_reads",
 ]
 
@@ -596,3 +602,150 @@ class NormalizedEffect:
 
     def __repr__(self) -> str:
         return f"NormalizedEffect({self.metric!r}, per_prompt={self.per_prompt})"
+
+
+# ---- metrics on internal activations ------------------------------------------------------------
+class ActivationMetric:
+    """A metric that reads activations of the patched run as well as its logits.
+
+    ``fn(logits, acts)`` gets each cell's ``[batch, pos, d_vocab]`` logits and ``acts``, a mapping
+    from each of ``hook_names`` to that cell's ``[batch, ...]`` activation at the hook point (after
+    the cell's patch, as a caching hook added after the patching hook sees it), and returns a 0-d
+    value (``[batch]`` with ``per_prompt``). ``fastpatch.patching`` captures the named activations
+    of its batched forward and hands each cell its own rows (hook backend; the native backend
+    computes only the residual suffix, so a plan with such a metric runs on the hook backend).
+
+    Since TransformerLens passes a metric the logits alone, ``metric(logits)`` raises; use
+    ``metric.from_activations(logits, acts)`` with a cache of your own.
+    """
+
+    def __init__(
+        self,
+        hook_names: Sequence[str],
+        fn: Callable[[Float[Tensor, "batch pos d_vocab"], Acts], MetricValue],
+        per_prompt: bool = False,
+    ):
+        if isinstance(hook_names, str):
+            hook_names = [hook_names]
+        names = tuple(dict.fromkeys(hook_names))
+        if not names or not all(isinstance(n, str) and n for n in names):
+            raise ValueError(f"hook_names must be a non-empty sequence of hook point names, got {hook_names!r}")
+        if not callable(fn):
+            raise ValueError(f"fn must be callable as fn(logits, acts), got {type(fn).__name__}")
+        self.activation_reads = names
+        self.fn = fn
+        self.per_prompt = bool(per_prompt)
+
+    def from_activations(self, logits: Float[Tensor, "batch pos d_vocab"], acts: Acts) -> MetricValue:
+        """The metric of one run: ``fn(logits, acts)``, ``acts`` holding every name in ``activation_reads``."""
+        missing = [n for n in self.activation_reads if n not in acts]
+        if missing:
+            raise ValueError(f"{type(self).__name__} reads {missing}, which acts does not hold")
+        return self.fn(logits, {n: acts[n] for n in self.activation_reads})
+
+    def __call__(self, logits: Float[Tensor, "batch pos d_vocab"]) -> MetricValue:
+        raise ValueError(
+            f"{type(self).__name__} reads activations {list(self.activation_reads)} as well as the logits: pass it to "
+            "fastpatch.patching (which captures them per cell) or call from_activations(logits, acts)"
+        )
+
+    def __repr__(self) -> str:
+        return f"{type(self).__name__}({list(self.activation_reads)}, per_prompt={self.per_prompt})"
+
+
+def _reduce(values: Float[Tensor, "batch"], per_prompt: bool) -> MetricValue:
+    values = values.float()
+    return values if per_prompt else values.mean()
+
+
+class AttentionTo(ActivationMetric):
+    """Head ``(layer, head)``'s attention from position ``dest`` to position ``src``:
+    ``acts["blocks.{layer}.attn.hook_pattern"][:, head, dest, src]`` (the mean over prompts unless ``per_prompt``)."""
+
+    def __init__(self, layer: int, head: int, dest: int, src: int, per_prompt: bool = False):
+        layer, head, dest, src = (_as_position(v) for v in (layer, head, dest, src))
+        name = f"blocks.{layer}.attn.hook_pattern"
+        super().__init__([name], lambda logits, acts: _reduce(acts[name][:, head, dest, src], per_prompt), per_prompt)
+        self.layer, self.head, self.dest, self.src = layer, head, dest, src
+
+    def __repr__(self) -> str:
+        return f"AttentionTo(layer={self.layer}, head={self.head}, dest={self.dest}, src={self.src}, per_prompt={self.per_prompt})"
+
+
+class NeuronValue(ActivationMetric):
+    """MLP neuron ``(layer, neuron)``'s activation at ``position``:
+    ``acts["blocks.{layer}.mlp.hook_post"][:, position, neuron]`` (the mean over prompts unless ``per_prompt``)."""
+
+    def __init__(self, layer: int, neuron: int, position: int = -1, per_prompt: bool = False):
+        layer, neuron, position = (_as_position(v) for v in (layer, neuron, position))
+        name = f"blocks.{layer}.mlp.hook_post"
+        super().__init__([name], lambda logits, acts: _reduce(acts[name][:, position, neuron], per_prompt), per_prompt)
+        self.layer, self.neuron, self.position = layer, neuron, position
+
+    def __repr__(self) -> str:
+        return f"NeuronValue(layer={self.layer}, neuron={self.neuron}, position={self.position}, per_prompt={self.per_prompt})"
+
+
+class HeadDLA(ActivationMetric):
+    """Head ``(layer, head)``'s direct logit attribution to ``answer - wrong`` at ``position``.
+
+    ``value[b] = (z[b, position, head] @ W_O[layer, head])' . (w * (W_U[:, answer[b]] - W_U[:, wrong[b]])) / scale[b]``:
+    the head's write through the final norm linearised at the patched run's residual (``'``: centred
+    for a LayerNorm, as is ``scale = sqrt(var + eps)``; ``scale = sqrt(mean square + eps)`` for an
+    RMSNorm; ``w`` the norm's weight), so the heads' values and the other components' sum to the
+    logit difference up to the norm's bias. Reads ``blocks.{layer}.attn.hook_z`` and ``ln_final.hook_in``.
+
+    Args:
+        model: the model (its ``W_O``, ``W_U``, final norm weight and ``cfg.eps`` are read once).
+        layer, head: the head.
+        answer_tokens, wrong_tokens: ``[batch]`` token ids (``wrong_tokens=None``: the answer's logit alone).
+        position: the sequence position read (default ``-1``).
+        per_prompt: return ``[batch]`` instead of the mean over prompts.
+    """
+
+    def __init__(
+        self,
+        model: Any,
+        layer: int,
+        head: int,
+        answer_tokens: Int[Tensor, "batch"],
+        wrong_tokens: Optional[Int[Tensor, "batch"]] = None,
+        position: int = -1,
+        per_prompt: bool = False,
+    ):
+        layer, head, position = (_as_position(v) for v in (layer, head, position))
+        cfg = model.cfg
+        if not (0 <= layer < cfg.n_layers and 0 <= head < cfg.n_heads):
+            raise ValueError(f"head ({layer}, {head}) is out of range for {cfg.n_layers} layers of {cfg.n_heads} heads")
+        norm = getattr(cfg, "normalization_type", None)
+        if norm not in ("LN", "RMS"):
+            raise ValueError(f"HeadDLA needs a LayerNorm or RMSNorm final norm, the model has {norm!r}")
+        answer = _token_ids(answer_tokens, "answer_tokens")[:, 0]
+        with torch.no_grad():
+            W_U = model.W_U.detach().float()
+            direction = W_U[:, answer].T  # [batch, d_model]
+            if wrong_tokens is not None:
+                wrong = _token_ids(wrong_tokens, "wrong_tokens", batch=answer.shape[0])[:, 0]
+                direction = direction - W_U[:, wrong].T
+            weight = getattr(model.ln_final, "w", None)
+            if weight is None:
+                weight = model.ln_final.original_component.weight
+            direction = direction * weight.detach().float()
+            W_O = model.W_O[layer, head].detach().float()  # [d_head, d_model]
+        centred, eps = norm == "LN", float(cfg.eps)
+        z_name, resid_name = f"blocks.{layer}.attn.hook_z", "ln_final.hook_in"
+
+        def dla(logits: Tensor, acts: Acts) -> MetricValue:
+            write = acts[z_name][:, position, head].float() @ W_O.to(logits.device)
+            resid = acts[resid_name][:, position].float()
+            if centred:
+                write = write - write.mean(-1, keepdim=True)
+                resid = resid - resid.mean(-1, keepdim=True)
+            scale = (resid.pow(2).mean(-1) + eps).sqrt()
+            return _reduce((write * direction.to(write.device)).sum(-1) / scale, per_prompt)
+
+        super().__init__([z_name, resid_name], dla, per_prompt)
+        self.layer, self.head, self.position = layer, head, position
+
+    def __repr__(self) -> str:
+        return f"HeadDLA(layer={self.layer}, head={self.head}, position={self.position}, per_prompt={self.per_prompt})"

@@ -1,4 +1,4 @@
-"""Metrics that read internal activations.
+"""Metrics that read internal activations (issue 15, item 1), and TransformerLens drop-in gaps (item 8).
 
 A metric that reads an activation through a hook the caller put on the model gave silently wrong
 numbers (issue 15: a batched forward calls the hook on many cells' rows at once, the native
@@ -15,10 +15,12 @@ import torch
 import zoo
 from helpers import assert_close, assert_varies
 from transformer_lens import patching as tl
+from transformer_lens.utilities import get_act_name
 
 import fastpatch
 from fastpatch import attribution as fa
 from fastpatch import patching as fp
+from fastpatch.metrics import ActivationMetric, AttentionTo, HeadDLA, LogitDiff, NeuronValue
 
 ZOO_MODELS = ("gpt2", "neox", "llama")
 
@@ -87,6 +89,111 @@ def test_per_cell_user_hooks_give_transformer_lens_numbers(hooked_case):
     assert_varies(ref[1:])
     assert_close(fp.get_act_patch_direct_path(*path_args, verbose=False, user_hooks="per_cell"), ref)
     assert fastpatch.hook_count(model) == 1
+
+
+# ---- ActivationMetric and the stock ones ---------------------------------------------------------
+@pytest.fixture(scope="module", params=ZOO_MODELS)
+def case(request):
+    return zoo.Case.build(request.param)
+
+
+def _activation_metrics(case):
+    model, cfg = case.model, case.model.cfg
+    answer, wrong = case.clean[:, -1], case.corrupted[:, -1]
+    last = cfg.n_layers - 1
+    resid = f"blocks.{last - 1}.hook_resid_post"
+    return {
+        "attention": AttentionTo(last, 0, 4, 1, per_prompt=True),
+        "neuron": NeuronValue(last, 5, per_prompt=True),
+        "dla": HeadDLA(model, last, 1, answer, wrong, per_prompt=True),
+        "custom": ActivationMetric(  # an activation and the logits together
+            [resid, f"blocks.{last}.attn.hook_pattern"],
+            lambda logits, acts: acts[resid][:, -1, :4].sum(-1) + logits[:, -1].log_softmax(-1)[:, 0],
+            per_prompt=True,
+        ),
+        "logit_diff": LogitDiff(answer, wrong, per_prompt=True),  # a logit metric beside them
+    }
+
+
+def _value(metric, logits, acts):
+    return metric.from_activations(logits, acts) if hasattr(metric, "from_activations") else metric(logits)
+
+
+def _tl_loop(case, metrics, activation_name, setter, cells):
+    """TransformerLens's loop: one forward per cell, its patch hook then caching hooks for the metrics."""
+    model, out = case.model, []
+    reads = list(dict.fromkeys(n for m in metrics.values() for n in getattr(m, "activation_reads", ())))
+    for index in cells.to_numpy().tolist():
+        name = get_act_name(activation_name, index[0])
+        acts = {}
+        hooks = [(name, lambda act, hook, index=index, name=name: setter(act.clone(), index, case.clean_cache[name]))]
+        hooks += [(n, lambda act, hook, n=n: acts.__setitem__(n, act.detach())) for n in reads]
+        with torch.no_grad():
+            logits = model.run_with_hooks(case.corrupted, fwd_hooks=hooks)
+        out.append(torch.stack([_value(m, logits, acts) for m in metrics.values()]))
+    return torch.stack(out, dim=1)  # [n_metrics, n_cells, batch]
+
+
+def test_activation_metrics_equal_a_transformer_lens_loop_with_caching_hooks(case):
+    metrics = _activation_metrics(case)
+    model, args = case.model, (case.model, case.corrupted, case.clean_cache, metrics)
+    heads = pd.DataFrame({"layer": [0, 1, 1, 2], "head": [0, 0, 2, 1]})
+    resid = pd.DataFrame({"layer": [0, 1, 2], "pos": [3, 2, 4]})  # patches of the very activations some metrics read
+    for activation_name, setter, cells in (("z", tl.layer_head_vector_patch_setter, heads),
+                                           ("resid_pre", tl.layer_pos_patch_setter, resid)):
+        ref = _tl_loop(case, metrics, activation_name, setter, cells)
+        for i, name in enumerate(metrics):
+            assert_varies(ref[i], f"{case.name} {activation_name} {name}")
+        ours = fp.generic_activation_patch(*args, setter, activation_name, index_df=cells, reduce="none",
+                                           baseline=True, progress=False, chunk_size=2)
+        assert_close(ours.values, ref)
+        assert fastpatch.last_run_stats()["backend"] == "hooks"  # chosen for activation metrics, with a reason
+    with torch.no_grad():
+        logits, cache = model.run_with_cache(case.corrupted)
+    assert_close(ours.baseline, torch.stack([_value(m, logits, cache) for m in metrics.values()]))
+    with pytest.raises(ValueError, match="the native backend does not compute"):
+        fp.generic_activation_patch(*args, tl.layer_pos_patch_setter, "resid_pre", index_df=resid, progress=False,
+                                    backend="native")
+    assert fastpatch.hook_count(model) == 0
+
+
+def test_head_dla_equals_transformer_lens_cache_decomposition(case):
+    """HeadDLA against TransformerLens's own stack_head_results + apply_ln_to_stack on the same run."""
+    model, cfg = case.model, case.model.cfg
+    answer, wrong = case.clean[:, -1], case.corrupted[:, -1]
+    with torch.no_grad():
+        logits, cache = model.run_with_cache(case.corrupted)
+        stack = cache.apply_ln_to_stack(cache.stack_head_results(layer=-1, pos_slice=-1), layer=-1, pos_slice=-1)
+        direction = (model.W_U[:, answer] - model.W_U[:, wrong]).T * model.ln_final.w
+        ref = (stack * direction).sum(-1)  # [layer * head, batch]
+    ours = torch.stack([HeadDLA(model, layer, head, answer, wrong, per_prompt=True).from_activations(logits, cache)
+                        for layer in range(cfg.n_layers) for head in range(cfg.n_heads)])
+    assert_close(ours, ref)
+    assert_varies(ref)
+
+
+def test_activation_metric_refusals(case):
+    model = case.model
+    metric = NeuronValue(1, 3)
+    with pytest.raises(ValueError, match="pass it to fastpatch.patching"):
+        metric(torch.zeros(3, 5, 7))
+    with pytest.raises(ValueError, match="which acts does not hold"):
+        metric.from_activations(torch.zeros(3, 5, 7), {})
+    with pytest.raises(ValueError, match="hook_names must be"):
+        ActivationMetric([], lambda logits, acts: logits.sum())
+    with pytest.raises(ValueError, match="out of range"):
+        HeadDLA(model, model.cfg.n_layers, 0, case.clean[:, -1])
+    args = (model, case.corrupted, case.clean_cache)
+    bogus = ActivationMetric(["blocks.0.hook_nothing"], lambda logits, acts: logits.sum())
+    with pytest.raises(ValueError, match="not hook points of this model"):
+        fp.get_act_patch_resid_pre(*args, bogus, progress=False)
+    with torch.no_grad():
+        _, corrupted_cache = model.run_with_cache(case.corrupted)
+    with pytest.raises(ValueError, match="not supported for this kind of plan"):
+        fp.get_act_patch_direct_path(*args[:3], corrupted_cache, metric, 0, 0, "q", verbose=False)
+    with pytest.raises(ValueError, match="pass it to fastpatch.patching"):
+        fa.get_attr_patch_attn_head_out_all_pos(model, case.clean, case.corrupted, metric)
+    assert fastpatch.hook_count(model) == 0
 
 
 # ---- drop-in gaps (issue 15, item 8) -----------------------------------------------------------

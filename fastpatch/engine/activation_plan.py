@@ -8,7 +8,7 @@ cell where its patch first changes the residual (``native.backend``).
 
 from __future__ import annotations
 
-from typing import Any, Dict, List, Mapping, Optional, Sequence
+from typing import Any, Callable, Dict, List, Mapping, Optional, Sequence, Tuple
 
 from torch import Tensor
 
@@ -40,8 +40,10 @@ class ActivationPlan(PatchPlan):
         hook_shapes = None if engine is None else engine.trace.hook_shapes
         self._clean = clean_activations_for(self.model, self.tokens, self.clean_cache, self.sweeps, hook_shapes)
 
-    def patched_logits(self, cells: Sequence[CellLocation]) -> Tensor:
-        return hooks_backend.patched_logits(self.model, self.tokens, self.sweeps, cells, self._clean)
+    captures_activations = True
+
+    def patched_logits(self, cells: Sequence[CellLocation], capture: Sequence[Tuple[str, Callable]] = ()) -> Tensor:
+        return hooks_backend.patched_logits(self.model, self.tokens, self.sweeps, cells, self._clean, capture)
 
     def native_work(self, engine: NativeEngine, cells: Sequence[CellLocation]) -> NativeWork:
         native, trace = engine

@@ -9,7 +9,7 @@ values. It also leaves the model as it found it and computes the corrupted basel
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Any, NamedTuple, Optional
+from typing import Any, List, NamedTuple, Optional
 
 import torch
 from jaxtyping import Float
@@ -20,7 +20,7 @@ from fastpatch.engine import stats as run_stats
 from fastpatch.engine.backend_choice import select_backend
 from fastpatch.engine.chunks import ChunkBudget, forward_bytes_per_row
 from fastpatch.engine.distributed import gather, my_cells, shard
-from fastpatch.engine.hooks_driver import run_hooks_cells
+from fastpatch.engine.hooks_driver import capture_hooks, run_hooks_cells
 from fastpatch.engine.metric_set import MetricSet
 from fastpatch.engine.model_state import preserved_model_state, refuse_user_hooks
 from fastpatch.engine.native_driver import run_native_cells
@@ -58,6 +58,28 @@ def model_device(model: Any, tokens: Tensor) -> torch.device:
     return torch.device(device) if device is not None else tokens.device
 
 
+def _check_activation_reads(model: Any, plan: PatchPlan, names: List[str]) -> Optional[str]:
+    """For metrics that read activations: refuse unknown hook names and plans that cannot capture them;
+    the reason the native backend cannot run them (``None`` when no metric reads activations)."""
+    if not names:
+        return None
+    missing = [n for n in names if n not in (getattr(model, "hook_dict", {}) or {})]
+    if missing:
+        raise ValueError(f"a metric reads activations at {missing}, which are not hook points of this model")
+    if not plan.captures_activations:
+        raise ValueError(f"{plan.label}: metrics that read activations ({names}) are not supported for this kind of plan yet")
+    # The native forward recomputes only each cell's residual suffix; the activations it does not
+    # compute would have to be stitched from the corrupted run, so the hook backend runs these plans.
+    return f"metrics read internal activations {names}, which the native backend does not compute; use the hook backend"
+
+
+def _baseline(model: Any, tokens: Tensor, metrics: MetricSet) -> Tensor:
+    """The metrics on the unpatched corrupted run (with its activations for metrics that read them)."""
+    capture, acts = capture_hooks(metrics.activation_names)
+    logits = model.run_with_hooks(tokens, fwd_hooks=capture)
+    return metrics.evaluate(logits, acts if capture else None)
+
+
 def run_plan(
     model: Any, tokens: Tensor, plan: PatchPlan, metrics: MetricSet, options: RunOptions, *, baseline: bool = False
 ) -> PlanValues:
@@ -75,14 +97,15 @@ def run_plan(
         raise ValueError(f"user_hooks='per_cell' needs the hook backend, but {plan.needs_native}")
     if not per_cell:
         refuse_user_hooks(model, plan.label, PER_CELL_REMEDY)
+    native_unsupported = plan.native_unsupported or _check_activation_reads(model, plan, metrics.activation_names)
     device = model_device(model, tokens)
     budget = ChunkBudget.from_options(options.chunk_size, options.memory_budget, device)
     rank_world = shard(options.distributed)
     batch, n_pos = tokens.shape
     dtype_bytes = torch.finfo(getattr(model.cfg, "dtype", torch.float32) or torch.float32).bits // 8
     with preserved_model_state(model), torch.no_grad():
-        baseline_values = metrics.evaluate(model.run_with_hooks(tokens, fwd_hooks=[])) if baseline else None
-        engine = None if per_cell else select_backend(model, tokens, options.backend, plan.native_unsupported)
+        baseline_values = _baseline(model, tokens, metrics) if baseline else None
+        engine = None if per_cell else select_backend(model, tokens, options.backend, native_unsupported)
         if engine is None and plan.needs_native is not None:
             raise ValueError(plan.needs_native)
         plan.prepare(engine)

@@ -75,6 +75,7 @@ def patched_logits(
     sweeps: List[Sweep],
     locations: Sequence[CellLocation],
     clean_activations: Mapping[str, torch.Tensor],
+    capture: Sequence[Tuple[str, Callable]] = (),
 ) -> torch.Tensor:
     """Logits ``[len(locations) * batch, pos, d_vocab]`` of one forward with each cell's patch in its own rows."""
     batch = tokens.shape[0]
@@ -84,4 +85,5 @@ def patched_logits(
         for name, work in _group_by_hook(sweeps, locations).items()
     ]
     stacked = tokens.repeat(n_cells, 1)
-    return model.run_with_hooks(stacked, fwd_hooks=hooks)
+    # ``capture`` (hooks that read activations for the metrics) after the patches, so they see patched values
+    return model.run_with_hooks(stacked, fwd_hooks=hooks + list(capture))

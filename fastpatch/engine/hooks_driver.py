@@ -7,7 +7,7 @@ slice, exactly the tensor TransformerLens would pass them.
 
 from __future__ import annotations
 
-from typing import Any, Sequence
+from typing import Any, Callable, Dict, List, Sequence, Tuple
 
 from torch import Tensor
 
@@ -17,14 +17,36 @@ from fastpatch.engine.oom import run_with_oom_retry
 from fastpatch.engine.plan import PatchPlan
 
 
+def capture_hooks(names: Sequence[str]) -> Tuple[List[Tuple[str, Callable]], Dict[str, Tensor]]:
+    """Hooks that keep the activation at each of ``names`` (the last forward's) in the returned dict."""
+    acts: Dict[str, Tensor] = {}
+
+    def keeper(name: str) -> Callable:
+        def keep(activation: Tensor, hook: Any) -> None:
+            acts[name] = activation.detach()
+
+        return keep
+
+    return [(name, keeper(name)) for name in names], acts
+
+
 def run_hooks_cells(
     plan: PatchPlan, cells: Sequence[Any], metrics: MetricSet, values: Tensor, per_chunk: int, bar: Any
 ) -> None:
-    """Write every cell's ``[n_metrics, batch?]`` values into ``values[i]`` (``i``: its place in ``cells``)."""
+    """Write every cell's ``[n_metrics, batch?]`` values into ``values[i]`` (``i``: its place in ``cells``).
+
+    Metrics that read activations get each cell's rows of the activations captured in its chunk's forward.
+    """
+    names = metrics.activation_names
+    capture, acts = capture_hooks(names)
 
     def run(chunk: Chunk) -> None:
-        logits = plan.patched_logits(cells[chunk.start : chunk.stop])
-        values[chunk.start : chunk.stop] = metrics.evaluate_cells(logits)
+        if names:
+            acts.clear()
+            logits = plan.patched_logits(cells[chunk.start : chunk.stop], capture=capture)
+            values[chunk.start : chunk.stop] = metrics.evaluate_cells(logits, dict(acts))
+        else:
+            values[chunk.start : chunk.stop] = metrics.evaluate_cells(plan.patched_logits(cells[chunk.start : chunk.stop]))
         bar.update(len(chunk))
 
     with plan.hooks_context():

@@ -6,8 +6,11 @@ may also declare what it reads (:func:`logit_reads`): a ``reads`` attribute with
 vocabulary row), and a ``from_selected`` method that computes the metric from those logits
 alone (``[batch, k]``, or ``[batch, d_vocab]``). A metric that reads several positions declares
 ``positions`` (a tuple) and ``position = None``, and its ``from_selected`` takes the rows of every
-position stacked in that order, ``[batch, n_positions, k or d_vocab]``. ``fastpatch.metrics``
-implements that protocol; the engine never imports it.
+position stacked in that order, ``[batch, n_positions, k or d_vocab]``. A metric that reads
+activations of the patched run declares ``activation_reads`` (hook names) and computes
+``from_activations(logits, acts)``; the hook backend captures those activations per cell
+(:func:`activation_reads`). ``fastpatch.metrics`` implements that protocol; the engine never
+imports it.
 """
 
 from __future__ import annotations
@@ -32,6 +35,14 @@ def logit_reads(metric: Any) -> Optional[Any]:
     if reads is None or not callable(getattr(metric, "from_selected", None)):
         return None
     return reads
+
+
+def activation_reads(metric: Any) -> Tuple[str, ...]:
+    """The hook names whose activations ``metric`` reads (``()`` for a metric of the logits alone)."""
+    names = getattr(metric, "activation_reads", None)
+    if not names or not callable(getattr(metric, "from_activations", None)):
+        return ()
+    return tuple(names)
 
 
 def read_positions(reads: Any) -> Tuple[int, ...]:
@@ -68,6 +79,11 @@ class MetricSet:
         """Shape of one cell's values: ``[n_metrics, batch?]``."""
         return (len(self.metrics),) + ((self.batch,) if self.per_example else ())
 
+    @property
+    def activation_names(self) -> List[str]:
+        """Every hook name some metric reads activations of, in first-use order."""
+        return list(dict.fromkeys(n for fn in self.metrics.values() for n in activation_reads(fn)))
+
     def common_reads(self) -> Optional[list]:
         """Each metric's declared reads when every metric declares them (at any positions), else ``None``."""
         reads = [logit_reads(fn) for fn in self.metrics.values()]
@@ -84,11 +100,28 @@ class MetricSet:
             [self._checked(name, fn.from_selected(sel), sel.device) for (name, fn), sel in zip(self.metrics.items(), selections)]
         )
 
-    def evaluate(self, logits: Float[Tensor, "batch pos d_vocab"]) -> Float[Tensor, "n_metrics ..."]:
-        """Every metric on one cell's logits, stacked to ``[n_metrics, batch?]``."""
-        return torch.stack([self._checked(name, fn(logits), logits.device) for name, fn in self.metrics.items()])
+    def _value(self, fn: Any, logits: Tensor, acts: Optional[Mapping[str, Tensor]]) -> Any:
+        if not activation_reads(fn):
+            return fn(logits)
+        if acts is None:
+            raise ValueError("this backend cannot capture the activations a metric reads")  # a plan bug, not bad input
+        return fn.from_activations(logits, acts)
 
-    def evaluate_cells(self, logits: Float[Tensor, "cells_x_batch pos d_vocab"]) -> Float[Tensor, "cells n_metrics ..."]:
-        """Every metric on each cell's ``[batch]`` row block of a stacked forward's logits."""
-        n_cells = logits.shape[0] // self.batch
-        return torch.stack([self.evaluate(logits[c * self.batch : (c + 1) * self.batch]) for c in range(n_cells)])
+    def evaluate(
+        self, logits: Float[Tensor, "batch pos d_vocab"], acts: Optional[Mapping[str, Tensor]] = None
+    ) -> Float[Tensor, "n_metrics ..."]:
+        """Every metric on one cell's logits (and ``acts``: its activations, for metrics that read them),
+        stacked to ``[n_metrics, batch?]``."""
+        return torch.stack(
+            [self._checked(name, self._value(fn, logits, acts), logits.device) for name, fn in self.metrics.items()]
+        )
+
+    def evaluate_cells(
+        self, logits: Float[Tensor, "cells_x_batch pos d_vocab"], acts: Optional[Mapping[str, Tensor]] = None
+    ) -> Float[Tensor, "cells n_metrics ..."]:
+        """Every metric on each cell's ``[batch]`` row block of a stacked forward's logits (and activations)."""
+        n_cells, b = logits.shape[0] // self.batch, self.batch
+        return torch.stack([
+            self.evaluate(logits[c * b : (c + 1) * b], None if acts is None else {n: a[c * b : (c + 1) * b] for n, a in acts.items()})
+            for c in range(n_cells)
+        ])

@@ -134,6 +134,8 @@ class PatchPlan(ABC):
     native_unsupported: Optional[str] = None
     #: why only the native backend can run this plan (``None``: the hook backend can too)
     needs_native: Optional[str] = None
+    #: whether ``patched_logits`` takes ``capture`` hooks (for metrics that read activations)
+    captures_activations: bool = False
 
     @property
     @abstractmethod
@@ -152,7 +154,8 @@ class PatchPlan(ABC):
     @abstractmethod
     def patched_logits(self, cells: Sequence[Any]) -> torch.Tensor:
         """Hook backend: logits ``[len(cells) * batch, pos, d_vocab]`` of one forward with each
-        cell's patch in its own ``batch`` rows."""
+        cell's patch in its own ``batch`` rows. A plan with ``captures_activations`` also takes
+        ``capture``: ``(hook name, hook)`` pairs run after its patches in that forward."""
 
     @abstractmethod
     def native_work(self, engine: NativeEngine, cells: Sequence[Any]) -> NativeWork:
