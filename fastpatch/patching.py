@@ -425,8 +425,9 @@ def get_act_patch_direct_path(
     (result ``[n_layers]``, 0.0 where the MLP cannot read the source) and ``component="logits"``
     the direct path into the final norm (a 0-d result). ``method="linear"`` freezes the reader's
     norm scale at the corrupted run's (LayerNorm-linearised, TransformerLens issue #111); it needs
-    the native backend. Same refusals as TransformerLens: K/V on grouped-query models,
-    post-norm or scaled-residual source blocks, training mode.
+    the native backend. On grouped-query models a ``k``/``v`` reader is a K/V head (result
+    ``[n_layers, n_key_value_heads]``; TransformerLens refuses these, see ``fastpatch.engine.direct_path``).
+    Same refusals as TransformerLens otherwise: post-norm or scaled-residual source blocks, training mode.
     """
     options = RunOptions(backend, chunk_size, memory_budget, verbose, distributed, user_hooks)
     return _direct_path(
