@@ -35,12 +35,20 @@ def user_hooks(model: Any) -> List[str]:
     """
     names = []
     for name, point in (getattr(model, "hook_dict", {}) or {}).items():
-        lists = (getattr(point, "fwd_hooks", []), getattr(point, "bwd_hooks", []))
+        handles = [*getattr(point, "fwd_hooks", []), *getattr(point, "bwd_hooks", [])]
+        # except the permanent hooks by which a bridge forwards a symbolic component's hook points (OPT)
+        bridge_ids = {getattr(h.hook, "id", None) for h in handles if _bridge_forwarding(h)}
         raw = (getattr(point, "_forward_hooks", {}), getattr(point, "_forward_pre_hooks", {}),
                getattr(point, "_backward_hooks", {}))
-        if any(lists) or any(raw):
+        if any(not _bridge_forwarding(h) for h in handles) or any(set(r) - bridge_ids for r in raw):
             names.append(name)
     return names
+
+
+def _bridge_forwarding(handle: Any) -> bool:
+    """A permanent hook the bridge itself adds (``component_setup._wire_symbolic_hooks``)."""
+    module = getattr(getattr(handle, "user_hook", None), "__module__", "")
+    return bool(getattr(handle, "is_permanent", False)) and module == "transformer_lens.model_bridge.component_setup"
 
 
 def refuse_user_hooks(model: Any, operation: str, remedy: str = "") -> None:
