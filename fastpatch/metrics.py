@@ -614,6 +614,8 @@ class ActivationMetric:
     value (``[batch]`` with ``per_prompt``). ``fastpatch.patching`` captures the named activations
     of its batched forward and hands each cell its own rows (hook backend; the native backend
     computes only the residual suffix, so a plan with such a metric runs on the hook backend).
+    Attribution (``fastpatch.attribution``) takes it too: its gradient pass hands ``fn`` the
+    activations with their autograd graph.
 
     Since TransformerLens passes a metric the logits alone, ``metric(logits)`` raises; use
     ``metric.from_activations(logits, acts)`` with a cache of your own.

@@ -191,8 +191,31 @@ def test_activation_metric_refusals(case):
         _, corrupted_cache = model.run_with_cache(case.corrupted)
     with pytest.raises(ValueError, match="not supported for this kind of plan"):
         fp.get_act_patch_direct_path(*args[:3], corrupted_cache, metric, 0, 0, "q", verbose=False)
-    with pytest.raises(ValueError, match="pass it to fastpatch.patching"):
-        fa.get_attr_patch_attn_head_out_all_pos(model, case.clean, case.corrupted, metric)
+    assert fastpatch.hook_count(model) == 0
+
+
+def test_attribution_takes_activation_metrics(case):
+    """Node attribution with activation metrics against autograd through a hooked forward written here."""
+    model, cfg = case.model, case.model.cfg
+    last = cfg.n_layers - 1
+    dla = HeadDLA(model, last, 1, case.clean[:, -1], case.corrupted[:, -1])
+    attention = AttentionTo(last, 0, 4, 1)
+    both = ActivationMetric(dla.activation_reads + attention.activation_reads,
+                            lambda logits, acts: dla.fn(logits, acts) + attention.fn(logits, acts))
+    names = [get_act_name("resid_pre", layer) for layer in range(cfg.n_layers)]
+    with torch.no_grad():
+        _, corrupted_cache = model.run_with_cache(case.corrupted)
+    for metric in (dla, both):
+        probes, acts = {}, {}
+        hooks = [(n, lambda act, hook, n=n: act + probes.setdefault(n, torch.zeros_like(act, requires_grad=True)))
+                 for n in names]
+        hooks += [(n, lambda act, hook, n=n: acts.__setitem__(n, act)) for n in metric.activation_reads]
+        with torch.enable_grad():
+            value = metric.from_activations(model.run_with_hooks(case.corrupted, fwd_hooks=hooks), acts)
+            grads = torch.autograd.grad(value, [probes[n] for n in names])
+        ref = torch.stack([((case.clean_cache[n] - corrupted_cache[n]) * g).sum((0, -1)) for n, g in zip(names, grads)])
+        assert_varies(ref)
+        assert_close(fa.get_attr_patch_resid_pre(model, case.clean, case.corrupted, metric), ref)
     assert fastpatch.hook_count(model) == 0
 
 

@@ -36,6 +36,7 @@ from torch import Tensor
 
 from fastpatch import patching
 from fastpatch.engine.checks import cached_activation, check_cached_activation, check_tokens, require_eval_mode
+from fastpatch.engine.metric_set import activation_reads, capture_hooks
 from fastpatch.engine.model_state import refuse_user_hooks
 from fastpatch.metrics import MetricFn
 from fastpatch.sources import DIRECTIONS, resolve_direction  # noqa: F401 (DIRECTIONS re-exported)
@@ -284,11 +285,15 @@ def gradients(
 
         return hook
 
-    fwd_hooks = [(n, probe(n)) for n in names] + list(after_hooks)
+    # a metric that reads activations gets them as the forward computed them, gradients attached
+    # (captured last, so after the probes and ``after_hooks``)
+    capture, acts = capture_hooks(activation_reads(metric), detach=False)
+    fwd_hooks = [(n, probe(n)) for n in names] + list(after_hooks) + capture
     try:
         with torch.enable_grad(), model.hooks(fwd_hooks=fwd_hooks):
             logits = model(tokens)
-            target = _check_metric(metric(logits), reduce, int(tokens.shape[0]))
+            value = metric.from_activations(logits, acts) if capture else metric(logits)
+            target = _check_metric(value, reduce, int(tokens.shape[0]))
             _require_fired(names, probes)
             grads = torch.autograd.grad(target, [probes[n] for n in names], allow_unused=True)
     finally:

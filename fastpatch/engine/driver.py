@@ -20,8 +20,8 @@ from fastpatch.engine import stats as run_stats
 from fastpatch.engine.backend_choice import select_backend
 from fastpatch.engine.chunks import ChunkBudget, forward_bytes_per_row
 from fastpatch.engine.distributed import gather, my_cells, shard
-from fastpatch.engine.hooks_driver import capture_hooks, run_hooks_cells
-from fastpatch.engine.metric_set import MetricSet
+from fastpatch.engine.hooks_driver import run_hooks_cells
+from fastpatch.engine.metric_set import MetricSet, capture_hooks
 from fastpatch.engine.model_state import preserved_model_state, refuse_user_hooks
 from fastpatch.engine.native_driver import run_native_cells
 from fastpatch.engine.plan import PatchPlan

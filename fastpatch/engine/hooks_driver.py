@@ -7,27 +7,14 @@ slice, exactly the tensor TransformerLens would pass them.
 
 from __future__ import annotations
 
-from typing import Any, Callable, Dict, List, Sequence, Tuple
+from typing import Any, Sequence
 
 from torch import Tensor
 
 from fastpatch.engine.chunks import Chunk, make_chunks
-from fastpatch.engine.metric_set import MetricSet
+from fastpatch.engine.metric_set import MetricSet, capture_hooks
 from fastpatch.engine.oom import run_with_oom_retry
 from fastpatch.engine.plan import PatchPlan
-
-
-def capture_hooks(names: Sequence[str]) -> Tuple[List[Tuple[str, Callable]], Dict[str, Tensor]]:
-    """Hooks that keep the activation at each of ``names`` (the last forward's) in the returned dict."""
-    acts: Dict[str, Tensor] = {}
-
-    def keeper(name: str) -> Callable:
-        def keep(activation: Tensor, hook: Any) -> None:
-            acts[name] = activation.detach()
-
-        return keep
-
-    return [(name, keeper(name)) for name in names], acts
 
 
 def run_hooks_cells(

@@ -15,7 +15,7 @@ imports it.
 
 from __future__ import annotations
 
-from typing import Any, Callable, Dict, List, Mapping, Optional, Tuple, Union
+from typing import Any, Callable, Dict, List, Mapping, Optional, Sequence, Tuple, Union
 
 import torch
 from jaxtyping import Float
@@ -43,6 +43,20 @@ def activation_reads(metric: Any) -> Tuple[str, ...]:
     if not names or not callable(getattr(metric, "from_activations", None)):
         return ()
     return tuple(names)
+
+
+def capture_hooks(names: Sequence[str], detach: bool = True) -> Tuple[List[Tuple[str, Callable]], Dict[str, Tensor]]:
+    """Hooks that keep the activation at each of ``names`` (the last forward's) in the returned dict
+    (with its autograd graph when not ``detach``: attribution differentiates a metric through them)."""
+    acts: Dict[str, Tensor] = {}
+
+    def keeper(name: str) -> Callable:
+        def keep(activation: Tensor, hook: Any) -> None:
+            acts[name] = activation.detach() if detach else activation
+
+        return keep
+
+    return [(name, keeper(name)) for name in names], acts
 
 
 def read_positions(reads: Any) -> Tuple[int, ...]:
