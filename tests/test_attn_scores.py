@@ -6,6 +6,7 @@ per-cell interpolation hook on the scores.
 """
 
 import warnings
+from functools import lru_cache
 
 import pytest
 import torch
@@ -19,18 +20,18 @@ from fastpatch.sources import zero_ablation
 
 MODELS = ("gpt2", "neox", "llama")
 SCORES = "blocks.{}.attn.hook_attn_scores"
+ALL_POS = ("all_pos", tl.layer_head_pattern_patch_setter, ["layer", "head_index"])
+BY_POS = ("by_pos", tl.layer_head_pos_pattern_patch_setter, ["layer", "head_index", "dest_pos"])
+# all positions on every model by default; by position (one TransformerLens forward per
+# layer x head x position) is marked slow (CI runs it)
+SWEEPS = [pytest.param(m, *ALL_POS) for m in MODELS] + [pytest.param(m, *BY_POS, marks=pytest.mark.slow) for m in MODELS]
+FAST_GPT2 = [pytest.param(m, marks=() if m == "gpt2" else pytest.mark.slow) for m in MODELS]
+_case = lru_cache(maxsize=None)(zoo.Case.build)
 
 
-@pytest.fixture(scope="module", params=MODELS)
-def case(request):
-    return zoo.Case.build(request.param)
-
-
-@pytest.mark.parametrize("sweep, setter, axes", [
-    ("all_pos", tl.layer_head_pattern_patch_setter, ["layer", "head_index"]),
-    ("by_pos", tl.layer_head_pos_pattern_patch_setter, ["layer", "head_index", "dest_pos"]),
-])
-def test_score_sweeps_equal_transformer_lens(case, sweep, setter, axes):
+@pytest.mark.parametrize("name, sweep, setter, axes", SWEEPS)
+def test_score_sweeps_equal_transformer_lens(name, sweep, setter, axes):
+    case = _case(name)
     model, metric = case.model, case.per_example
     ref = tl.generic_activation_patch(model, case.corrupted, case.clean_cache, metric, setter, "attn_scores", axes,
                                       reduce="mean")
@@ -46,7 +47,8 @@ def test_score_sweeps_equal_transformer_lens(case, sweep, setter, axes):
         ours(model, case.corrupted, case.clean_cache, metric, reduce="mean", backend="native", progress=False)
 
 
-def test_masked_scores_are_valid_but_nan_is_not(case):
+def test_masked_scores_are_valid_but_nan_is_not():
+    case = _case("gpt2")
     name = SCORES.format(1)
     assert torch.isneginf(case.clean_cache[name]).any()
     for bad in (float("nan"), float("inf")):
@@ -74,7 +76,9 @@ def _autograd_scores(model, tokens, metric, source, broadcast, grid):
     return grad
 
 
-def test_score_attribution_equals_autograd(case):
+@pytest.mark.parametrize("name", FAST_GPT2)
+def test_score_attribution_equals_autograd(name):
+    case = _case(name)
     model, metric = case.model, case.scalar
     n_heads, n_pos = model.cfg.n_heads, case.corrupted.shape[1]
     zero = zero_ablation(model, case.corrupted)

@@ -5,6 +5,8 @@ the swapped arguments; attribution (``direction=`` on every node function) again
 function with the two token arguments swapped.
 """
 
+from functools import lru_cache
+
 import pytest
 import torch
 import zoo
@@ -16,33 +18,46 @@ from fastpatch import patching as fp
 from fastpatch.sources import resample_ablation
 
 MODELS = ("gpt2", "neox", "llama")
+# GPT-2 by default; the other models are marked slow (CI runs them)
+FAST_GPT2 = [pytest.param(m, marks=() if m == "gpt2" else pytest.mark.slow) for m in MODELS]
 
 
-@pytest.fixture(scope="module", params=MODELS)
-def case(request):
-    case = zoo.Case.build(request.param)
+@lru_cache(maxsize=None)
+def _case(name):
+    case = zoo.Case.build(name)
     with torch.no_grad():
         _, case.corrupted_cache = case.model.run_with_cache(case.corrupted)
     return case
 
 
-@pytest.fixture(scope="module")
-def expected(case):
-    """TransformerLens's head-out sweep with the arguments each direction stands for, and a noising
-    direct path (the patched run's own cache as ``corrupted_cache``)."""
+@lru_cache(maxsize=None)
+def _expected(name):
+    """TransformerLens's head-out sweep with the arguments each direction stands for."""
+    case = _case(name)
     model, metric, sweep = case.model, case.scalar, tl.get_act_patch_attn_head_out_all_pos
-    source = resample_ablation(model, case.corrupted, seed=1)
     return {
         "denoising": sweep(model, case.corrupted, case.clean_cache, metric),
         "noising": sweep(model, case.clean, case.corrupted_cache, metric),
-        "source": (source, sweep(model, case.clean, source, metric)),
-        "path": tl.get_act_patch_direct_path(model, case.clean, case.corrupted_cache, case.clean_cache, metric, 0, 0,
-                                             verbose=False),
+    }
+
+
+@lru_cache(maxsize=None)
+def _expected_gpt2_extras():
+    """TransformerLens with a resample source noising the clean run, and a noising direct path."""
+    case = _case("gpt2")
+    model, metric = case.model, case.scalar
+    source = resample_ablation(model, case.corrupted, seed=1)
+    return {
+        "source": (source, tl.get_act_patch_attn_head_out_all_pos(model, case.clean, source, metric)),
+        "path": tl.get_act_patch_direct_path(model, case.clean, case.corrupted_cache, case.clean_cache, metric,
+                                             0, 0, verbose=False),
     }
 
 
 @pytest.mark.parametrize("backend", ["hooks", "native"])
-def test_exact_directions_equal_transformer_lens_with_swapped_arguments(case, expected, backend):
+@pytest.mark.parametrize("name", FAST_GPT2)
+def test_exact_directions_equal_transformer_lens_with_swapped_arguments(name, backend):
+    case, expected = _case(name), _expected(name)
     model, metric = case.model, case.scalar
     sweep = fp.get_act_patch_attn_head_out_all_pos
     kw = dict(backend=backend, progress=False)
@@ -51,6 +66,15 @@ def test_exact_directions_equal_transformer_lens_with_swapped_arguments(case, ex
         ours = fp.run_sweep(sweep, model, case.clean, case.corrupted, metric, direction=direction, **kw)
         assert_close(ours, expected[direction])
     assert not torch.allclose(expected["denoising"], expected["noising"])
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("backend", ["hooks", "native"])
+def test_noising_with_a_source_and_direct_paths_equal_transformer_lens(backend):
+    case, expected = _case("gpt2"), _expected_gpt2_extras()
+    model, metric = case.model, case.scalar
+    sweep = fp.get_act_patch_attn_head_out_all_pos
+    kw = dict(backend=backend, progress=False)
     # a source stands in for the run whose activations are patched in: noising the clean run with it
     source, ref = expected["source"]
     assert_close(fp.run_sweep(sweep, model, case.clean, None, metric, direction="noising", source=source, **kw), ref)
@@ -60,17 +84,7 @@ def test_exact_directions_equal_transformer_lens_with_swapped_arguments(case, ex
     assert_close(ours, expected["path"])
 
 
-def test_attribution_noising_is_the_argument_swap(case):
-    model, metric = case.model, case.scalar
-    calls = {
-        "nodes": lambda a, b, **kw: fa.attribute_nodes(model, a, b, metric, ["resid_pre", "attn_head_q_by_pos"], **kw),
-    }
-    if case.name == "gpt2":  # the other methods resolve the direction the same way (passes.resolve_runs)
-        calls.update({
-            "ig": lambda a, b, **kw: fa.get_attr_patch_ig(model, a, b, metric, "attn_head_out_all_pos", 1, **kw),
-            "graddrop": lambda a, b, **kw: fa.get_attr_patch_graddrop(model, a, b, metric, "mlp_out", **kw),
-            "atpstar": lambda a, b, **kw: fa.get_attr_patch_attn_head_q_all_pos_atpstar(model, a, b, metric, **kw),
-        })
+def _check_swaps(calls, case):
     for name, call in calls.items():
         swapped = call(case.corrupted, case.clean)
         denoising = call(case.clean, case.corrupted, direction="denoising")
@@ -80,12 +94,34 @@ def test_attribution_noising_is_the_argument_swap(case):
             assert_varies(pick(swapped), f"{name} {key}")
             assert_close(pick(noising), pick(swapped))
             assert not torch.allclose(pick(noising), pick(denoising))
+
+
+@pytest.mark.parametrize("name", MODELS)
+def test_attribution_noising_is_the_argument_swap(name):
+    case = _case(name)
+    model, metric = case.model, case.scalar
+    _check_swaps({
+        "nodes": lambda a, b, **kw: fa.attribute_nodes(model, a, b, metric, ["resid_pre", "attn_head_q_by_pos"], **kw),
+    }, case)
     # the named node functions take direction= too
     assert_close(fa.get_attr_patch_resid_pre(model, case.clean, case.corrupted, metric, direction="noising"),
                  fa.get_attr_patch_resid_pre(model, case.corrupted, case.clean, metric))
 
 
-def test_bad_directions_are_refused(case):
+@pytest.mark.slow
+def test_every_attribution_method_takes_the_direction():
+    """IG, GradDrop and AtP* resolve the direction as the node functions do (``passes.resolve_runs``)."""
+    case = _case("gpt2")
+    model, metric = case.model, case.scalar
+    _check_swaps({
+        "ig": lambda a, b, **kw: fa.get_attr_patch_ig(model, a, b, metric, "attn_head_out_all_pos", 1, **kw),
+        "graddrop": lambda a, b, **kw: fa.get_attr_patch_graddrop(model, a, b, metric, "mlp_out", **kw),
+        "atpstar": lambda a, b, **kw: fa.get_attr_patch_attn_head_q_all_pos_atpstar(model, a, b, metric, **kw),
+    }, case)
+
+
+def test_bad_directions_are_refused():
+    case = _case("gpt2")
     model, metric = case.model, case.scalar
     with pytest.raises(ValueError, match="direction must be one of"):
         fa.get_attr_patch_resid_pre(model, case.clean, case.corrupted, metric, direction="forward")

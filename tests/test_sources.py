@@ -6,7 +6,7 @@ permutation); exact sweeps and direct paths against TransformerLens's own functi
 the same cache; attribution against autograd through a per-cell interpolation hook.
 """
 
-from functools import partial
+from functools import lru_cache, partial
 
 import pytest
 import torch
@@ -21,31 +21,30 @@ from fastpatch.sources import SourceCache, mean_ablation, resample_ablation, zer
 MODELS = ("gpt2", "neox", "llama")
 KINDS = ("zero", "mean", "resample")
 BACKENDS = ("hooks", "native")
+# every (model, kind) pair; the diagonal runs by default, the rest is marked slow (CI runs it)
+DIAGONAL = list(zip(MODELS, KINDS))
+PAIRS = [pytest.param(m, k, marks=() if (m, k) in DIAGONAL else pytest.mark.slow) for m in MODELS for k in KINDS]
+# six reference prompts for the mean: more than the three patched ones (broadcast over the batch)
+REFERENCE = torch.randint(0, zoo.VOCAB, (6, 5), generator=torch.Generator().manual_seed(7))
 
 
-@pytest.fixture(scope="module", params=MODELS)
-def case(request):
-    return zoo.Case.build(request.param)
-
-
-@pytest.fixture(scope="module")
-def reference_tokens():
-    """Six reference prompts for the mean: more than the three patched ones (broadcast over the batch)."""
-    return torch.randint(0, zoo.VOCAB, (6, 5), generator=torch.Generator().manual_seed(7))
-
-
-@pytest.fixture(scope="module")
-def sources(case, reference_tokens):
+@lru_cache(maxsize=None)
+def _case(name):
+    """The zoo case and its three sources (built once per model per process)."""
+    case = zoo.Case.build(name)
     model, batch = case.model, case.corrupted.shape[0]
-    return {
+    case.sources = {
         "zero": zero_ablation(model, case.clean),
-        "mean": mean_ablation(model, reference_tokens, batch=batch),
+        "mean": mean_ablation(model, REFERENCE, batch=batch),
         "resample": resample_ablation(model, case.clean, seed=1),
     }
+    return case
 
 
-def test_caches_hold_the_ablated_run(case, reference_tokens, sources):
-    model = case.model
+@pytest.mark.parametrize("name", MODELS)
+def test_caches_hold_the_ablated_run(name):
+    case = _case(name)
+    model, sources, reference_tokens = case.model, case.sources, REFERENCE
     with torch.no_grad():
         _, ref = model.run_with_cache(reference_tokens)
     batch = case.clean.shape[0]
@@ -68,18 +67,17 @@ def test_caches_hold_the_ablated_run(case, reference_tokens, sources):
     assert masked.any() and torch.isneginf(scores[masked]).all() and (scores[~masked] == 0).all()
 
 
-# per kind, a sweep (activation name, setter, index axes): head outputs, the residual stream by position
-SWEEPS = {
-    "zero": ("z", tl.layer_head_vector_patch_setter, ["layer", "head"]),
-    "mean": ("resid_pre", tl.layer_pos_patch_setter, ["layer", "pos"]),
-    "resample": ("z", tl.layer_head_vector_patch_setter, ["layer", "head"]),
-}
+# (activation name, setter, index axes): head outputs on the diagonal, the residual stream by
+# position off it
+HEADS = ("z", tl.layer_head_vector_patch_setter, ["layer", "head"])
+RESID = ("resid_pre", tl.layer_pos_patch_setter, ["layer", "pos"])
 
 
-@pytest.mark.parametrize("kind", KINDS)
-def test_exact_sweeps_equal_transformer_lens_with_the_source(case, sources, kind):
-    source = sources[kind]
-    act, setter, axes = SWEEPS[kind]
+@pytest.mark.parametrize("name, kind", PAIRS)
+def test_exact_sweeps_equal_transformer_lens_with_the_source(name, kind):
+    case = _case(name)
+    source = case.sources[kind]
+    act, setter, axes = HEADS if (name, kind) in DIAGONAL else RESID
     ref = tl.generic_activation_patch(case.model, case.corrupted, source, case.per_example, setter, act, axes,
                                       reduce="mean")
     assert_varies(ref, f"{kind} {act}")
@@ -91,8 +89,11 @@ def test_exact_sweeps_equal_transformer_lens_with_the_source(case, sources, kind
         assert_close(ours, ref)
 
 
-def test_direct_paths_equal_transformer_lens_with_the_source(case, sources):
-    kind = KINDS[MODELS.index(case.name)]  # one kind per model: the sweep test covers every pair
+@pytest.mark.parametrize("name, kind", [pytest.param(m, k, marks=() if m == "gpt2" else pytest.mark.slow)
+                                        for m, k in DIAGONAL])
+def test_direct_paths_equal_transformer_lens_with_the_source(name, kind):
+    case = _case(name)
+    sources = case.sources
     with torch.no_grad():
         _, corrupted_cache = case.model.run_with_cache(case.corrupted)
     args = (case.model, case.corrupted, sources[kind], corrupted_cache, case.scalar, 0, 1)
@@ -120,9 +121,10 @@ def _autograd_estimate(model, tokens, metric, source, act, broadcast):
     return grad
 
 
-@pytest.mark.parametrize("kind", KINDS)
-def test_attribution_with_the_source_equals_autograd(case, sources, kind):
-    source, model = sources[kind], case.model
+@pytest.mark.parametrize("name, kind", PAIRS)
+def test_attribution_with_the_source_equals_autograd(name, kind):
+    case = _case(name)
+    source, model = case.sources[kind], case.model
     resid = fa.get_attr_patch_resid_pre(model, None, case.corrupted, case.scalar, source=source)
     heads = fa.get_attr_patch_attn_head_out_all_pos(model, None, case.corrupted, case.scalar, source=source)
     ref_resid = _autograd_estimate(model, case.corrupted, case.scalar, source, "resid_pre", lambda a: a[None, :, None])
@@ -132,10 +134,11 @@ def test_attribution_with_the_source_equals_autograd(case, sources, kind):
         assert_close(ours, ref)
 
 
+@pytest.mark.slow
 def test_every_attribution_function_reads_a_source_like_a_clean_run():
     """A plain clean cache given as ``source=`` gives the same estimate as the clean tokens (on GPT-2:
     the plumbing, ``passes.resolve_runs`` / ``patch_values``, is the same for every model)."""
-    case = zoo.Case.build("gpt2")
+    case = _case("gpt2")
     model, metric = case.model, case.scalar
     src = dict(source=case.clean_cache)
     calls = {
@@ -152,8 +155,9 @@ def test_every_attribution_function_reads_a_source_like_a_clean_run():
         assert_close(call(None, **src), ref)
 
 
-def test_bad_sources_are_refused(case, sources):
-    model, metric = case.model, case.scalar
+def test_bad_sources_are_refused():
+    case = _case("gpt2")
+    model, metric, sources = case.model, case.scalar, case.sources
     with pytest.raises(ValueError, match="give clean_tokens or source=, not both"):
         fa.get_attr_patch_resid_pre(model, case.clean, case.corrupted, metric, source=sources["zero"])
     with pytest.raises(ValueError, match="clean_tokens is None"):

@@ -10,7 +10,7 @@ checked against.
 from __future__ import annotations
 
 from collections import defaultdict
-from typing import Any, Callable, Dict, List, Mapping, NamedTuple, Optional, Sequence, Tuple
+from typing import Any, Callable, Dict, List, Mapping, NamedTuple, Optional, Sequence, Tuple, Union
 
 import torch
 
@@ -25,11 +25,16 @@ class _HookWork(NamedTuple):
     cells: List[Tuple[int, int]]
 
 
-def _group_by_hook(sweeps: List[Sweep], locations: Sequence[CellLocation]) -> Dict[str, List[_HookWork]]:
+# A cell's patches: one sweep row, or several at once (a cell that patches several slices together).
+CellPatches = Union[CellLocation, Sequence[CellLocation]]
+
+
+def _group_by_hook(sweeps: List[Sweep], locations: Sequence[CellPatches]) -> Dict[str, List[_HookWork]]:
     grouped: Dict[str, Dict[int, List[Tuple[int, int]]]] = defaultdict(lambda: defaultdict(list))
-    for local, loc in enumerate(locations):
-        sweep = sweeps[loc.sweep]
-        grouped[sweep.hook_name(sweep.indices[loc.row, 0])][loc.sweep].append((local, loc.row))
+    for local, cell in enumerate(locations):
+        for loc in [cell] if isinstance(cell, CellLocation) else cell:
+            sweep = sweeps[loc.sweep]
+            grouped[sweep.hook_name(sweep.indices[loc.row, 0])][loc.sweep].append((local, loc.row))
     return {name: [_HookWork(sweeps[n], cells) for n, cells in by_sweep.items()] for name, by_sweep in grouped.items()}
 
 
@@ -73,11 +78,12 @@ def patched_logits(
     model: Any,
     tokens: torch.Tensor,
     sweeps: List[Sweep],
-    locations: Sequence[CellLocation],
+    locations: Sequence[CellPatches],
     clean_activations: Mapping[str, torch.Tensor],
     capture: Sequence[Tuple[str, Callable]] = (),
 ) -> torch.Tensor:
-    """Logits ``[len(locations) * batch, pos, d_vocab]`` of one forward with each cell's patch in its own rows."""
+    """Logits ``[len(locations) * batch, pos, d_vocab]`` of one forward with each cell's patch (or
+    patches: all of them write the clean values into the cell's rows) in its own rows."""
     batch = tokens.shape[0]
     n_cells = len(locations)
     hooks = [
