@@ -1,0 +1,173 @@
+"""Circuit evaluation as a plan: one cell per (circuit, ablation), every edge outside the circuit ablated.
+
+A circuit is a boolean mask over the edge grid of ``engine.edge_plan`` (``[n_writers, n_readers]``,
+or ``[n_writers, n_readers, pos]`` per position). A cell runs the *clean* prompts with every
+reader's input rewritten (MIB / EAP-IG ``evaluate_graph`` semantics)::
+
+    reader_in = reader_in - sum over writers w not in the circuit for this reader (at this position)
+                            of (w's output in this run - w's output in the ablated run)
+
+so a reader sees the ablated output of every writer outside the circuit and this run's output of
+every writer inside it. "This run" is the patched run itself: a writer's output changes when
+the readers upstream of it were rewritten. The empty circuit is the ablated model (every reader
+sees only ablated writes plus the biases and positional embeddings both runs share), the full
+circuit the clean model.
+
+Hook backend: one forward on the clean tokens repeated once per cell. Writer hooks (``hook_embed``,
+``hook_z`` as ``z[:, :, h] @ W_O[h]`` per head, ``hook_mlp_out``) record each cell's
+this-run-minus-ablated output in a ``[cells, batch, pos, n_writers, d_model]`` buffer; reader
+hooks (the per-head ``hook_{q,k,v}_input`` fork, ``ln2.hook_in``, ``ln_final.hook_in``) subtract
+the masked sum of that buffer, one contraction per hook point for all cells and readers of it.
+Writers always fire before the readers that read them, so the buffer holds every write a reader
+needs when its hook runs. No native form yet: the plan runs on the hook backend.
+"""
+
+from __future__ import annotations
+
+from collections import defaultdict
+from typing import Any, Dict, List, Mapping, NamedTuple, Optional, Sequence
+
+import torch
+from jaxtyping import Bool, Float
+from torch import Tensor
+
+from fastpatch._tl_private import split_qkv_input
+from fastpatch.engine.checks import cached_activation, check_cached_activation
+from fastpatch.engine.direct_path import PathPlan, Writer
+from fastpatch.engine.edge_plan import EdgeLayout, edge_layout, valid_edges
+from fastpatch.engine.native.model import NativeEngine
+from fastpatch.engine.plan import NativeWork, PatchPlan
+from fastpatch.engine.probing import require_qkv_input_forks
+
+_QKV = ("q", "k", "v")
+
+
+class CircuitCell(NamedTuple):
+    """Circuit ``circuit`` (its number in the stack) evaluated with ablation ``ablation``."""
+
+    circuit: int
+    ablation: int
+
+
+def writer_outputs(model: Any, acts: Mapping[str, Tensor], writers: Sequence[Writer]) -> Float[Tensor, "writer batch pos d_model"]:
+    """Every writer's residual write in one run (``acts``: hook name -> activation), heads as ``z[:, :, h] @ W_O[h]``."""
+    out = []
+    for writer in writers:
+        act = acts[writer.hook_name]
+        out.append(act[:, :, writer.head] @ model.blocks[writer.layer].attn.W_O[writer.head] if writer.kind == "head" else act)
+    return torch.stack(out)
+
+
+def bytes_per_row(cfg: Any, n_pos: int, n_writers: int, dtype_bytes: int) -> int:
+    """Memory one batch row adds to a hooked forward here: the write buffer, its ablated twin and a reader correction."""
+    return 3 * n_writers * n_pos * int(cfg.d_model) * dtype_bytes
+
+
+class CircuitPlan(PatchPlan):
+    """Every circuit of ``circuits`` under every ablation of ``ablated``, run on ``tokens`` (the clean prompts).
+
+    ``circuits``: ``[n_circuits, n_writers, n_readers]`` or ``[n_circuits, n_writers, n_readers, pos]``
+    (per position) boolean masks in the edge order of ``engine.edge_plan``, only on existing edges.
+    ``ablated``: one activation cache per ablation holding every writer's hook (``hook_embed``,
+    ``blocks.{l}.attn.hook_z``, ``blocks.{l}.hook_mlp_out``), from a run on prompts paired one to
+    one with ``tokens`` (or a one-row broadcast, as zero and mean ablation caches are).
+    """
+
+    label = "circuits"
+    unit = "circuit"
+    native_unsupported = "circuit evaluation has no native form yet; it runs on the hook backend"
+
+    def __init__(self, model: Any, tokens: Tensor, circuits: Bool[Tensor, "circuit writer reader *pos"], ablated: Sequence[Mapping]):
+        cfg = model.cfg
+        self.layout: EdgeLayout = edge_layout(cfg)
+        self.valid = valid_edges(cfg, self.layout)
+        self.model, self.tokens, self.ablated = model, tokens, list(ablated)
+        self.per_position = circuits.ndim == 4
+        # off[c, w, r(, p)] = 1 where the edge exists and circuit c leaves it out: the writes a reader loses
+        valid = self.valid.to(circuits.device)
+        self.off = (valid[(None, ...) + ((None,) if self.per_position else ())] & ~circuits).float()
+        self._cells = [CircuitCell(c, a) for a in range(len(self.ablated)) for c in range(circuits.shape[0])]
+        # hook point -> the readers it holds, in the order of its head axis
+        self._reader_groups: Dict[str, List[int]] = defaultdict(list)
+        for r, reader in enumerate(self.layout.readers):
+            self._reader_groups[PathPlan._reader_hook_name(reader.component, reader.layer)].append(r)
+        self._ablated_writes: Optional[Tensor] = None
+
+    @property
+    def cells(self) -> List[CircuitCell]:
+        return self._cells
+
+    def prepare(self, engine: Optional[NativeEngine] = None) -> None:
+        layers = sorted({r.layer for r in self.layout.readers if r.component in _QKV})
+        for component in _QKV:
+            require_qkv_input_forks(self.model, layers, component)
+        names = list(dict.fromkeys(w.hook_name for w in self.layout.writers))
+        writes = []
+        for number, cache in enumerate(self.ablated):
+            what = f"ablation {number}"
+            acts = {name: cached_activation(cache, name, what) for name in names}
+            for name, act in acts.items():
+                check_cached_activation(act, name, self.tokens, what=what)
+            writes.append(writer_outputs(self.model, acts, self.layout.writers).expand(-1, *self.tokens.shape, -1))
+        self._ablated_writes = torch.stack(writes)  # [ablations, writers, batch, pos, d_model]
+
+    def hooks_context(self):
+        return split_qkv_input(self.model)
+
+    def patched_logits(self, cells: Sequence[CircuitCell]) -> Tensor:
+        """Each cell's circuit run in its own ``batch`` rows of one forward on the clean tokens."""
+        model, layout = self.model, self.layout
+        n, (batch, n_pos) = len(cells), self.tokens.shape
+        device = self._ablated_writes.device
+        circuit = torch.tensor([c.circuit for c in cells], device=self.off.device)
+        ablation = torch.tensor([c.ablation for c in cells], device=device)
+        off = self.off[circuit].to(device)  # [cells, writers, readers(, pos)]
+        ablated = self._ablated_writes[ablation].permute(0, 2, 3, 1, 4)  # [cells, batch, pos, writers, d_model]
+        diff = torch.zeros_like(ablated)
+        fired: List[str] = []
+
+        def record(name: str, first: int, count: int):
+            def hook(act: Tensor, hook: Any) -> None:
+                fired.append(name)
+                if name.endswith("hook_z"):  # [rows, pos, heads, d_head] -> per-head writes [rows, pos, heads, d_model]
+                    W_O = model.blocks[layout.writers[first].layer].attn.W_O
+                    out = torch.einsum("rphe,hem->rphm", act, W_O)
+                else:
+                    out = act[:, :, None]
+                out = out.reshape(n, batch, n_pos, count, -1)
+                diff[:, :, :, first : first + count] = out - ablated[:, :, :, first : first + count]
+
+            return hook
+
+        def rewrite(name: str, readers: List[int]):
+            qkv = name.endswith("_input")
+
+            def hook(act: Tensor, hook: Any) -> Tensor:
+                fired.append(name)
+                lost = off[:, :, readers]
+                spec = "cbpwd,cwrp->cbprd" if self.per_position else "cbpwd,cwr->cbprd"
+                correction = torch.einsum(spec, diff, lost).to(act.dtype)  # [cells, batch, pos, readers, d_model]
+                shaped = correction.reshape(act.shape) if qkv else correction[:, :, :, 0].reshape(act.shape)
+                return act - shaped
+
+            return hook
+
+        hooks = []
+        writers = layout.writers
+        w = 0
+        while w < len(writers):  # the heads of a layer share one hook point: record them together
+            count = 1
+            while w + count < len(writers) and writers[w + count].hook_name == writers[w].hook_name:
+                count += 1
+            hooks.append((writers[w].hook_name, record(writers[w].hook_name, w, count)))
+            w += count
+        hooks += [(name, rewrite(name, readers)) for name, readers in self._reader_groups.items()]
+        logits = model.run_with_hooks(self.tokens.repeat(n, 1), fwd_hooks=hooks)
+        missing = {name for name, _ in hooks} - set(fired)
+        if missing:  # an unfired hook would leave its writes unrecorded or its readers unablated
+            raise NotImplementedError(f"{sorted(missing)} did not fire: the model has no such writer or reader hook")
+        return logits
+
+    def native_work(self, engine: NativeEngine, cells: Sequence[Any]) -> NativeWork:
+        raise ValueError(self.native_unsupported)  # never chosen: native_unsupported sends it to hooks
+

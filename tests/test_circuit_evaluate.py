@@ -1,0 +1,262 @@
+"""Batched circuit evaluation (fastpatch.circuits.evaluate) against a plain loop of hooked forwards.
+
+The reference, written here from the definition (MIB / EAP-IG ``evaluate_graph``) and sharing no code
+with fastpatch: one forward on the clean prompts per circuit. Hooks record every writer's output in
+that forward (``hook_embed``, head ``z[:, :, h] @ W_O[h]``, ``hook_mlp_out``); each reader's input is
+rewritten to its input minus, for every writer whose edge into it is not in the circuit, that output
+minus the writer's ablated output: a Q/K/V reader by recomputing its head's projection from the
+block's own ``ln1`` at ``resid_pre - lost`` and setting it at ``hook_q/k/v`` (K/V head ``g`` on the
+grouped-query model), an MLP reader at ``ln2.hook_in``, the logits at ``ln_final.hook_in``. Ablated
+outputs come from the corrupted run, zeros, the clean prompts' mean per position, or the clean
+prompts permuted.
+
+The empty circuit is checked against the ablated model itself (the corrupted run; a run with every
+writer hook set to its ablated value), the full circuit against the clean run.
+"""
+
+from __future__ import annotations
+
+import re
+
+import pytest
+import torch
+import zoo
+from helpers import assert_close, assert_varies
+
+from fastpatch import hook_count, model_flags
+from fastpatch.circuits import evaluate, full_circuit
+
+MODELS = ["gpt2", "neox", "llama"]
+ABLATIONS = ["corrupted", "zero", "mean", "resample"]
+SEED = 3
+
+
+@pytest.fixture(scope="module", params=MODELS)
+def case(request):
+    case = zoo.Case.build(request.param, batch=3, n_pos=5, first_diff=2)
+    model = case.model
+    names = ["hook_embed"] + [f"blocks.{l}.{h}" for l in range(model.cfg.n_layers) for h in ("attn.hook_z", "hook_mlp_out")]
+    with torch.no_grad():
+        _, corrupted = model.run_with_cache(case.corrupted, names_filter=lambda n: n in names)
+        case.clean_logits = model(case.clean)
+        case.corrupted_logits = model(case.corrupted)
+    clean = case.clean_cache
+    perm = torch.randperm(case.clean.shape[0], generator=torch.Generator().manual_seed(SEED))
+    case.ablated_acts = {  # hook name -> [batch, pos, ...] ablated activation, per ablation
+        "corrupted": {n: corrupted[n] for n in names},
+        "zero": {n: torch.zeros_like(clean[n]) for n in names},
+        "mean": {n: clean[n].mean(0, keepdim=True).expand_as(clean[n]) for n in names},
+        "resample": {n: clean[n][perm] for n in names},
+    }
+    case.full = full_circuit(model)
+    return case
+
+
+# ---- the plain loop -------------------------------------------------------------------------------
+def _writer(name):
+    if name == "embed":
+        return "embed", -1, 0
+    if name.startswith("MLP"):
+        return "mlp", int(name[3:]), 0
+    return ("head",) + tuple(map(int, re.fullmatch(r"L(\d+)H(\d+)", name).groups()))
+
+
+def _reader(name, n_layers):
+    if name == "logits":
+        return "logits", n_layers, 0
+    if name.endswith(".in"):
+        return "mlp_in", int(name[3:-3]), 0
+    layer, _, head, component = re.fullmatch(r"L(\d+)(H|KV)(\d+)\.([qkv])", name).groups()
+    return component, int(layer), int(head)
+
+
+def _reads(writer, reader, parallel):
+    """The reader comes after the writer (a head feeds its own block's MLP on sequential blocks)."""
+    kind, wl, _ = writer
+    component, rl, _ = reader
+    if kind == "embed" or component == "logits":
+        return True
+    if kind == "head" and component == "mlp_in" and not parallel:
+        return rl >= wl
+    return rl > wl
+
+
+def _output(model, acts, writer):
+    kind, layer, head = writer
+    if kind == "embed":
+        return acts["hook_embed"]
+    if kind == "mlp":
+        return acts[f"blocks.{layer}.hook_mlp_out"]
+    return acts[f"blocks.{layer}.attn.hook_z"][:, :, head] @ model.blocks[layer].attn.W_O[head]
+
+
+def plain_loop(model, tokens, metric, circuits, ablated_acts, writer_names, reader_names):
+    """``[n_circuits, ...]``: one hooked forward per circuit, each reader's input rewritten by a hook."""
+    L, parallel = model.cfg.n_layers, bool(model.cfg.parallel_attn_mlp)
+    writers = [_writer(n) for n in writer_names]
+    readers = [_reader(n, L) for n in reader_names]
+    ablated = [_output(model, ablated_acts, w).detach() for w in writers]
+    values = []
+    for circuit in circuits:
+        acts, resid = {}, {}
+
+        def keeper(store, name):  # keyed by the name hooked (a hook point's own name may be an alias)
+            def keep(act, hook):
+                store[name] = act
+
+            return keep
+
+        def lost(r):
+            """The sum over writers outside the circuit for reader ``r`` of (this run - ablated)."""
+            total = 0.0
+            for w, writer in enumerate(writers):
+                kept = circuit[w, r]
+                if bool(kept.all()) or not _reads(writer, readers[r], parallel):
+                    continue
+                delta = _output(model, acts, writer) - ablated[w]
+                if kept.ndim:  # per position: only where the edge is left out
+                    delta = delta * (~kept).float()[None, :, None]
+                total = total + delta
+            return total
+
+        def reader_hooks():
+            hooks = []
+            by_point = {}
+            for r, (component, layer, head) in enumerate(readers):
+                by_point.setdefault((component, layer), []).append((r, head))
+            for (component, layer), members in by_point.items():
+                if component == "logits":
+                    hooks.append(("ln_final.hook_in", lambda act, hook, r=members[0][0]: act - lost(r)))
+                elif component == "mlp_in":
+                    hooks.append((f"blocks.{layer}.ln2.hook_in", lambda act, hook, r=members[0][0]: act - lost(r)))
+                else:
+                    def set_heads(act, hook, component=component, layer=layer, members=members):
+                        attn = model.blocks[layer].attn
+                        W, b = getattr(attn, f"W_{component.upper()}"), getattr(attn, f"b_{component.upper()}", None)
+                        act = act.clone()
+                        for r, head in members:
+                            x = model.blocks[layer].ln1(resid[f"blocks.{layer}.hook_resid_pre"] - lost(r))
+                            act[:, :, head] = x @ W[head] + (0 if b is None else b[head])
+                        return act
+
+                    hooks.append((f"blocks.{layer}.attn.hook_{component}", set_heads))
+            return hooks
+
+        writer_points = ["hook_embed"] + [
+            f"blocks.{l}.{h}" for l in range(L) for h in ("attn.hook_z", "hook_mlp_out")
+        ]
+        # writer hooks first, so a reader at the same point (none here) would see them recorded
+        hooks = [(n, keeper(acts, n)) for n in writer_points]
+        hooks += [(f"blocks.{l}.hook_resid_pre", keeper(resid, f"blocks.{l}.hook_resid_pre")) for l in range(L)]
+        with torch.no_grad():
+            values.append(metric(model.run_with_hooks(tokens, fwd_hooks=hooks + reader_hooks())))
+    return torch.stack(values)
+
+
+def _circuits(full, densities, seed, n_pos=None):
+    g = torch.Generator().manual_seed(seed)
+    shape = full.shape + ((n_pos,) if n_pos else ())
+    valid = full[..., None] if n_pos else full
+    return torch.stack([(torch.rand(shape, generator=g) < d) & valid for d in densities])
+
+
+# ---- tests ------------------------------------------------------------------------------------------
+def test_evaluate_matches_plain_loop_every_ablation(case):
+    """Circuits of several densities, four ablations in one call, per prompt: equal to the loop."""
+    model = case.model
+    circuits = _circuits(case.full, (0.15, 0.4, 0.7, 0.9), seed=0)
+    flags = model_flags(model)
+    ours = evaluate(model, case.clean, case.corrupted, case.per_example, circuits, ablation=ABLATIONS, reduce="none", seed=SEED)
+    assert model_flags(model) == flags and hook_count(model) == 0
+    assert ours.shape == (len(ABLATIONS), len(circuits), case.clean.shape[0])
+    edges_layout = _names(model)
+    for a, ablation in enumerate(ABLATIONS):
+        ref = plain_loop(model, case.clean, case.per_example, circuits, case.ablated_acts[ablation], *edges_layout)
+        assert_varies(ref, f"{case.name} {ablation} circuits")
+        assert_close(ours[a], ref)
+
+
+def test_empty_and_full_circuits(case):
+    """Empty circuit = the ablated model, full circuit = the clean model, for every ablation."""
+    model = case.model
+    circuits = torch.stack([torch.zeros_like(case.full), case.full])
+    ours = evaluate(model, case.clean, case.corrupted, case.per_example, circuits, ablation=ABLATIONS, reduce="none", seed=SEED)
+    clean = case.per_example(case.clean_logits)
+    for a, ablation in enumerate(ABLATIONS):
+        if ablation == "corrupted":
+            ablated_model = case.per_example(case.corrupted_logits)
+        else:  # every writer's output set to its ablated value, in a run on the clean prompts
+            acts = case.ablated_acts[ablation]
+            hooks = [(n, lambda act, hook, v=v: v.expand_as(act).clone()) for n, v in acts.items()]
+            with torch.no_grad():
+                ablated_model = case.per_example(model.run_with_hooks(case.clean, fwd_hooks=hooks))
+        assert_close(ours[a, 0], ablated_model)
+        assert_close(ours[a, 1], clean)
+    assert_varies(torch.stack([ours[:, 0], ours[:, 1]]), "empty vs full circuit values")
+
+
+def test_per_position_circuits(case):
+    """Per-position masks: an edge left out at some positions of the reader's input only."""
+    if case.name != "llama":
+        pytest.skip("per-position masks on the grouped-query model only (the suite's time budget)")
+    model = case.model
+    n_pos = case.clean.shape[1]
+    circuits = _circuits(case.full, (0.3, 0.6, 0.85), seed=1, n_pos=n_pos)
+    ours = evaluate(model, case.clean, case.corrupted, case.scalar, circuits, ablation="corrupted")
+    ref = plain_loop(model, case.clean, case.scalar, circuits, case.ablated_acts["corrupted"], *_names(model))
+    assert_varies(ref)
+    assert_close(ours, ref)
+    # the same mask at every position is the whole-edge circuit
+    whole = _circuits(case.full, (0.5,), seed=2)
+    assert_close(
+        evaluate(model, case.clean, case.corrupted, case.scalar, whole[..., None].expand(-1, -1, -1, n_pos).clone()),
+        evaluate(model, case.clean, case.corrupted, case.scalar, whole),
+    )
+
+
+def test_chunking_does_not_change_values(case):
+    if case.name != "gpt2":
+        pytest.skip("one model is enough for the chunk cuts")
+    circuits = _circuits(case.full, (0.2, 0.5, 0.8), seed=4)
+    kwargs = dict(ablation=["corrupted", "mean"], reduce="none")
+    one = evaluate(case.model, case.clean, case.corrupted, case.per_example, circuits, chunk_size=1, **kwargs)
+    tiny = evaluate(case.model, case.clean, case.corrupted, case.per_example, circuits, memory_budget=1, **kwargs)
+    whole = evaluate(case.model, case.clean, case.corrupted, case.per_example, circuits, chunk_size=100, **kwargs)
+    assert_close(one, whole)
+    assert_close(tiny, whole)
+
+
+def _names(model):
+    from fastpatch.engine.edge_plan import edge_layout
+
+    layout = edge_layout(model.cfg)
+    return layout.writer_names, layout.reader_names
+
+
+def test_bad_input_raises(case):
+    if case.name != "gpt2":
+        pytest.skip("argument checks need one model")
+    model, clean, corrupted, metric = case.model, case.clean, case.corrupted, case.scalar
+    full = case.full
+    bad = [
+        (dict(circuits=full[None].float()), "boolean"),
+        (dict(circuits=full), r"add a circuit axis"),
+        (dict(circuits=full[None, :, :-1]), "shape"),
+        (dict(circuits=torch.ones_like(full)[None]), "does not exist"),
+        (dict(circuits=full[None], ablation="gaussian"), "ablation must be one of"),
+        (dict(circuits=full[None], ablation=[]), "empty"),
+        (dict(circuits=full[None], reduce="mean"), "reduce"),
+        (dict(circuits=full[None], backend="native"), "native"),
+        (dict(circuits=full[None], corrupted_tokens=None), "needs corrupted_tokens"),
+        (dict(circuits=full[None], corrupted_tokens=corrupted[:, :-1]), "same shape"),
+    ]
+    for kwargs, message in bad:
+        args = dict(corrupted_tokens=corrupted)
+        args.update(kwargs)
+        circuits = args.pop("circuits")
+        with pytest.raises(ValueError, match=message):
+            evaluate(model, clean, args.pop("corrupted_tokens"), metric, circuits, **args)
+        assert hook_count(model) == 0
+    # zero / mean / resample need no corrupted prompts
+    out = evaluate(model, clean, None, metric, full[None], ablation=["zero", "mean", "resample"])
+    assert out.shape == (3, 1)
