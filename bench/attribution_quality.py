@@ -45,7 +45,9 @@ library's ``*_atpstar``), integrated gradients (node IG ``get_attr_patch_ig``; f
 ``get_attr_patch_edges(..., ig_steps)``) and GradDrop (nodes inside a layer's contribution). A
 method that does not apply to a component type is left out of its row, with the reason in the
 JSON. Exact node values: ``fastpatch.patching`` sweeps minus the baseline; exact edge values:
-``EXACT_EDGES`` (below), plus top-k recall of the edges (k = 1%, 5%, 10% of the valid edges)::
+``EXACT_EDGES`` (``fastpatch.circuits.exact_edges``, checked against :func:`plain_loop_edges`, one
+hooked forward per edge, and against direct path patching), plus top-k recall of the edges
+(k = 1%, 5%, 10% of the valid edges)::
 
     python bench/attribution_quality.py --faithfulness           # -> bench/results/cpu-faithfulness.json
     python bench/attribution_quality.py --faithfulness --readme  # also the README's faithfulness table
@@ -73,6 +75,7 @@ from torch import Tensor
 
 from bench.compare_transformer_lens import RESULTS_DIR, _HelpFormatter, device_name, git_state, versions, write_record
 from bench.models import logit_diff_metric
+from fastpatch.circuits import exact_edges
 
 SWEEPS: Tuple[str, ...] = (
     "attn_head_out_all_pos",
@@ -383,10 +386,11 @@ def plain_loop_edges(
     return EdgeScores(scores=scores, valid=valid, writer_names=writer_names, reader_names=[r[0] for r in readers])
 
 
-# The exact edge values the table is measured against. fastpatch.circuits.exact_edges (batched) had
-# not landed when this table was first written; swapping it in is this one line:
-EXACT_EDGES: Callable[..., Any] = plain_loop_edges
-EXACT_EDGES_NAME = "bench.attribution_quality.plain_loop_edges (one hooked forward per edge)"
+# The exact edge values the table is measured against: the batched fastpatch.circuits.exact_edges
+# (denoising, summed over positions), checked edge by edge against plain_loop_edges on every run.
+# Setting EXACT_EDGES = plain_loop_edges measures against the plain loop alone.
+EXACT_EDGES: Callable[..., Any] = exact_edges
+EXACT_EDGES_NAME = "fastpatch.circuits.exact_edges (batched; every edge checked against plain_loop_edges)"
 
 
 def _agreement_check(ours: Sequence[float], theirs: Sequence[float], what: str) -> Dict[str, Any]:
@@ -656,8 +660,8 @@ def faithfulness_main(args: argparse.Namespace, command: str) -> Dict[str, Any]:
             },
             "edges": {
                 "exact": EXACT_EDGES_NAME,
-                "exact_note": "fastpatch.circuits.exact_edges had not landed; EXACT_EDGES in this script switches to it"
-                if EXACT_EDGES is plain_loop_edges else "every edge checked against plain_loop_edges (all_edges_vs_plain_loop)",
+                "exact_note": "every edge checked against plain_loop_edges (all_edges_vs_plain_loop)"
+                if EXACT_EDGES is not plain_loop_edges else "the plain loop alone (EXACT_EDGES = plain_loop_edges)",
                 "attribution": "fastpatch.attribution.get_attr_patch_edges (summed over positions)",
                 "ig": f"fastpatch.attribution.get_attr_patch_edges(..., ig_steps={args.ig_steps}) (EAP-IG)",
                 "check": "every head-writer edge equals fastpatch.patching.get_act_patch_direct_path_all_sources "
