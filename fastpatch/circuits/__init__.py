@@ -7,9 +7,14 @@
 - :func:`~fastpatch.circuits.evaluate.evaluate`: the metric of many circuits (edge masks in that
   order), each with every edge outside it ablated (MIB / EAP-IG ``evaluate_graph``), under several
   ablations, stacked along the batch dimension.
+- :func:`~fastpatch.circuits.faithfulness.faithfulness_curve`: MIB's faithfulness curve of the top-n
+  circuits of any edge score, with random baselines, normalised faithfulness, CPR and CMD.
 """
 
 from fastpatch.circuits.evaluate import ABLATIONS, evaluate, full_circuit
 from fastpatch.circuits.exact_edges import DIRECTIONS, exact_edges
+from fastpatch.circuits.faithfulness import MIB_SIZES, FaithfulnessCurve, faithfulness_curve
 
-__all__ = ["ABLATIONS", "DIRECTIONS", "evaluate", "exact_edges", "full_circuit"]
+__all__ = [
+    "ABLATIONS", "DIRECTIONS", "MIB_SIZES", "FaithfulnessCurve", "evaluate", "exact_edges", "faithfulness_curve", "full_circuit",
+]
