@@ -318,7 +318,8 @@ METHOD_LABELS = {"attribution": "AtP", "atp*": "AtP* (QK fix)", "ig": "IG / EAP-
 
 def plain_loop_edges(
     model: Any, clean_tokens: Int[Tensor, "batch pos"], corrupted_tokens: Int[Tensor, "batch pos"],
-    patching_metric: Callable[[Tensor], Tensor],
+    patching_metric: Callable[[Tensor], Tensor], *, per_position: bool = False,
+    cells: Optional[Sequence[Tuple[int, ...]]] = None,
 ) -> Any:
     """The exact effect of every edge, by a plain loop: one hooked forward of the corrupted prompts per edge.
 
@@ -332,6 +333,11 @@ def plain_loop_edges(
     layer, and a head of its own layer for the MLP (sequential blocks). Result: an
     ``fastpatch.attribution.EdgeScores`` (scores = patched metric - corrupted metric, 0 off the
     edges) in the layout of ``get_attr_patch_edges``. Sequential blocks with one K/V per head only.
+
+    ``per_position``: one edge per position ``p``, only the write at ``p`` added to the reader's
+    input at ``p`` (scores ``[n_writers, n_readers, pos]``). ``cells``: run only these
+    ``(writer, reader)`` (``(writer, reader, pos)`` per position) index tuples, 0 elsewhere: a sample
+    to check a batched result against, where the full loop would take too long.
     """
     from fastpatch._tl_private import split_qkv_input
     from fastpatch.attribution import EdgeScores
@@ -369,10 +375,19 @@ def plain_loop_edges(
          for r_name, r_layer, _, head in readers]
         for w_layer, w_mlp in zip(writer_layers, writer_is_mlp)
     ])
-    scores = torch.zeros(valid.shape, dtype=torch.float64)
+    n_pos = int(corrupted_tokens.shape[1])
+    scores = torch.zeros(valid.shape + ((n_pos,) if per_position else ()), dtype=torch.float64)
+    if cells is None:
+        cells = [(w, r, *([p] if per_position else [])) for w, r in torch.nonzero(valid).tolist()
+                 for p in (range(n_pos) if per_position else [None])]
     with preserved_model_state(model), split_qkv_input(model), torch.no_grad():
-        for w, r in torch.nonzero(valid).tolist():
+        for cell in cells:
+            w, r = cell[:2]
+            if not valid[w, r]:
+                raise ValueError(f"cell {cell}: {writer_names[w]} -> {readers[r][0]} is not an edge")
             write, (_, _, hook_point, head) = writes[w], readers[r]
+            if per_position:  # the write at this position only
+                write = torch.where(torch.arange(n_pos)[None, :, None] == cell[2], write, torch.zeros_like(write))
 
             def patch(activation: Tensor, hook: Any, write: Tensor = write, head: Optional[int] = head) -> Tensor:
                 if head is None:
@@ -382,7 +397,7 @@ def plain_loop_edges(
                 return activation
 
             logits = model.run_with_hooks(corrupted_tokens, fwd_hooks=[(hook_point, patch)])
-            scores[w, r] = float(patching_metric(logits)) - baseline
+            scores[tuple(cell)] = float(patching_metric(logits)) - baseline
     return EdgeScores(scores=scores, valid=valid, writer_names=writer_names, reader_names=[r[0] for r in readers])
 
 
@@ -402,14 +417,17 @@ def _agreement_check(ours: Sequence[float], theirs: Sequence[float], what: str) 
     return {"edges_checked": len(ours), "max_abs_error": error, "max_abs_value": scale}
 
 
-def check_against_plain_loop(edges: Any, loop: Any) -> Dict[str, Any]:
-    """Every valid edge of ``edges`` against :func:`plain_loop_edges`' (same names and validity)."""
+def check_against_plain_loop(edges: Any, loop: Any, cells: Optional[Sequence[Tuple[int, ...]]] = None) -> Dict[str, Any]:
+    """Every valid edge of ``edges`` (or only ``cells``, the index tuples the loop ran) against
+    :func:`plain_loop_edges`' (same names, validity and shape)."""
     if edges.writer_names != loop.writer_names or edges.reader_names != loop.reader_names or \
-            not torch.equal(edges.valid.cpu(), loop.valid.cpu()):
+            not torch.equal(edges.valid.cpu(), loop.valid.cpu()) or edges.scores.shape != loop.scores.shape:
         raise AssertionError("the exact edges' layout differs from the plain loop's")
-    valid = loop.valid.cpu()
-    return _agreement_check(edges.scores.double().cpu()[valid].tolist(), loop.scores.double().cpu()[valid].tolist(),
-                            "the plain loop")
+    ours, theirs = edges.scores.double().cpu(), loop.scores.double().cpu()
+    if cells is None:
+        valid = loop.valid.cpu()
+        return _agreement_check(ours[valid].tolist(), theirs[valid].tolist(), "the plain loop")
+    return _agreement_check([float(ours[c]) for c in cells], [float(theirs[c]) for c in cells], "the plain loop")
 
 
 def check_against_direct_paths(
@@ -519,8 +537,10 @@ def faithfulness(estimate: Tensor, exact: Tensor, floor: float, valid: Optional[
     est, ex = denoise(estimate, floor), denoise(exact, floor)
     if est.shape != ex.shape:
         raise ValueError(f"estimate {tuple(est.shape)} and exact {tuple(ex.shape)} differ")
-    if valid is not None:
-        est, ex = est[valid.cpu()], ex[valid.cpu()]
+    if valid is not None:  # [writer, reader], expanded over positions for per-position edges
+        valid = valid.cpu()
+        valid = valid[..., None].expand_as(ex) if valid.ndim < ex.ndim else valid
+        est, ex = est[valid], ex[valid]
     est, ex = est.reshape(-1), ex.reshape(-1)
     active = (est != 0) | (ex != 0)
     return {"pearson": pearson(est[active], ex[active]), "spearman": spearman(est[active], ex[active]),
@@ -531,7 +551,10 @@ def faithfulness(estimate: Tensor, exact: Tensor, floor: float, valid: Optional[
 def top_k_recall(estimate: Tensor, exact: Tensor, valid: Tensor, fractions: Sequence[float] = TOP_K_FRACTIONS) -> Dict[str, Any]:
     """For each fraction f: of the k = max(1, round(f * valid edges)) edges of largest |exact|, the
     share that are also among the k of largest |estimate| (valid edges only; ties by index)."""
-    est, ex = estimate.detach().double().cpu()[valid.cpu()], exact.detach().double().cpu()[valid.cpu()]
+    est, ex = estimate.detach().double().cpu(), exact.detach().double().cpu()
+    valid = valid.cpu()
+    valid = valid[..., None].expand_as(ex) if valid.ndim < ex.ndim else valid  # per-position edges
+    est, ex = est[valid], ex[valid]
     out = {}
     for f in fractions:
         k = max(1, round(f * ex.numel()))
@@ -542,7 +565,6 @@ def top_k_recall(estimate: Tensor, exact: Tensor, valid: Tensor, fractions: Sequ
 
 def run_faithfulness(task: Task, ig_steps: int) -> Dict[str, Any]:
     """Every component type and method on one shipped model: the rows of the table."""
-    from fastpatch import attribution as fa
     from fastpatch import patching as fp
 
     model, clean, corrupted, metric = task.model, task.clean, task.corrupted, task.metric
@@ -570,29 +592,58 @@ def run_faithfulness(task: Task, ig_steps: int) -> Dict[str, Any]:
         rows.append(row)
         print(f"  {task.name}: {component} done", flush=True)
 
-    edges, t_exact = _timed(lambda: EXACT_EDGES(model, clean, corrupted, metric))
+    for per_position in (False, True):
+        rows.append(edge_row(task, per_position, ig_steps, floor))
+        print(f"  {task.name}: {rows[-1]['component']} done", flush=True)
+    return {"model": task.name, "config": task.description, "clean_metric": clean_metric,
+            "corrupted_metric": corrupted_metric, "noise_floor": floor, "rows": rows}
+
+
+PER_POSITION_SAMPLE = 40  # per-position exact edges checked against the plain loop: the 20 largest, 20 at random
+
+
+def _sample_cells(exact: Tensor, valid: Tensor, n: int, seed: int = 0) -> List[Tuple[int, ...]]:
+    """``n // 2`` valid cells of largest ``|exact|`` and ``n - n // 2`` other valid cells drawn with ``seed``."""
+    cells = torch.nonzero(valid[..., None].expand_as(exact) if valid.ndim < exact.ndim else valid)
+    order = torch.argsort(exact[tuple(cells.T)].abs(), descending=True, stable=True)
+    top, rest = order[: n // 2], order[n // 2 :]
+    rest = rest[torch.randperm(len(rest), generator=torch.Generator().manual_seed(seed))[: n - n // 2]]
+    return [tuple(int(i) for i in cells[j]) for j in torch.cat([top, rest]).tolist()]
+
+
+def edge_row(task: Task, per_position: bool, ig_steps: int, floor: float) -> Dict[str, Any]:
+    """The edges row (whole edges, or one edge per position: PEAP's granularity): the exact edges,
+    checked against the plain loop (every edge; a sample per position) and direct path patching
+    (head writers, whole edges), and edge attribution / EAP-IG against them."""
+    from fastpatch import attribution as fa
+
+    model, clean, corrupted, metric = task.model, task.clean, task.corrupted, task.metric
+    edges, t_exact = _timed(lambda: EXACT_EDGES(model, clean, corrupted, metric, per_position=per_position))
     exact, valid = edges.scores.detach().double().cpu(), edges.valid.cpu()
-    row = {"component": "edges", "exact": EXACT_EDGES_NAME, "shape": list(exact.shape), "exact_seconds": t_exact,
-           "valid_edges": int(valid.sum()), "methods": {},
-           "head_writer_edges_vs_direct_path_patching": check_against_direct_paths(model, clean, corrupted, metric, edges),
-           "not_applicable": {"atp*": "AtP*'s QK fix is defined for query and key nodes, not for edges",
-                              "graddrop": "GradDrop is a node method (fastpatch.attribution.get_attr_patch_graddrop)"}}
+    row: Dict[str, Any] = {
+        "component": "edges (by position)" if per_position else "edges", "exact": EXACT_EDGES_NAME,
+        "shape": list(exact.shape), "exact_seconds": t_exact, "valid_edges": int(valid.sum()), "methods": {},
+        "not_applicable": {"atp*": "AtP*'s QK fix is defined for query and key nodes, not for edges",
+                           "graddrop": "GradDrop is a node method (fastpatch.attribution.get_attr_patch_graddrop)"}}
+    if not per_position:
+        row["head_writer_edges_vs_direct_path_patching"] = check_against_direct_paths(model, clean, corrupted, metric, edges)
     for method, kwargs in (("attribution", {}), ("ig", {"ig_steps": ig_steps})):
-        estimate, seconds = _timed(lambda: fa.get_attr_patch_edges(model, clean, corrupted, metric, **kwargs))
+        estimate, seconds = _timed(lambda: fa.get_attr_patch_edges(
+            model, clean, corrupted, metric, per_position=per_position, **kwargs))
         if estimate.writer_names != edges.writer_names or estimate.reader_names != edges.reader_names or \
-                not torch.equal(estimate.valid.cpu(), valid):
+                not torch.equal(estimate.valid.cpu(), valid) or estimate.scores.shape != edges.scores.shape:
             raise AssertionError(f"{task.name}: attribution's edge layout differs from the exact edges'")
         row["methods"][method] = {"seconds": seconds, **faithfulness(estimate.scores, exact, floor, valid),
                                   "top_k_recall": top_k_recall(estimate.scores, exact, valid),
                                   "values": _rounded(estimate.scores)}
     row.update(writers=edges.writer_names, readers=edges.reader_names, exact_values=_rounded(exact))
-    if EXACT_EDGES is not plain_loop_edges:  # the batched exact edges, checked edge by edge against the plain loop
-        loop, row["plain_loop_seconds"] = _timed(lambda: plain_loop_edges(model, clean, corrupted, metric))
-        row["all_edges_vs_plain_loop"] = check_against_plain_loop(edges, loop)
-    rows.append(row)
-    print(f"  {task.name}: edges done", flush=True)
-    return {"model": task.name, "config": task.description, "clean_metric": clean_metric,
-            "corrupted_metric": corrupted_metric, "noise_floor": floor, "rows": rows}
+    if EXACT_EDGES is not plain_loop_edges:  # the batched exact edges, checked against the plain loop
+        cells = _sample_cells(exact, valid, PER_POSITION_SAMPLE) if per_position else None
+        loop, row["plain_loop_seconds"] = _timed(lambda: plain_loop_edges(
+            model, clean, corrupted, metric, per_position=per_position, cells=cells))
+        key = f"sample_of_{len(cells)}_vs_plain_loop" if per_position else "all_edges_vs_plain_loop"
+        row[key] = check_against_plain_loop(edges, loop, cells)
+    return row
 
 
 def _rounded(x: Tensor) -> Any:
