@@ -45,6 +45,21 @@ def test_demo_agrees_with_transformer_lens_and_writes_a_report(demo):
     assert "circuit recovered: yes" in page and "L0H3" in page
 
 
+def test_demo_shows_exact_edges_beside_attribution(demo):
+    """Exact edges from a layer-0 head into a layer-1 head's keys/queries are the demo's (TransformerLens-
+    checked) direct paths minus the corrupted value; attribution lies on the same grid."""
+    exact, attribution = demo.values["exact_edges"], demo.values["attribution_edges"]
+    assert exact.shape == attribution.shape
+    H = demo.values["direct_path_k"].shape[0]
+    for c in "qk":
+        rows = [1 + s for s in range(H)]  # writers: embed, then layer 0's heads
+        cols = [d for d in range(H)] if c == "q" else [H + d for d in range(H)]
+        cols = [3 * H + 1 + col for col in cols]  # readers: layer 0's q, k, v, MLP, then layer 1's
+        torch.testing.assert_close(exact[rows][:, cols], demo.values[f"direct_path_{c}"], rtol=1e-4, atol=1e-4)
+    assert float(exact.abs().max()) > 1e-2
+    assert "Top edges, exact" in demo.report.read_text()
+
+
 def test_demo_command_line(tmp_path, capsys):
     out = tmp_path / "cli"
     code = main(["demo", "--prompts", "6", "--half-len", "10", "--no-compare", "--quiet", "--out", str(out)])

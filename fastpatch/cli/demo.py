@@ -13,7 +13,9 @@ The metric is the logit difference ``r_1 - c_1`` at the last position. The demo 
    ``i - 1``) and induction heads (attention from the second ``r_k`` to the first ``r_{k+1}``);
 3. reads the direct paths from layer-0 heads into layer-1 heads: an induction circuit is
    K-composition, previous-token head -> induction head keys;
-4. estimates the head effects with attribution patching and every edge with edge attribution;
+4. estimates the head effects with attribution patching and every edge with edge attribution, and
+   measures every edge exactly (``fastpatch.circuits.exact_edges``: each edge patched alone, batched)
+   to show the estimates beside the ground truth;
 5. compares what it found with the circuit the training script recorded and writes an HTML report.
 
 The circuit counts as recovered when every important head is a previous-token or induction head
@@ -89,6 +91,7 @@ def run_demo(
     from fastpatch import analysis, figures
     from fastpatch import patching as fp
     from fastpatch.attribution import get_attr_patch_attn_head_out_all_pos, get_attr_patch_edges
+    from fastpatch.circuits import exact_edges
     from fastpatch.metrics import LogitDiff
     from fastpatch.models import induction_model_info, induction_prompts, load_induction_model
 
@@ -157,10 +160,20 @@ def run_demo(
                  "component": "qkv"[int(component)], "effect": float(stacked.max())}
     values.update({f"direct_path_{c}": v for c, v in paths.items()})
 
-    # 4. attribution: head outputs and every edge
+    # 4. attribution: head outputs and every edge; every edge exactly, beside its estimate
     estimate = get_attr_patch_attn_head_out_all_pos(model, clean, corrupted, metric)
     edges = get_attr_patch_edges(model, clean, corrupted, metric)
-    values["attribution_heads"] = estimate
+    exact, exact_seconds = _timed(lambda: exact_edges(model, clean, corrupted, metric, progress=progress), 1)
+    values.update(attribution_heads=estimate, attribution_edges=edges.scores, exact_edges=exact.scores)
+    edge_table = exact.top_edges(10).rename(columns={"score": "exact"})
+    index = {(w, r): (i, j) for i, w in enumerate(exact.writer_names) for j, r in enumerate(exact.reader_names)}
+    edge_table["attribution"] = [float(edges.scores[index[(w, r)]]) for w, r in zip(edge_table.writer, edge_table.reader)]
+    valid = exact.valid
+    frame = exact.to_frame()  # the valid edges in the order of scores[valid]
+    edge_names = [f"{w}->{r}" for w, r in zip(frame.writer, frame.reader)]
+    echo(f"exact edges: {int(valid.sum())} edges in {exact_seconds:.2f} s; strongest "
+         f"{edge_table.writer[0]} -> {edge_table.reader[0]} {edge_table.exact[0]:+.3f} "
+         f"(attribution {edge_table.attribution[0]:+.3f})")
 
     # 5. compare with the recorded circuit
     circuit = induction_model_info()["circuit"]
@@ -205,7 +218,10 @@ def run_demo(
         ("Direct paths layer 0 -> layer 1 queries", figures.heatmap(paths["q"], x_label="destination head (layer 1)",
                                                                      y_label="source head (layer 0)", title="Q-composition")),
         ("Attribution vs exact patching (head outputs)", figures.attribution_scatter(effect, estimate, labels)),
-        ("Top edges (edge attribution)", edges.top_edges(10)),
+        ("Top edges, exact (each edge patched alone) beside edge attribution", edge_table),
+        ("Edge attribution vs exact edges (every edge)",
+         figures.attribution_scatter(exact.scores[valid], edges.scores[valid], edge_names,
+                                     title="Edge attribution vs exact edge patching")),
         ("Speed against TransformerLens" if compare else "Timings", timings),
     ]
     report = figures.write_report(Path(f"{out}.html"), sections, title="fastpatch demo: the induction circuit")
