@@ -190,7 +190,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--ig-steps", type=int, default=8, help="integrated-gradients steps (midpoint rule)")
     p.add_argument("--sweeps", nargs="+", default=list(SWEEPS), metavar="SWEEP",
                    help=f"sweeps to compare; choices: {', '.join(SWEEPS)}")
-    p.add_argument("--grids", action="store_true", help="store every exact and estimated grid in the JSON")
+    p.add_argument("--grids", action="store_true",
+                   help="store every exact and estimated grid in the JSON (with --faithfulness: the per-position edges' too)")
     p.add_argument("--out", type=Path, default=None,
                    help="JSON result path (default: bench/results/cpu-attribution-rank-correlation-induction.json, "
                         "with --faithfulness bench/results/cpu-faithfulness.json)")
@@ -563,8 +564,9 @@ def top_k_recall(estimate: Tensor, exact: Tensor, valid: Tensor, fractions: Sequ
     return out
 
 
-def run_faithfulness(task: Task, ig_steps: int) -> Dict[str, Any]:
-    """Every component type and method on one shipped model: the rows of the table."""
+def run_faithfulness(task: Task, ig_steps: int, grids: bool = False) -> Dict[str, Any]:
+    """Every component type and method on one shipped model: the rows of the table. The JSON keeps
+    every grid but the per-position edges' (thousands of cells; with ``grids`` those too)."""
     from fastpatch import patching as fp
 
     model, clean, corrupted, metric = task.model, task.clean, task.corrupted, task.metric
@@ -593,7 +595,7 @@ def run_faithfulness(task: Task, ig_steps: int) -> Dict[str, Any]:
         print(f"  {task.name}: {component} done", flush=True)
 
     for per_position in (False, True):
-        rows.append(edge_row(task, per_position, ig_steps, floor))
+        rows.append(edge_row(task, per_position, ig_steps, floor, grids=grids or not per_position))
         print(f"  {task.name}: {rows[-1]['component']} done", flush=True)
     return {"model": task.name, "config": task.description, "clean_metric": clean_metric,
             "corrupted_metric": corrupted_metric, "noise_floor": floor, "rows": rows}
@@ -611,10 +613,11 @@ def _sample_cells(exact: Tensor, valid: Tensor, n: int, seed: int = 0) -> List[T
     return [tuple(int(i) for i in cells[j]) for j in torch.cat([top, rest]).tolist()]
 
 
-def edge_row(task: Task, per_position: bool, ig_steps: int, floor: float) -> Dict[str, Any]:
+def edge_row(task: Task, per_position: bool, ig_steps: int, floor: float, grids: bool = True) -> Dict[str, Any]:
     """The edges row (whole edges, or one edge per position: PEAP's granularity): the exact edges,
     checked against the plain loop (every edge; a sample per position) and direct path patching
-    (head writers, whole edges), and edge attribution / EAP-IG against them."""
+    (head writers, whole edges), and edge attribution / EAP-IG against them. ``grids``: keep the
+    exact and estimated values in the row."""
     from fastpatch import attribution as fa
 
     model, clean, corrupted, metric = task.model, task.clean, task.corrupted, task.metric
@@ -635,8 +638,8 @@ def edge_row(task: Task, per_position: bool, ig_steps: int, floor: float) -> Dic
             raise AssertionError(f"{task.name}: attribution's edge layout differs from the exact edges'")
         row["methods"][method] = {"seconds": seconds, **faithfulness(estimate.scores, exact, floor, valid),
                                   "top_k_recall": top_k_recall(estimate.scores, exact, valid),
-                                  "values": _rounded(estimate.scores)}
-    row.update(writers=edges.writer_names, readers=edges.reader_names, exact_values=_rounded(exact))
+                                  **({"values": _rounded(estimate.scores)} if grids else {})}
+    row.update(writers=edges.writer_names, readers=edges.reader_names, **({"exact_values": _rounded(exact)} if grids else {}))
     if EXACT_EDGES is not plain_loop_edges:  # the batched exact edges, checked against the plain loop
         cells = _sample_cells(exact, valid, PER_POSITION_SAMPLE) if per_position else None
         loop, row["plain_loop_seconds"] = _timed(lambda: plain_loop_edges(
@@ -689,7 +692,7 @@ def write_readme_table(text: str, readme: Path = Path(__file__).resolve().parent
 
 
 def faithfulness_main(args: argparse.Namespace, command: str) -> Dict[str, Any]:
-    models = [run_faithfulness(task, args.ig_steps) for task in shipped_tasks(args.models)]
+    models = [run_faithfulness(task, args.ig_steps, args.grids) for task in shipped_tasks(args.models)]
     record = {
         "benchmark": "attribution_faithfulness",
         "command": command,
