@@ -516,7 +516,8 @@ class NormalizedEffect:
     ``metric`` is a :class:`LogitMetric` (then ``reads``/``per_prompt`` are its own and
     ``select``/``from_selected`` work, so backends may compute only the logits it reads) or any
     callable of the logits (then ``reads`` is ``None``, ``select``/``from_selected`` raise
-    ``NotImplementedError`` and backends pass the full logits).
+    ``NotImplementedError`` and backends pass the full logits), or an :class:`ActivationMetric`
+    (then ``activation_reads`` are its own and ``from_activations`` normalises it).
 
     ``clean_value``/``corrupted_value`` are scalars for a scalar metric, and ``[batch]`` tensors
     (or scalars, broadcast) for a ``per_prompt`` one. For a plain callable ``per_prompt`` is
@@ -566,6 +567,9 @@ class NormalizedEffect:
         self.clean_value = clean
         self.corrupted_value = corrupted
         self._denominator = denom
+        self.activation_reads = tuple(getattr(metric, "activation_reads", ()) or ())
+        if self.activation_reads:
+            self.per_prompt = bool(getattr(metric, "per_prompt", per_prompt_values))
 
     @classmethod
     def from_logits(
@@ -594,6 +598,12 @@ class NormalizedEffect:
         if self.reads is None:
             raise NotImplementedError("the inner metric is a plain callable: it declares no reads; pass full logits")
         return self._normalize(self.metric.from_selected(selected))
+
+    def from_activations(self, logits: Float[Tensor, "batch pos d_vocab"], acts: Acts) -> MetricValue:
+        """``(inner.from_activations(logits, acts) - corrupted) / (clean - corrupted)`` (an ActivationMetric inside)."""
+        if not self.activation_reads:
+            raise NotImplementedError("the inner metric reads no activations; call the metric on the logits")
+        return self._normalize(torch.as_tensor(self.metric.from_activations(logits, acts)))
 
     def __call__(self, logits: Float[Tensor, "batch pos d_vocab"]) -> MetricValue:
         if self.reads is None:

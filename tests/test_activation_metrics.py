@@ -20,7 +20,7 @@ from transformer_lens.utilities import get_act_name
 import fastpatch
 from fastpatch import attribution as fa
 from fastpatch import patching as fp
-from fastpatch.metrics import ActivationMetric, AttentionTo, HeadDLA, LogitDiff, NeuronValue
+from fastpatch.metrics import ActivationMetric, AttentionTo, HeadDLA, LogitDiff, NeuronValue, NormalizedEffect
 
 ZOO_MODELS = ("gpt2", "neox", "llama")
 
@@ -112,6 +112,7 @@ def _activation_metrics(case):
             per_prompt=True,
         ),
         "logit_diff": LogitDiff(answer, wrong, per_prompt=True),  # a logit metric beside them
+        "normalized": NormalizedEffect(NeuronValue(last, 5, per_prompt=True), 2.0, torch.tensor([0.5, -1.0, 0.0])),
     }
 
 
