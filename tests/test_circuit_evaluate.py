@@ -380,3 +380,86 @@ def test_faithfulness_curve(case):
         faithfulness_curve(model, case.clean, case.corrupted, case.scalar, scores, sizes=(1.5,))
     with pytest.raises(ValueError, match="edge scores"):
         faithfulness_curve(model, case.clean, case.corrupted, case.scalar, scores[:-1])
+
+
+# ---- discovery ------------------------------------------------------------------------------------
+def reference_greedy(scores, full, writer_names, reader_names, n_heads, n_kv, count):
+    """EAP-IG's greedy search written as a scan: each step adds the best edge into a node already in the circuit."""
+    nodes, chosen = {"logits"}, []
+    edges = [tuple(e) for e in torch.nonzero(full).tolist()]
+    for _ in range(count):
+        best = None
+        for w, r in edges:
+            reader_nodes = {"logits"} if reader_names[r] == "logits" else _reader_nodes(reader_names[r], n_heads, n_kv)
+            if (w, r) in chosen or not reader_nodes & nodes:
+                continue
+            if best is None or abs(float(scores[w, r])) > abs(float(scores[best])):
+                best = (w, r)
+        chosen.append(best)
+        nodes.add(writer_names[best[0]])
+    return set(chosen)
+
+
+def test_greedy_circuits(case):
+    from fastpatch.circuits.discovery import greedy_circuits
+
+    if case.name == "neox":
+        pytest.skip("sequential (gpt2) and grouped-query (llama) wiring cover the node maps")
+    model, full = case.model, case.full
+    writer_names, reader_names = _names(model)
+    scores = torch.randn(full.shape, generator=torch.Generator().manual_seed(8)) * full
+    n_kv = getattr(model.cfg, "n_key_value_heads", None) or model.cfg.n_heads
+    counts = [1, 5, 20, 60]
+    circuits = greedy_circuits(model, scores, counts)
+    for count, circuit in zip(counts, circuits):
+        expected = reference_greedy(scores, full, writer_names, reader_names, model.cfg.n_heads, n_kv, count)
+        assert {tuple(e) for e in torch.nonzero(circuit).tolist()} == expected
+    # greedy differs from top-n: an edge into a node outside the circuit waits for that node
+    from fastpatch.circuits.faithfulness import top_n_circuits
+
+    assert not torch.equal(circuits[1], top_n_circuits(scores, full, [5])[0])
+    if case.name == "gpt2":  # the curve's greedy circuits are these, evaluated as such
+        from fastpatch.circuits import faithfulness_curve
+
+        curve = faithfulness_curve(model, case.clean, case.corrupted, case.scalar, scores, sizes=counts, method="greedy", n_random=0)
+        assert torch.equal(curve.circuits, circuits)
+        assert_close(curve.values[0], evaluate(model, case.clean, case.corrupted, case.scalar, circuits))
+
+
+@pytest.fixture(scope="module")
+def small_gpt2():
+    model = zoo.gpt2(n_layers=2)
+    clean, corrupted = zoo.prompt_pair(batch=3, n_pos=5, first_diff=1)
+    return model, clean, corrupted
+
+
+def test_acdc_equals_sequential_search(small_gpt2):
+    """Batched ACDC makes the decisions of the sequential search, one forward per candidate removal."""
+    from fastpatch.circuits.discovery import acdc
+    from fastpatch.metrics import KLDivergence
+
+    model, clean, corrupted = small_gpt2
+    with torch.no_grad():
+        metric = KLDivergence(model(clean))
+    full = full_circuit(model)
+    threshold = 0.05  # decisions here are >= 5e-3 away from it (fp noise is ~1e-7)
+    ours = acdc(model, clean, corrupted, threshold)
+
+    def value(circuit):
+        return float(evaluate(model, clean, corrupted, metric, circuit[None])[0])
+
+    current, m = full.clone(), value(full)
+    for r in reversed(range(full.shape[1])):
+        for w in reversed(torch.nonzero(current[:, r]).flatten().tolist()):
+            trial = current.clone()
+            trial[w, r] = False
+            m_new = value(trial)
+            if m_new - m < threshold:
+                current, m = trial, m_new
+    kept = int(current.sum())
+    assert 0 < kept < int(full.sum()), f"threshold keeps {kept} edges: the comparison proves little"
+    assert torch.equal(ours.circuit, current)
+    assert abs(ours.metric - m) <= 1e-5 * max(1.0, abs(m))
+    assert ours.passes < ours.visited  # candidates into a reader shared passes
+    with pytest.raises(ValueError, match="positive"):
+        acdc(model, clean, corrupted, 0.0)

@@ -9,12 +9,16 @@
   ablations, stacked along the batch dimension.
 - :func:`~fastpatch.circuits.faithfulness.faithfulness_curve`: MIB's faithfulness curve of the top-n
   circuits of any edge score, with random baselines, normalised faithfulness, CPR and CMD.
+- :mod:`~fastpatch.circuits.discovery`: greedy circuits (EAP-IG ``apply_greedy``) and an exact
+  ACDC-style search whose candidate removals into a reader share one batched pass.
 """
 
+from fastpatch.circuits.discovery import AcdcResult, acdc, greedy_circuits
 from fastpatch.circuits.evaluate import ABLATIONS, evaluate, full_circuit
 from fastpatch.circuits.exact_edges import DIRECTIONS, exact_edges
 from fastpatch.circuits.faithfulness import MIB_SIZES, FaithfulnessCurve, faithfulness_curve
 
 __all__ = [
-    "ABLATIONS", "DIRECTIONS", "MIB_SIZES", "FaithfulnessCurve", "evaluate", "exact_edges", "faithfulness_curve", "full_circuit",
+    "ABLATIONS", "DIRECTIONS", "MIB_SIZES", "AcdcResult", "FaithfulnessCurve", "acdc", "evaluate", "exact_edges",
+    "faithfulness_curve", "full_circuit", "greedy_circuits",
 ]

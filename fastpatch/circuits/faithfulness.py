@@ -235,6 +235,7 @@ def faithfulness_curve(
     *,
     sizes: Sequence[Union[int, float]] = MIB_SIZES,
     ablation: Union[Ablation, Sequence[Ablation]] = "corrupted",
+    method: str = "topn",
     n_random: int = 1,
     prune: bool = False,
     absolute: bool = True,
@@ -255,6 +256,8 @@ def faithfulness_curve(
         sizes: fractions of all edges (floats, MIB's by default) and/or edge counts (ints).
         ablation, backend, chunk_size, memory_budget, progress: as :func:`fastpatch.circuits.evaluate`.
         metric: a scalar metric of the logits (the mean over prompts, as MIB averages).
+        method: ``"topn"`` (the ``n`` best edges) or ``"greedy"`` (EAP-IG's greedy search from the
+            logits, ``fastpatch.circuits.discovery.greedy_circuits``; whole-edge scores).
         n_random: random circuits per size (0: none).
         prune: drop dangling edges before evaluating (module docstring; whole-edge scores only).
         absolute: rank edges by ``|score|`` (MIB's default) rather than by signed score.
@@ -265,6 +268,8 @@ def faithfulness_curve(
         ValueError: bad sizes, scores of the wrong shape, ``prune`` with per-position scores,
             ``n_random < 0``, or any of :func:`fastpatch.circuits.evaluate`'s refusals.
     """
+    if method not in ("topn", "greedy"):
+        raise ValueError(f"method must be 'topn' or 'greedy', got {method!r}")
     if isinstance(n_random, bool) or not isinstance(n_random, int) or n_random < 0:
         raise ValueError(f"n_random must be a non-negative integer, got {n_random!r}")
     layout = edge_layout(model.cfg)
@@ -276,15 +281,20 @@ def faithfulness_curve(
             f"got {tuple(getattr(score, 'shape', ())) or type(score).__name__}"
         )
     per_position = score.ndim == 3
-    if per_position and prune:
-        raise ValueError("prune=True needs whole-edge scores: dangling edges are defined between nodes, not positions")
+    if per_position and (prune or method == "greedy"):
+        raise ValueError(f"{'prune=True' if prune else 'greedy'} needs whole-edge scores: nodes and their edges have no positions")
     device = score.device
     valid = valid.to(device)
     n_pos = int(score.shape[2]) if per_position else None
     n_items = int(valid.sum()) * (n_pos or 1)
     counts = edge_counts(sizes, n_items)
     order = sorted(range(len(counts)), key=lambda i: counts[i])  # areas run over increasing sizes
-    top = top_n_circuits(score, valid, counts, absolute)
+    if method == "greedy":
+        from fastpatch.circuits.discovery import greedy_circuits  # discovery builds on this module's node maps
+
+        top = greedy_circuits(model, score, counts, absolute)
+    else:
+        top = top_n_circuits(score, valid, counts, absolute)
     rand = random_circuits(valid, counts, n_random, seed, n_pos).to(device)
     if prune:
         top = prune_dangling(model, top)
