@@ -45,6 +45,9 @@ def run_native_cells(
     reads = metrics.common_reads()
     positions = None if reads is None else [_positions(r, n_pos) for r in reads]
     last_read = None if positions is None else max(max(p) for p in positions)
+    # bytes_per_row counts one read row of logits; metrics reading whole rows at several positions need more
+    full_rows = 0 if positions is None else sum(len(p) for r, p in zip(reads, positions) if r.tokens is None)
+    extra_row_bytes = max(0, full_rows - 1) * 2 * int(native.W_U.shape[1]) * dtype_bytes
     workspace = native_backend.LogitsWorkspace()
     for start, members in work.groups.items():
         if last_read is not None and last_read < start:  # the metrics read no position the patch can reach
@@ -52,7 +55,7 @@ def run_native_cells(
                 values[member.cell] = baseline
             bar.update(len(members))
             continue
-        row_bytes = native_backend.bytes_per_row(native, n_pos, start, reads is None, dtype_bytes)
+        row_bytes = native_backend.bytes_per_row(native, n_pos, start, reads is None, dtype_bytes) + extra_row_bytes
         resid_of = work.group_resid(start)
         # the last block computes the span of read positions the patch can reach, nothing else
         first_read = None if positions is None else max(start, min(min(p) for p in positions))
