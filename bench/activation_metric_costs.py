@@ -1,0 +1,104 @@
+"""Cost of metrics on internal activations: the same sweep with an activation metric vs a logit metric.
+
+Times, in one process and on one random-init GPT-2, each sweep with the logit-difference metric
+and with activation metrics of :mod:`fastpatch.metrics` (a head's attention, a head's direct
+logit attribution, a neuron), and prints ``activation / logit`` time ratios. A plan with an
+activation metric runs on the hook backend (the native backend computes only each cell's residual
+suffix), so two ratios are reported: against the logit metric on the hook backend (the cost of
+capturing the activations per cell) and against the logit metric on the default backend (what a
+user sees when swapping the metric). Values of the two activation-metric runs are checked against
+each other's backend-independent definition only through the tests (``tests/test_activation_metrics.py``).
+Writes a JSON record under ``bench/results/``.
+
+    python -m bench.activation_metric_costs            # GPT-2-small-shaped, 8 prompts x 15 tokens, CPU
+    python -m bench.activation_metric_costs --small    # seconds
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import time
+from pathlib import Path
+from typing import Any, Dict
+
+os.environ.setdefault("TQDM_DISABLE", "1")
+
+import torch  # noqa: E402
+
+from bench import compare_transformer_lens as cli  # noqa: E402
+from bench.models import gpt2_small_shaped, ioi_like_tokens, logit_diff_metric  # noqa: E402
+from fastpatch import patching as fp  # noqa: E402
+from fastpatch.metrics import AttentionTo, HeadDLA, NeuronValue  # noqa: E402
+
+SWEEPS = ("get_act_patch_attn_head_out_all_pos", "get_act_patch_resid_pre")
+RESULTS = Path(__file__).parent / "results"
+
+
+def _metrics(model: Any, pair: Any, n_pos: int) -> Dict[str, Any]:
+    last = model.cfg.n_layers - 1
+    return {
+        "logit_diff": logit_diff_metric(pair.answer, pair.wrong),
+        "attention": AttentionTo(last, 0, n_pos - 1, 1),
+        "head_dla": HeadDLA(model, last, 0, pair.answer, pair.wrong),
+        "neuron": NeuronValue(last, 0),
+    }
+
+
+def main(argv=None) -> Dict[str, Any]:
+    big = cli.SHAPES["gpt2-small"]
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0], formatter_class=cli._HelpFormatter)
+    cli.add_shape_arguments(p, big, batch_help="prompts per sweep")
+    p.add_argument("--repeats", type=int, default=3, help="time each sweep N times and keep the best")
+    p.add_argument("--out", type=Path, default=None, help="JSON record path (default under bench/results/)")
+    args = p.parse_args(argv)
+    if args.small:
+        for key, value in cli.SHAPES["small"].items():
+            setattr(args, key, value)
+    if args.corrupt_from is None:
+        args.corrupt_from = 10 if args.positions > 10 else args.positions // 2
+    device = torch.device(args.device)
+    model = gpt2_small_shaped(0, args.layers, args.d_model, args.heads, args.vocab).to(device)
+    pair = ioi_like_tokens(args.vocab, args.batch, args.positions, corrupt_from=args.corrupt_from, seed=0)
+    clean, corrupted = pair.clean.to(device), pair.corrupted.to(device)
+    with torch.no_grad():
+        _, clean_cache = model.run_with_cache(clean)
+    metrics = _metrics(model, pair, args.positions)
+    record: Dict[str, Any] = {
+        "what": "activation metric / logit metric sweep time (fastpatch.metrics), one process",
+        "shape": {k: getattr(args, k) for k in ("layers", "d_model", "heads", "vocab", "batch", "positions")},
+        "corrupt_from": args.corrupt_from, "repeats": args.repeats, "device": cli.device_name(device),
+        "threads": torch.get_num_threads(), "versions": cli.versions(), "git": cli.git_state(),
+        "load_average_before": cli._load_average(), "runs": [],
+    }
+    for sweep in SWEEPS:
+        fn = getattr(fp, sweep)
+
+        def timed(metric: Any, backend: str) -> float:
+            def run() -> Any:
+                return fn(model, corrupted, clean_cache, metric, backend=backend, progress=False)
+
+            run()  # warm-up (the native model build and parity check are per call, so they are timed too)
+            return cli.best_time(run, args.repeats, device)[0]
+
+        seconds = {"logit_diff/auto": timed(metrics["logit_diff"], "auto"),
+                   "logit_diff/hooks": timed(metrics["logit_diff"], "hooks")}
+        for name in ("attention", "head_dla", "neuron"):
+            seconds[name] = timed(metrics[name], "auto")  # runs on the hook backend
+        ratios = {
+            name: {"vs_logit_hooks": seconds[name] / seconds["logit_diff/hooks"],
+                   "vs_logit_auto": seconds[name] / seconds["logit_diff/auto"]}
+            for name in ("attention", "head_dla", "neuron")
+        }
+        record["runs"].append({"sweep": sweep, "seconds": seconds, "ratios": ratios})
+        print(f"{cli.short_name(sweep):<16} logit diff: auto {seconds['logit_diff/auto']:.3f}s, "
+              f"hooks {seconds['logit_diff/hooks']:.3f}s; "
+              + "  ".join(f"{n} {r['vs_logit_hooks']:.2f}x hooks / {r['vs_logit_auto']:.2f}x auto" for n, r in ratios.items()))
+    record["load_average_after"] = cli._load_average()
+    name = f"{args.device}-activation-metric-costs-{args.layers}L{args.d_model}d-{time.strftime('%Y%m%d')}.json"
+    cli.write_record(args.out or RESULTS / name, record)
+    return record
+
+
+if __name__ == "__main__":
+    main()
