@@ -146,19 +146,19 @@ def test_probe_shapes_from_the_parity_run_match_the_probe_forward(zoo_case):
 
 def test_unsupported_config_is_refused_or_falls_back():
     case = zoo.Case.build("gpt2")
-    case.model.cfg.attn_scores_soft_cap = 30.0  # the bridge ignores it; the native forward refuses it
+    case.model.cfg.scale_attn_by_inverse_layer_idx = True  # the bridge ignores it; the native forward refuses it
     args = (case.model, case.corrupted, case.clean_cache, case.scalar)
     try:
-        with pytest.raises(UnsupportedModel, match="attn_scores_soft_cap"):
+        with pytest.raises(UnsupportedModel, match="scale_attn_by_inverse_layer_idx"):
             fp.get_act_patch_resid_pre(*args, progress=False, backend="native")
-        with pytest.warns(UserWarning, match="attn_scores_soft_cap; using hooks, expect about TransformerLens speed"):
+        with pytest.warns(UserWarning, match="scale_attn_by_inverse_layer_idx=True; using hooks, expect about TransformerLens speed"):
             ours = fp.get_act_patch_resid_pre(*args, progress=False)  # falls back with the reason: same numbers
         assert_close(ours, tl.get_act_patch_resid_pre(*args))
         with warnings.catch_warnings():
             warnings.simplefilter("error")  # once per model
             fp.get_act_patch_resid_pre(*args, progress=False)
     finally:
-        case.model.cfg.attn_scores_soft_cap = -1.0
+        case.model.cfg.scale_attn_by_inverse_layer_idx = False
 
 
 def test_bad_backend_name():

@@ -153,3 +153,73 @@ class Case:
     def build(cls, name: str, batch: int = 3, n_pos: int = 5, first_diff: int = 2) -> "Case":
         clean, corrupted = prompt_pair(batch, n_pos, first_diff)
         return cls(name, ZOO[name](), clean, corrupted)
+
+
+# ---- architecture zoo (tests/test_architectures.py) -------------------------------------------------
+# One tiny random-init bridge per architecture family: 2 layers, d_model 48, 4 query heads (2 K/V
+# heads where the family has grouped-query attention), every norm's weight (and bias) perturbed so
+# conventions such as Gemma's (1 + w) show. Kept out of ZOO so the main oracle tests do not grow.
+_SMALL = dict(num_hidden_layers=2, hidden_size=48, num_attention_heads=4, intermediate_size=80,
+              max_position_embeddings=N_CTX, vocab_size=VOCAB, initializer_range=0.15)
+_GQA = dict(_SMALL, num_key_value_heads=2)
+_GEMMA = dict(_GQA, head_dim=12, query_pre_attn_scalar=10)
+_SLIDING = dict(sliding_window=3, layer_types=["sliding_attention", "full_attention"])  # the window bites at 5 positions
+ARCH_CONFIGS: Dict[str, tuple] = {
+    "gemma": ("GemmaConfig", "GemmaForCausalLM", dict(_GQA, head_dim=12)),
+    "gemma2": ("Gemma2Config", "Gemma2ForCausalLM",
+               dict(_GEMMA, **_SLIDING, attn_logit_softcapping=2.0, final_logit_softcapping=3.0)),
+    "gemma3": ("Gemma3TextConfig", "Gemma3ForCausalLM", dict(_GEMMA, **_SLIDING, rope_local_base_freq=100.0)),
+    "qwen3": ("Qwen3Config", "Qwen3ForCausalLM", dict(_GQA, head_dim=12)),
+    "qwen2": ("Qwen2Config", "Qwen2ForCausalLM", dict(_GQA, use_sliding_window=False)),
+    "mistral": ("MistralConfig", "MistralForCausalLM", dict(_GQA, sliding_window=3)),
+    "phi": ("PhiConfig", "PhiForCausalLM", dict(_SMALL, partial_rotary_factor=0.5)),
+    "phi3": ("Phi3Config", "Phi3ForCausalLM", dict(_GQA, pad_token_id=0)),
+    "olmo": ("OlmoConfig", "OlmoForCausalLM", dict(_GQA)),
+    "olmo2": ("Olmo2Config", "Olmo2ForCausalLM", dict(_GQA)),
+    "stablelm": ("StableLmConfig", "StableLmForCausalLM", dict(_GQA)),
+    "mixtral": ("MixtralConfig", "MixtralForCausalLM", dict(_GQA, num_local_experts=4, num_experts_per_tok=2)),
+    "gptj": ("GPTJConfig", "GPTJForCausalLM",
+             dict(n_layer=2, n_embd=48, n_head=4, rotary_dim=6, n_positions=N_CTX, vocab_size=VOCAB,
+                  initializer_range=0.15, bos_token_id=0, eos_token_id=0)),
+    "opt": ("OPTConfig", "OPTForCausalLM",
+            dict(num_hidden_layers=2, hidden_size=48, num_attention_heads=4, ffn_dim=80, max_position_embeddings=N_CTX,
+                 word_embed_proj_dim=48, vocab_size=VOCAB, init_std=0.15, pad_token_id=1)),
+    "falcon": ("FalconConfig", "FalconForCausalLM",
+               dict(num_hidden_layers=2, hidden_size=48, num_attention_heads=4, new_decoder_architecture=False,
+                    parallel_attn=True, alibi=False, multi_query=True, vocab_size=VOCAB, initializer_range=0.15)),
+    "bloom": ("BloomConfig", "BloomForCausalLM",
+              dict(n_layer=2, hidden_size=48, n_head=4, vocab_size=VOCAB, initializer_range=0.15)),
+    # hooks only: DeepSeek-V2's multi-head latent attention (no W_Q), and Jamba, whose block 0 is a Mamba mixer
+    "deepseek_v2": ("DeepseekV2Config", "DeepseekV2ForCausalLM",
+                    dict(_GQA, kv_lora_rank=16, q_lora_rank=None, qk_rope_head_dim=4, qk_nope_head_dim=8, v_head_dim=8,
+                         n_routed_experts=4, n_shared_experts=1, moe_intermediate_size=32, num_experts_per_tok=2,
+                         first_k_dense_replace=2)),
+    "jamba": ("JambaConfig", "JambaForCausalLM",
+              dict(_GQA, attn_layer_period=2, attn_layer_offset=1, expert_layer_period=100, expert_layer_offset=99,
+                   num_experts=1, mamba_d_state=4, mamba_expand=2)),
+}
+
+
+def _perturb_norms(module: torch.nn.Module, scale: float = 0.3) -> None:
+    """Move every norm's weight (and bias) away from its init, so a wrong weight convention fails."""
+    with torch.no_grad():
+        for sub in module.modules():
+            if "Norm" in type(sub).__name__:
+                for p in sub.parameters(recurse=False):
+                    p.add_(torch.randn_like(p) * scale)
+
+
+@_built_once
+def arch(name: str, seed: int = 0):
+    """The ``ARCH_CONFIGS[name]`` model as a TransformerLens bridge (random init, norms perturbed)."""
+    import transformers
+
+    config_cls, model_cls, kwargs = ARCH_CONFIGS[name]
+    torch.manual_seed(seed)
+    cfg = getattr(transformers, config_cls)(**kwargs)
+    module = getattr(transformers, model_cls)(cfg)
+    _perturb_norms(module)
+    return _bridge(module, model_cls, cfg)
+
+
+ARCH_ZOO: Dict[str, Callable] = {name: functools.partial(arch, name) for name in ARCH_CONFIGS}

@@ -54,6 +54,7 @@ from fastpatch.engine.native.backend import group_by_start
 from fastpatch.engine.native.cells import ATTN, Entry, entry_point, first_changed_positions
 from fastpatch.engine.native.model import NativeEngine
 from fastpatch.engine.plan import NativeWork, PatchPlan
+from fastpatch.engine.probing import post_norm_qkv_forks, require_qkv_input_forks
 from fastpatch.ops.delta_projection import delta_projection
 
 READERS = ("q", "k", "v", "mlp_in", "logits")
@@ -177,12 +178,18 @@ class PathPlan(PatchPlan):
             self.needs_native = "method='linear' needs the native backend, which this model or backend choice rules out"
         self._cells = list(cells)
         self._deltas: Optional[Tensor] = None
+        after_norm = post_norm_qkv_forks(model, [cell.layer for cell in self._cells if cell.component in _QKV])
+        if after_norm:  # TransformerLens's fork adds the write after ln1 there (BLOOM): hooks give its values
+            self.native_unsupported = f"Q/K/V readers in blocks {after_norm} take the write after the norm"
 
     @property
     def cells(self) -> List[PathCell]:
         return self._cells
 
     def prepare(self, engine: Optional[NativeEngine] = None) -> None:
+        if engine is None:  # hook patches need every Q/K/V reader's per-head input fork: refused before any patched forward
+            for component in (c for c in _QKV if c in self.components):
+                require_qkv_input_forks(self.model, sorted({c.layer for c in self._cells if c.component == component}), component)
         for name in dict.fromkeys(w.hook_name for w in self.writers):
             for cache, what in ((self.clean_cache, "clean_cache"), (self.corrupted_cache, "corrupted_cache")):
                 check_cached_activation(cached_activation(cache, name, what), name, self.tokens)
@@ -395,9 +402,9 @@ class NativePaths:
         else:
             heads, kv = slice(cell.head * group, (cell.head + 1) * group), cell.head
             q = trace.q[layer][:, :, heads]
-        k_rot = native.rotate(layer, patched, 0) if cell.component == "k" else trace.k_rot[layer][:, :, kv : kv + 1]
+        k_rot = native.rotate_k(layer, patched, 0) if cell.component == "k" else trace.k_rot[layer][:, :, kv : kv + 1]
         v = patched if cell.component == "v" else trace.v[layer][:, :, kv : kv + 1]
-        _, z = native.attend(native.rotate(layer, q[:, start:], start), k_rot, v, start)
+        _, z = native.attend(native.rotate_q(layer, q[:, start:], start), k_rot, v, start, layer, heads)
         return heads, z
 
     def _linear_logits(self, cell_number: int) -> Tensor:

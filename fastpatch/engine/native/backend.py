@@ -40,7 +40,8 @@ class NativeGroups(NamedTuple):
 def bytes_per_row(native: NativeModel, n_pos: int, start: int, full_logits: bool, dtype_bytes: int) -> int:
     """Peak memory of one row of a pass over positions ``start..``: a forward over ``n_pos - start``
     query positions attending over ``n_pos`` keys, plus the full logits only when a metric needs them."""
-    d_model, d_mlp = native.W_E.shape[1], native.layers[0].W_in.shape[1]
+    moe = native.layers[0].moe
+    d_model, d_mlp = native.d_model, native.d_mlp * (moe.top_k if moe is not None else 1)  # experts: top_k MLPs a token
     n, d_vocab = n_pos - start, native.W_U.shape[1]
     per_pos = 10 * d_model + 3 * d_mlp + 3 * native.n_heads * n_pos + 4 * native.n_heads * native.d_head
     logits = 2 * n_pos * d_vocab if full_logits else 2 * d_vocab
@@ -135,10 +136,10 @@ def forward_from_entries(
             L = native.layers[l]
             q, k, v = native.qkv(l, native.normalize(x, L.ln1_w, L.ln1_b))
             reps = x.shape[0] // batch
-            k_all = torch.cat([trace.k_rot[l][:, :start].repeat(reps, 1, 1, 1), native.rotate(l, k, start)], dim=1)
+            k_all = torch.cat([trace.k_rot[l][:, :start].repeat(reps, 1, 1, 1), native.rotate_k(l, k, start)], dim=1)
             v_all = torch.cat([trace.v[l][:, :start].repeat(reps, 1, 1, 1), v], dim=1)
             q_start = start + (queries.start or 0)
-            _, z = native.attend(native.rotate(l, q[:, queries], q_start), k_all, v_all, q_start)
+            _, z = native.attend(native.rotate_q(l, q[:, queries], q_start), k_all, v_all, q_start, l)
             x = x[:, queries]
             attn_out = native.attn_out(l, z)
             if native.parallel:
@@ -160,7 +161,7 @@ def read_logits(native: NativeModel, x_final: Tensor, tokens: Optional[Tensor], 
         return native.unembed(x)
     cols = tokens.to(x.device).repeat(reps, 1)  # [rows, k]
     out = torch.einsum("rd,rkd->rk", x, native.W_U.T[cols])
-    return out if native.b_U is None else out + native.b_U[cols]
+    return native.cap_logits(out if native.b_U is None else out + native.b_U[cols])
 
 
 class LogitsWorkspace:
@@ -200,3 +201,4 @@ def cell_logits(native: NativeModel, trace: Trace, x_final: Tensor, start: int, 
     for i in range(rows // batch):
         buffer[:, start:] = suffix[i * batch : (i + 1) * batch]
         yield buffer
+    native.cap_logits(suffix)

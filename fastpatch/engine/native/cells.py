@@ -136,7 +136,7 @@ def _patched_z(native: NativeModel, trace: Trace, name: str, layer: int, patched
             v = v.repeat_interleave(group, dim=2)
         return torch.einsum("bhqk,bkhe->bqhe", patched[:, :, start:], v)
     q = patched if name == "q" else trace.q[layer]
-    k_rot = native.rotate(layer, patched, 0) if name == "k" else trace.k_rot[layer]
+    k_rot = native.rotate_k(layer, patched, 0) if name == "k" else trace.k_rot[layer]
     v = patched if name == "v" else trace.v[layer]
-    _, z = native.attend(native.rotate(layer, q[:, start:], start), k_rot, v, start)
+    _, z = native.attend(native.rotate_q(layer, q[:, start:], start), k_rot, v, start, layer)
     return z

@@ -1,9 +1,12 @@
 """A functional transformer forward from a TransformerLens model's standard weights.
 
-Supports LayerNorm and RMSNorm, learned and rotary (full or partial, half-split) positions,
-grouped-query attention, GELU/SiLU/ReLU and gated MLPs, sequential and parallel attention+MLP
-blocks. It can start at any block from a cached residual, attend over a cached K/V prefix, and
-stop before the unembedding. Anything it does not implement is either refused up front
+Supports LayerNorm and RMSNorm (with or without weights, Gemma's ``(1 + w)``), learned and rotary
+(full or partial, half-split) positions, grouped-query attention, GELU/SiLU/ReLU and gated MLPs,
+Mixtral-style mixture-of-experts MLPs, sequential and parallel attention+MLP blocks (with a
+norm of their own or one shared norm), pre- and post-norms (Gemma 2/3, OLMo 2), QK-norm,
+sliding-window layers, attention and output-logit soft-capping and a scaled embedding. It can
+start at any block from a cached residual, attend over a cached K/V prefix, and stop before the
+unembedding. Anything it does not implement is either refused up front
 (``UnsupportedModel``) or caught by the parity check (``ParityError``) against the model's own
 forward and hook values on the caller's tokens: it never returns a wrong number silently.
 """
@@ -56,9 +59,9 @@ _UNSUPPORTED_FLAGS = {
 class Layer:
     """One block's weights, in TransformerLens's layouts."""
 
-    ln1_w: Tensor
+    ln1_w: Optional[Tensor]  # None: the block has no pre-attention norm (post-norm blocks, OLMo 2)
     ln1_b: Optional[Tensor]
-    ln2_w: Tensor
+    ln2_w: Optional[Tensor]  # parallel blocks with one shared norm: ln1's weights
     ln2_b: Optional[Tensor]
     W_Q: Tensor  # [n_heads, d_model, d_head]
     W_K: Tensor  # [n_kv_heads, d_model, d_head]
@@ -68,11 +71,23 @@ class Layer:
     b_K: Optional[Tensor]
     b_V: Optional[Tensor]
     b_O: Optional[Tensor]
-    W_in: Tensor  # [d_model, d_mlp]
+    W_in: Optional[Tensor]  # [d_model, d_mlp]; None for a mixture of experts
     W_gate: Optional[Tensor]
-    W_out: Tensor  # [d_mlp, d_model]
+    W_out: Optional[Tensor]  # [d_mlp, d_model]
     b_in: Optional[Tensor]
     b_out: Optional[Tensor]
+    b_gate: Optional[Tensor] = None
+    # norms of the attention output and the MLP output before the residual add (Gemma 2/3, OLMo 2)
+    ln1_post_w: Optional[Tensor] = None
+    ln1_post_b: Optional[Tensor] = None
+    ln2_post_w: Optional[Tensor] = None
+    ln2_post_b: Optional[Tensor] = None
+    # QK-norm (RMS) of q and k before rotary: [d_head] per head, or [heads * d_head] over all heads (OLMo 2)
+    q_norm_w: Optional[Tensor] = None
+    k_norm_w: Optional[Tensor] = None
+    qk_norm_eps: float = 0.0
+    window: Optional[int] = None  # sliding-window layer: a query sees the last ``window`` keys
+    moe: Optional["MoE"] = None
     # Q, K and V projections fused into one [d_model, (n_heads + 2 n_kv_heads) d_head] matmul,
     # and W_O flattened to [n_heads d_head, d_model]: a few large GEMMs instead of einsums.
     W_QKV: Tensor = field(init=False)
@@ -91,6 +106,17 @@ class Layer:
                 [b.reshape(-1) if b is not None else self.W_Q.new_zeros(n) for b, n in zip(biases, shapes)]
             )
         self.W_O_flat = self.W_O.reshape(-1, self.W_O.shape[-1]).contiguous()
+
+
+@dataclass
+class MoE:
+    """A Mixtral-style mixture of experts: softmax router, top-k experts renormalised, gated experts."""
+
+    router: Tensor  # [d_model, n_experts]
+    W_gate: Tensor  # [n_experts, d_model, d_mlp]
+    W_in: Tensor  # [n_experts, d_model, d_mlp]
+    W_out: Tensor  # [n_experts, d_mlp, d_model]
+    top_k: int
 
 
 @dataclass
@@ -135,6 +161,47 @@ def _weight(module: Any, name: str) -> Optional[Tensor]:
     return value.detach() if isinstance(value, Tensor) else None
 
 
+# Hugging Face activation modules by class name (what the model's MLP really applies: Falcon's
+# config says relu where its MLP runs GELU)
+_ACTIVATION_MODULES = {
+    "GELUActivation": "gelu", "GELU": "gelu", "NewGELUActivation": "gelu_new", "GELUTanh": "gelu_pytorch_tanh",
+    "PytorchGELUTanh": "gelu_pytorch_tanh", "FastGELUActivation": "gelu_fast", "SiLUActivation": "silu", "SiLU": "silu",
+    "ReLU": "relu", "BloomGelu": "gelu_new",
+}
+
+
+def _module_activation(model: Any) -> Optional[str]:
+    """The activation of the first block's Hugging Face MLP module, if it names one we know."""
+    hf_mlp = getattr(model.blocks[0].mlp, "original_component", None)
+    for attr in ("act", "act_fn", "activation_fn", "activation", "gelu_impl"):
+        module = getattr(hf_mlp, attr, None)
+        if isinstance(module, torch.nn.Module):
+            name = type(module).__name__
+            if name == "GELU" and getattr(module, "approximate", "none") == "tanh":
+                return "gelu_pytorch_tanh"
+            return _ACTIVATION_MODULES.get(name)
+    return None
+
+
+def _sliding_window(hf_attn: Any, index: int) -> Optional[int]:
+    """The sliding window of one layer's Hugging Face attention (``None``: global): its own
+    ``sliding_window`` (Gemma 2/3, Qwen2), else its config's for a sliding layer or a model
+    without per-layer types (Mistral)."""
+    if hf_attn is None:
+        return None
+    if hasattr(hf_attn, "sliding_window"):
+        window = hf_attn.sliding_window
+    else:
+        config = getattr(hf_attn, "config", None)
+        window = getattr(config, "sliding_window", None)
+        types = getattr(config, "layer_types", None)
+        if types is not None and types[index] != "sliding_attention":
+            window = None
+        if getattr(config, "use_sliding_window", True) is False:
+            window = None
+    return int(window) if window else None
+
+
 def fired_hook_shapes(model: Any, cache: Any) -> Dict[str, tuple]:
     """Activation shapes (without batch) of every hook point that fired in the run that filled
     ``cache`` (a ``run_with_cache`` of every hook): what ``probing.probe_hooks`` would find, with
@@ -167,21 +234,24 @@ class NativeModel:
         for flag, default in _UNSUPPORTED_FLAGS.items():
             if bool(getattr(cfg, flag, default)) != default:
                 raise UnsupportedModel(f"the native backend does not implement cfg.{flag}={getattr(cfg, flag)}")
-        for flag in ("attn_scores_soft_cap", "output_logits_soft_cap"):
-            if float(getattr(cfg, flag, -1.0) or -1.0) > 0:
-                raise UnsupportedModel(f"the native backend does not implement cfg.{flag}")
+        # soft caps (Gemma 2): cap * tanh(x / cap) of the attention scores and of the logits
+        self.attn_cap, self.logit_cap = (float(getattr(cfg, f, -1.0) or -1.0) for f in ("attn_scores_soft_cap", "output_logits_soft_cap"))
         if getattr(cfg, "attention_dir", "causal") != "causal":
             raise UnsupportedModel("the native backend needs causal attention")
         self.norm = cfg.normalization_type
         if self.norm not in ("LN", "RMS"):
             raise UnsupportedModel(f"the native backend does not implement normalization_type={self.norm!r}")
         self.positions = cfg.positional_embedding_type
-        if self.positions not in ("standard", "rotary"):
+        if self.positions not in ("standard", "rotary", "alibi"):
             raise UnsupportedModel(f"the native backend does not implement {self.positions!r} positions")
-        if cfg.act_fn not in _ACTIVATIONS:
-            raise UnsupportedModel(f"the native backend does not implement act_fn={cfg.act_fn!r}")
-        self.act = _ACTIVATIONS[cfg.act_fn]
+        act_fn = _module_activation(model) or cfg.act_fn
+        if act_fn not in _ACTIVATIONS:
+            raise UnsupportedModel(f"the native backend does not implement act_fn={act_fn!r}")
+        self.act = _ACTIVATIONS[act_fn]
         self.eps = float(cfg.eps)
+        # Gemma's RMSNorm scales by (1 + w): its weights are read as 1 + w
+        self.norm_offset = self.norm == "RMS" and bool(getattr(cfg, "rmsnorm_uses_offset", False))
+        self.qk_norm_after_rope = bool(getattr(cfg, "qk_norm_after_rope", False))
         self.parallel = bool(cfg.parallel_attn_mlp)
         self.gated = bool(cfg.gated_mlp)
         self.n_layers, self.n_heads, self.d_head = int(cfg.n_layers), int(cfg.n_heads), int(cfg.d_head)
@@ -191,37 +261,152 @@ class NativeModel:
         if not getattr(cfg, "use_attn_scale", True):
             self.attn_scale = 1.0
         try:
-            self.layers = [self._layer(block) for block in model.blocks]
             self.W_E = model.W_E.detach()
+            self.d_model = int(self.W_E.shape[1])
+            self.layers = [self._layer(block, l) for l, block in enumerate(model.blocks)]
             self.W_pos = model.W_pos.detach() if self.positions == "standard" else None
             self.W_U = model.W_U.detach()
             self.b_U = _weight(model, "b_U")
-            self.lnf_w = _weight(model.ln_final, "w")
-            self.lnf_b = _weight(model.ln_final, "b") if self.norm == "LN" else None
+            self.lnf_w, self.lnf_b = self._norm_weights(model.ln_final)
+            # BLOOM normalises the embedding before the first block
+            self.embed_ln_w, self.embed_ln_b = self._norm_weights(model._modules.get("embed_ln"))
+            # Gemma multiplies the embedding by sqrt(d_model) (a buffer of its embedding module)
+            scale = getattr(getattr(model.embed, "original_component", None), "embed_scale", None)
+            self.embed_scale = scale.detach().to(self.W_E.dtype) if isinstance(scale, Tensor) else None
         except (AttributeError, TypeError) as error:
             raise UnsupportedModel(f"the model does not expose TransformerLens-standard weights: {error}") from None
         if self.lnf_w is None:
-            raise UnsupportedModel("the model's final norm has no weight")
+            raise UnsupportedModel("the model has no final norm")
+        # the attention's own score scale where the Hugging Face module states it (Gemma's query_pre_attn_scalar)
+        scalings = {getattr(getattr(block.attn, "original_component", None), "scaling", None) for block in model.blocks}
+        if len(scalings) == 1 and isinstance(next(iter(scalings)), float):
+            self.attn_scale = 1.0 / next(iter(scalings))
+        elif len(scalings) > 1:
+            raise UnsupportedModel(f"per-layer attention scales {sorted(map(str, scalings))}")
+        first = self.layers[0]
+        self.d_mlp = int(first.moe.W_in.shape[-1] if first.moe is not None else first.W_in.shape[1])
         self.rotary: Optional[List[tuple]] = None  # per layer (cos, sin): [pos, rotary_dim]
-        self._future_masks: Dict[tuple, Tensor] = {}  # (n_keys, device) -> [n_keys, n_keys] causal mask
+        self.rotary_pairs = "half"  # which dimensions rotate together: the two halves, or adjacent pairs (GPT-J)
+        self.alibi: Optional[Tensor] = None  # ALiBi (BLOOM): [n_heads, pos] score bias of each key position
+        self._future_masks: Dict[tuple, Tensor] = {}  # (n_keys, window, device) -> [n_keys, n_keys] hidden keys
 
-    def _layer(self, block: Any) -> Layer:
+    def _norm_weights(self, ln: Any) -> tuple:
+        """``(w, b)`` of a norm as the forward applies it: ``(None, None)`` where there is no norm,
+        ones where it has no weight (OLMo's LayerNorm), ``1 + w`` for Gemma's RMSNorm."""
+        if ln is None:
+            return None, None
+        w = _weight(ln, "w")
+        if w is None:
+            w = self.W_E.new_ones(self.d_model)
+        elif self.norm_offset:
+            w = 1.0 + w.float()
+        return w, (_weight(ln, "b") if self.norm == "LN" else None)
+
+    def _layer(self, block: Any, index: int) -> Layer:
         attn, mlp = block.attn, block.mlp
-        lnb = (lambda ln: _weight(ln, "b")) if self.norm == "LN" else (lambda ln: None)
+        modules = block._modules
+        if modules.get("ln1") is None and modules.get("ln1_post") is None:
+            raise UnsupportedModel(f"blocks.{index} has neither a pre- nor a post-attention norm")
+        ln1_w, ln1_b = self._norm_weights(modules.get("ln1"))
+        # parallel blocks with one shared norm (Phi, GPT-J, Falcon): the MLP reads ln1's output
+        shared = self.parallel and modules.get("ln2") is None and modules.get("ln2_post") is None
+        ln2_w, ln2_b = (ln1_w, ln1_b) if shared else self._norm_weights(modules.get("ln2"))
+        post1_w, post1_b = self._norm_weights(modules.get("ln1_post"))
+        post2_w, post2_b = self._norm_weights(modules.get("ln2_post"))
+        hf_attn = getattr(attn, "original_component", None)
+        q_norm_w, k_norm_w, qk_eps = self._qk_norm(attn, index)
+        moe = self._moe(mlp, index) if not hasattr(mlp, "W_in") else None
         return Layer(
-            ln1_w=_weight(block.ln1, "w"), ln1_b=lnb(block.ln1), ln2_w=_weight(block.ln2, "w"), ln2_b=lnb(block.ln2),
+            ln1_w=ln1_w, ln1_b=ln1_b, ln2_w=ln2_w, ln2_b=ln2_b,
             W_Q=attn.W_Q.detach(), W_K=attn.W_K.detach(), W_V=attn.W_V.detach(), W_O=attn.W_O.detach(),
             b_Q=_weight(attn, "b_Q"), b_K=_weight(attn, "b_K"), b_V=_weight(attn, "b_V"), b_O=_weight(attn, "b_O"),
-            W_in=mlp.W_in.detach(), W_gate=_weight(mlp, "W_gate") if self.gated else None, W_out=mlp.W_out.detach(),
-            b_in=_weight(mlp, "b_in"), b_out=_weight(mlp, "b_out"),
+            W_in=None if moe else mlp.W_in.detach(), W_gate=_weight(mlp, "W_gate") if self.gated and not moe else None,
+            W_out=None if moe else mlp.W_out.detach(), b_in=_weight(mlp, "b_in"), b_out=_weight(mlp, "b_out"),
+            b_gate=_weight(mlp, "b_gate") if self.gated and not moe else None,
+            ln1_post_w=post1_w, ln1_post_b=post1_b, ln2_post_w=post2_w, ln2_post_b=post2_b,
+            q_norm_w=q_norm_w, k_norm_w=k_norm_w, qk_norm_eps=qk_eps, window=_sliding_window(hf_attn, index), moe=moe,
+        )
+
+    def _qk_norm(self, attn: Any, index: int) -> tuple:
+        """``(q_norm_w, k_norm_w, eps)`` of an attention with QK-norm (the bridge's ``q_norm`` /
+        ``k_norm`` submodules, whatever ``cfg.use_qk_norm`` says), else ``(None, None, 0.0)``."""
+        norms = [attn._modules.get(name) for name in ("q_norm", "k_norm")]
+        if all(n is None for n in norms):
+            return None, None, 0.0
+        weights, eps = [], set()
+        for name, norm in zip(("q_norm", "k_norm"), norms):
+            hf = getattr(norm, "original_component", None)
+            w = getattr(hf, "weight", None)
+            if norm is None or not isinstance(w, Tensor) or not type(hf).__name__.endswith("RMSNorm"):
+                raise UnsupportedModel(f"blocks.{index}.attn.{name} is not an RMSNorm with a weight")
+            w = w.detach()
+            weights.append(1.0 + w.float() if self.norm_offset else w)
+            eps.add(float(getattr(hf, "variance_epsilon", getattr(hf, "eps", self.eps))))
+        if len(eps) > 1:
+            raise UnsupportedModel(f"blocks.{index}: q_norm and k_norm with different epsilons")
+        if self.qk_norm_after_rope:
+            raise UnsupportedModel("QK-norm after rotary")
+        return weights[0], weights[1], eps.pop()
+
+    def _moe(self, mlp: Any, index: int) -> "MoE":
+        """A Mixtral-style sparse MoE block's router and per-expert weights, read from the model."""
+        hf = getattr(mlp, "original_component", None)
+        router, experts = getattr(hf, "gate", None), getattr(hf, "experts", None)
+        gate_up, down = getattr(experts, "gate_up_proj", None), getattr(experts, "down_proj", None)
+        supported = (
+            type(hf).__name__ == "MixtralSparseMoeBlock" and isinstance(getattr(router, "weight", None), Tensor)
+            and isinstance(gate_up, Tensor) and isinstance(down, Tensor) and gate_up.dim() == 3
+            and not getattr(hf, "jitter_noise", 0.0)
+        )
+        if not supported:
+            raise UnsupportedModel(f"blocks.{index}.mlp ({type(hf).__name__}) is not a Mixtral-style mixture of experts")
+        act = type(getattr(experts, "act_fn", None)).__name__
+        if act not in ("SiLUActivation", "SiLU"):
+            raise UnsupportedModel(f"blocks.{index}.mlp: expert activation {act}")
+        d_mlp = gate_up.shape[1] // 2
+        gate_up = gate_up.detach().transpose(1, 2)  # [experts, d_model, 2 d_mlp]: gate, then up
+        return MoE(
+            router=router.weight.detach().T.contiguous(), W_gate=gate_up[..., :d_mlp].contiguous(),
+            W_in=gate_up[..., d_mlp:].contiguous(), W_out=down.detach().transpose(1, 2).contiguous(), top_k=int(hf.top_k),
         )
 
     # ---- pieces -------------------------------------------------------------------------------
-    def normalize(self, x: Tensor, w: Tensor, b: Optional[Tensor]) -> Tensor:
-        return normalize(x, w, b, self.norm, self.eps)
+    def normalize(self, x: Tensor, w: Optional[Tensor], b: Optional[Tensor]) -> Tensor:
+        """The model's norm with weights ``w``, ``b``; ``w=None`` is a block without that norm."""
+        return x if w is None else normalize(x, w, b, self.norm, self.eps)
+
+    def _post_norm(self, out: Tensor, w: Optional[Tensor], b: Optional[Tensor]) -> Tensor:
+        return out if w is None else normalize(out, w, b, self.norm, self.eps)
+
+    def _qk_normalize(self, x: Tensor, w: Optional[Tensor], eps: float) -> Tensor:
+        """QK-norm of ``[..., heads, d_head]``: per head, or over all heads' values (OLMo 2's weight)."""
+        if w is None:
+            return x
+        if w.shape[-1] == x.shape[-1]:
+            return normalize(x, w, None, "RMS", eps)
+        return normalize(x.flatten(-2), w, None, "RMS", eps).view_as(x)
+
+    def rotate_q(self, layer: int, q: Tensor, start: int) -> Tensor:
+        """Queries ``[rows, pos, n_heads, d_head]`` (from ``hook_q``) as attention reads them at
+        positions ``start, ...``: QK-normed, then rotated."""
+        L = self.layers[layer]
+        return self._rotary(layer, self._qk_normalize(q, L.q_norm_w, L.qk_norm_eps), start)
+
+    def rotate_k(self, layer: int, k: Tensor, start: int) -> Tensor:
+        """Keys (from ``hook_k``) as attention reads them: QK-normed, then rotated."""
+        L = self.layers[layer]
+        return self._rotary(layer, self._qk_normalize(k, L.k_norm_w, L.qk_norm_eps), start)
 
     def rotate(self, layer: int, x: Tensor, start: int) -> Tensor:
-        """Rotary embedding of ``[rows, pos, heads, d_head]`` for positions ``start, start+1, ...``."""
+        """Rotary embedding of queries or keys ``[rows, pos, heads, d_head]`` at positions ``start, ...``.
+
+        On a model with QK-norm the norm must come first: use ``rotate_q`` / ``rotate_k``, which
+        know which norm; this refuses rather than skip it."""
+        if self.layers[layer].q_norm_w is not None:
+            raise UnsupportedModel("QK-norm model: queries and keys go through rotate_q / rotate_k")
+        return self._rotary(layer, x, start)
+
+    def _rotary(self, layer: int, x: Tensor, start: int) -> Tensor:
         if self.rotary is None:
             return x
         cos, sin = self.rotary[layer]
@@ -229,8 +414,11 @@ class NativeModel:
         cos, sin = cos[start : start + n, None, :], sin[start : start + n, None, :]
         r = cos.shape[-1]
         rot, rest = x[..., :r], x[..., r:]
-        half = r // 2
-        rotated = torch.cat([-rot[..., half:], rot[..., :half]], dim=-1)
+        if self.rotary_pairs == "adjacent":  # GPT-J's rotate_every_two
+            rotated = torch.stack([-rot[..., 1::2], rot[..., 0::2]], dim=-1).flatten(-2)
+        else:
+            half = r // 2
+            rotated = torch.cat([-rot[..., half:], rot[..., :half]], dim=-1)
         out = rot * cos + rotated * sin
         return out if rest.shape[-1] == 0 else torch.cat([out, rest], dim=-1)
 
@@ -249,8 +437,12 @@ class NativeModel:
             v.reshape(*lead, self.n_kv_heads, self.d_head),
         )
 
-    def attend(self, q_rot: Tensor, k_rot: Tensor, v: Tensor, q_start: int) -> tuple:
-        """Causal attention of queries at ``q_start..`` over keys at ``0..``; GQA by head groups.
+    def attend(
+        self, q_rot: Tensor, k_rot: Tensor, v: Tensor, q_start: int, layer: Optional[int] = None, heads: slice = slice(None)
+    ) -> tuple:
+        """Causal attention of queries at ``q_start..`` over keys at ``0..``; GQA by head groups;
+        soft-capped scores, ALiBi and block ``layer``'s sliding window where the model has them.
+        ``heads``: which of the model's query heads ``q_rot`` holds (for their ALiBi slopes).
 
         q_rot ``[rows, nq, heads, d_head]``; k_rot, v ``[rows, nk, kv_heads, d_head]``.
         Returns pattern ``[rows, heads, nq, nk]`` and z ``[rows, nq, heads, d_head]``.
@@ -260,31 +452,46 @@ class NativeModel:
             k_rot = k_rot.repeat_interleave(group, dim=2)
             v = v.repeat_interleave(group, dim=2)
         scores = torch.einsum("rqhe,rkhe->rhqk", q_rot, k_rot) / self.attn_scale
-        future = self.future_mask(q_rot.shape[1], k_rot.shape[1], q_start, q_rot.device)
-        pattern = scores.masked_fill(future, float("-inf")).softmax(dim=-1)
+        if self.alibi is not None:  # slope * key position: softmax makes it slope * (key - query) distance
+            scores = scores + self.alibi[heads, None, : k_rot.shape[1]]
+        if self.attn_cap > 0:
+            scores = torch.tanh(scores / self.attn_cap) * self.attn_cap
+        nq, nk = q_rot.shape[1], k_rot.shape[1]
+        if layer is None and any(L.window is not None and L.window < nk for L in self.layers):
+            raise UnsupportedModel("attention on a sliding-window model needs its layer")
+        window = None if layer is None else self.layers[layer].window
+        hidden = self.future_mask(nq, nk, q_start, q_rot.device, window if window is not None and window < nk else None)
+        pattern = scores.masked_fill(hidden, float("-inf")).softmax(dim=-1)
         z = torch.einsum("rhqk,rkhe->rqhe", pattern, v)
         return pattern, z
 
-    def future_mask(self, nq: int, nk: int, q_start: int, device: torch.device) -> Tensor:
-        """``[nq, nk]``, True where key position ``k`` is after query position ``q_start + i``.
+    def future_mask(self, nq: int, nk: int, q_start: int, device: torch.device, window: Optional[int] = None) -> Tensor:
+        """``[nq, nk]``, True where key position ``k`` is hidden from query position ``q = q_start + i``:
+        after it, or (a sliding window) at ``k <= q - window`` (Hugging Face's ``kv_idx > q_idx - window``).
 
-        Built once per (number of keys, device) for this model (one forward's calls share it) and
-        sliced by rows (a view): the query positions of a causal pass are at most the keys'.
+        Built once per (number of keys, window, device) for this model (one forward's calls share
+        it) and sliced by rows (a view): the query positions of a causal pass are at most the keys'.
         """
+
+        def build(queries: Tensor, keys: Tensor) -> Tensor:
+            hidden = keys[None, :] > queries[:, None]
+            return hidden if window is None else hidden | (keys[None, :] <= queries[:, None] - window)
+
         if q_start + nq > nk:  # queries past the last key (not a causal pass here): built directly
-            return torch.arange(nk, device=device)[None, :] > torch.arange(q_start, q_start + nq, device=device)[:, None]
-        key = (nk, torch.device(device))
+            return build(torch.arange(q_start, q_start + nq, device=device), torch.arange(nk, device=device))
+        key = (nk, window, torch.device(device))
         mask = self._future_masks.get(key)
         if mask is None:
             positions = torch.arange(nk, device=device)
-            mask = self._future_masks[key] = positions[None, :] > positions[:, None]
+            mask = self._future_masks[key] = build(positions, positions)
         return mask[q_start : q_start + nq]
 
     def attn_out(self, layer: int, z: Tensor) -> Tensor:
         """``[..., n_heads, d_head] -> [..., d_model]``: heads' outputs through W_O, summed."""
         L = self.layers[layer]
         out = z.reshape(*z.shape[:-2], -1) @ L.W_O_flat
-        return out if L.b_O is None else out + L.b_O
+        out = out if L.b_O is None else out + L.b_O
+        return self._post_norm(out, L.ln1_post_w, L.ln1_post_b)
 
     def linearised_norm_delta(self, x: Tensor, delta: Tensor, w: Tensor) -> Tensor:
         """First-order change of ``normalize(x)`` with the scale frozen (see ``fastpatch.ops.norms``)."""
@@ -295,34 +502,69 @@ class NativeModel:
         return self.mlp_from_normalized(layer, self.normalize(x, L.ln2_w, L.ln2_b))
 
     def mlp_from_normalized(self, layer: int, h: Tensor) -> Tensor:
-        """The MLP of block ``layer`` on its already normalised input."""
+        """The MLP (or mixture of experts) of block ``layer`` on its already normalised input,
+        through the block's post-MLP norm where it has one."""
         L = self.layers[layer]
+        if L.moe is not None:
+            return self._post_norm(self.experts(L.moe, h), L.ln2_post_w, L.ln2_post_b)
         pre = h @ L.W_in
         if L.b_in is not None:
             pre = pre + L.b_in
-        post = self.act(h @ L.W_gate) * pre if self.gated else self.act(pre)
+        if self.gated:
+            gate = h @ L.W_gate
+            post = self.act(gate if L.b_gate is None else gate + L.b_gate) * pre
+        else:
+            post = self.act(pre)
         out = post @ L.W_out
-        return out if L.b_out is None else out + L.b_out
+        out = out if L.b_out is None else out + L.b_out
+        return self._post_norm(out, L.ln2_post_w, L.ln2_post_b)
+
+    def experts(self, moe: MoE, h: Tensor) -> Tensor:
+        """Mixtral's sparse MoE on ``[..., d_model]``, as Hugging Face computes it: softmax router in
+        fp32, top-k experts with their weights renormalised, each expert on the tokens routed to it.
+
+        Routing is per token (no capacity limit), so a token's output depends on its own input
+        alone: batching cells and skipping unchanged positions cannot change it."""
+        flat = h.reshape(-1, h.shape[-1])
+        probs = (flat @ moe.router).float().softmax(dim=-1)
+        weights, chosen = probs.topk(moe.top_k, dim=-1)
+        weights = weights / weights.sum(dim=-1, keepdim=True)
+        out = torch.zeros_like(flat)
+        for e in range(moe.router.shape[1]):
+            tokens, slot = torch.where(chosen == e)
+            x = flat[tokens]
+            y = (F.silu(x @ moe.W_gate[e]) * (x @ moe.W_in[e])) @ moe.W_out[e]
+            out.index_add_(0, tokens, (y * weights[tokens, slot, None]).to(out.dtype))
+        return out.view_as(h)
 
     def final_norm(self, x: Tensor) -> Tensor:
         return self.normalize(x, self.lnf_w, self.lnf_b)
 
     def unembed(self, x_norm: Tensor) -> Tensor:
         out = x_norm @ self.W_U
-        return out if self.b_U is None else out + self.b_U
+        return self.cap_logits(out if self.b_U is None else out + self.b_U)
+
+    def cap_logits(self, logits: Tensor) -> Tensor:
+        """The output soft cap ``cap * tanh(logits / cap)`` (Gemma 2), in place; identity without one."""
+        if self.logit_cap > 0:
+            logits.div_(self.logit_cap).tanh_().mul_(self.logit_cap)
+        return logits
 
     # ---- whole runs ---------------------------------------------------------------------------
     def trace(self, tokens: Int[Tensor, "batch pos"]) -> Trace:
         """The full forward of ``tokens`` with every activation kept."""
         t = Trace()
         x = self.W_E[tokens]
+        if self.embed_scale is not None:
+            x = x * self.embed_scale
+        x = self.normalize(x, self.embed_ln_w, self.embed_ln_b)
         if self.W_pos is not None:
             x = x + self.W_pos[: tokens.shape[1]]
         for l, L in enumerate(self.layers):
             t.resid_pre.append(x)
             q, k, v = self.qkv(l, self.normalize(x, L.ln1_w, L.ln1_b))
-            k_rot = self.rotate(l, k, 0)
-            pattern, z = self.attend(self.rotate(l, q, 0), k_rot, v, 0)
+            k_rot = self.rotate_k(l, k, 0)
+            pattern, z = self.attend(self.rotate_q(l, q, 0), k_rot, v, 0, l)
             attn_out = self.attn_out(l, z)
             for name, value in (("q", q), ("k", k), ("v", v), ("k_rot", k_rot), ("pattern", pattern), ("z", z), ("attn_out", attn_out)):
                 getattr(t, name).append(value)
@@ -379,7 +621,12 @@ class NativeModel:
         native = cls(model)
         with torch.no_grad():
             logits, cache = model.run_with_cache(tokens)
-            if native.positions == "rotary":
+            if native.positions == "alibi":
+                native.alibi = _alibi(model, native.n_heads, tokens.shape[1], logits.dtype)
+            if native.positions == "rotary" and "blocks.0.attn.hook_cos" not in cache:
+                native.rotary = _sinusoid_table_rotary(model, native.n_layers, tokens.shape[1])
+                native.rotary_pairs = "adjacent"
+            elif native.positions == "rotary":
                 native.rotary = []
                 for l in range(native.n_layers):
                     if f"blocks.{l}.attn.hook_cos" not in cache:
@@ -418,9 +665,36 @@ class NativeModel:
             t.pattern.append(own(f"blocks.{l}.attn.hook_pattern", native_trace.pattern[l]))
             if not self.parallel:
                 t.resid_mid.append(own(f"blocks.{l}.hook_resid_mid"))
-            t.k_rot.append(self.rotate(l, t.k[l], 0))
+            t.k_rot.append(self.rotate_k(l, t.k[l], 0))
         t.resid_final = own(f"blocks.{self.n_layers - 1}.hook_resid_post")
         return t
+
+
+def _alibi(model: Any, n_heads: int, n_pos: int, dtype: torch.dtype) -> Tensor:
+    """``[n_heads, n_pos]`` ALiBi bias, ``slope[h] * key position``, from the Hugging Face model's own
+    ``build_alibi_tensor`` (BLOOM) for an unpadded prompt."""
+    hf_model = getattr(model, "original_model", None)
+    build = next((m.build_alibi_tensor for m in (hf_model.modules() if hf_model is not None else [])
+                  if hasattr(m, "build_alibi_tensor")), None)
+    if build is None:
+        raise UnsupportedModel("ALiBi model without build_alibi_tensor: slopes unknown")
+    device = model.W_E.device
+    return build(torch.ones(1, n_pos, dtype=torch.long, device=device), n_heads, dtype).view(n_heads, n_pos)
+
+
+def _sinusoid_table_rotary(model: Any, n_layers: int, n_pos: int) -> List[tuple]:
+    """Per-layer ``(cos, sin)`` ``[n_pos, rotary_dim]`` of a GPT-J-style rotary embedding, which
+    fires no hook_cos/hook_sin: read from its ``embed_positions`` table (``[sin | cos]`` halves),
+    each angle repeated for the adjacent pair it rotates."""
+    hf_model = getattr(model, "original_model", None)
+    modules = hf_model.modules() if isinstance(hf_model, torch.nn.Module) else []
+    tables = [m.embed_positions for m in modules if type(m).__name__ == "GPTJRotaryEmbedding"]
+    if len(tables) != 1:
+        raise UnsupportedModel("rotary model without hook_cos/hook_sin: rotary angles unknown")
+    table = tables[0][:n_pos].detach()
+    sin, cos = table.split(table.shape[-1] // 2, dim=-1)
+    pair = (cos.repeat_interleave(2, dim=-1), sin.repeat_interleave(2, dim=-1))
+    return [pair] * n_layers
 
 
 class NativeEngine(NamedTuple):
