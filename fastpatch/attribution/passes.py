@@ -255,6 +255,7 @@ def gradients(
     values: Optional[Dict[str, Tensor]] = None,
     record: Optional[Dict[str, Tensor]] = None,
     after_hooks: Sequence[Tuple[str, Callable]] = (),
+    before_hooks: Sequence[Tuple[str, Callable]] = (),
 ) -> Dict[str, Tensor]:
     """``d metric / d act`` at every hook name, from one forward and one ``autograd.grad``.
 
@@ -267,7 +268,8 @@ def gradients(
     derivative at that state); ``record`` receives each activation as the hook saw it.
     ``after_hooks`` are extra forward hooks registered *after* the probes, so on a hook point they
     share with a probe they see the probed activation (GradDrop's stop-gradients: a probe upstream
-    of a ``detach`` on the same point gets a zero gradient).
+    of a ``detach`` on the same point gets a zero gradient). ``before_hooks`` run *before* the probes
+    (and ``record``): edits of the run whose gradient is taken (patches applied first).
 
     Afterwards no autograd graph stays attached to the model (see :func:`_release_graph`).
     """
@@ -288,7 +290,7 @@ def gradients(
     # a metric that reads activations gets them as the forward computed them, gradients attached
     # (captured last, so after the probes and ``after_hooks``)
     capture, acts = capture_hooks(activation_reads(metric), detach=False)
-    fwd_hooks = [(n, probe(n)) for n in names] + list(after_hooks) + capture
+    fwd_hooks = list(before_hooks) + [(n, probe(n)) for n in names] + list(after_hooks) + capture
     try:
         with torch.enable_grad(), model.hooks(fwd_hooks=fwd_hooks):
             logits = model(tokens)
