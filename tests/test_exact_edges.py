@@ -313,8 +313,9 @@ def test_per_position_edges(case, exact):
     ref = torch.tensor([values[c] - exact.baseline for c in cells])
     assert_varies(ref)
     assert_close(torch.stack([by_pos.scores[c] for c in cells]).cpu(), ref)
-    hooks = exact_edges(model, case.clean, case.corrupted, case.scalar, per_position=True, backend="hooks")
-    assert_close(hooks.scores, by_pos.scores)
+    if case.name == "llama":  # the hooks backend runs every (edge, position) cell: one model
+        hooks = exact_edges(model, case.clean, case.corrupted, case.scalar, per_position=True, backend="hooks")
+        assert_close(hooks.scores, by_pos.scores)
     frame = by_pos.to_frame()
     assert list(frame.columns) == ["writer", "reader", "pos", "score"] and len(frame) == int(exact.valid.sum()) * n_pos
 
