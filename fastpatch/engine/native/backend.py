@@ -195,10 +195,10 @@ def cell_logits(native: NativeModel, trace: Trace, x_final: Tensor, start: int, 
         torch.matmul(x_norm, native.W_U, out=suffix)
     else:
         torch.addmm(native.b_U, x_norm, native.W_U, out=suffix)
+    native.cap_logits(suffix)
     suffix = suffix.view(rows, n_new, d_vocab)
     buffer = torch.empty_like(trace.logits)
     buffer[:, :start] = trace.logits[:, :start]
     for i in range(rows // batch):
         buffer[:, start:] = suffix[i * batch : (i + 1) * batch]
         yield buffer
-    native.cap_logits(suffix)
