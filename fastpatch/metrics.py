@@ -621,9 +621,13 @@ class ActivationMetric:
     ``fn(logits, acts)`` gets each cell's ``[batch, pos, d_vocab]`` logits and ``acts``, a mapping
     from each of ``hook_names`` to that cell's ``[batch, ...]`` activation at the hook point (after
     the cell's patch, as a caching hook added after the patching hook sees it), and returns a 0-d
-    value (``[batch]`` with ``per_prompt``). ``fastpatch.patching`` captures the named activations
-    of its batched forward and hands each cell its own rows (hook backend; the native backend
-    computes only the residual suffix, so a plan with such a metric runs on the hook backend).
+    value (``[batch]`` with ``per_prompt``). ``fastpatch.patching`` gives each cell its own rows: the
+    hook backend captures the named activations of its batched forward; the native backend records
+    the residual stream (``hook_resid_pre/mid/post``, ``ln_final.hook_in``), ``attn.hook_pattern``,
+    ``attn.hook_z`` and the block outputs (``hook_attn_out``, ``hook_mlp_out``) of the layers it
+    recomputes and takes the corrupted run's elsewhere. Other hooks (e.g. ``mlp.hook_post``), or a
+    hook in a layer that a head, attention-output or MLP patch of the sweep changes, make the plan
+    run on the hook backend, with that reason (``backend="native"`` raises it).
     Attribution (``fastpatch.attribution``) takes it too: its gradient pass hands ``fn`` the
     activations with their autograd graph.
 

@@ -113,6 +113,14 @@ def _activation_metrics(case):
         ),
         "logit_diff": LogitDiff(answer, wrong, per_prompt=True),  # a logit metric beside them
         "normalized": NormalizedEffect(NeuronValue(last, 5, per_prompt=True), 2.0, torch.tensor([0.5, -1.0, 0.0])),
+        "stream": ActivationMetric(  # the residual stream, block outputs and the final norm's input
+            ["blocks.1.hook_resid_pre", "blocks.1.attn.hook_z", f"blocks.{last}.hook_attn_out",
+             f"blocks.{last}.hook_mlp_out", f"blocks.{last - 1}.hook_resid_post", "ln_final.hook_in"],
+            lambda logits, acts: (acts["blocks.1.hook_resid_pre"][:, -1, 0] + acts["blocks.1.attn.hook_z"][:, -1, 0, 1]
+                                  + acts[f"blocks.{last}.hook_attn_out"][:, -1, 2] + acts[f"blocks.{last}.hook_mlp_out"][:, -2, 3]
+                                  + acts[f"blocks.{last - 1}.hook_resid_post"][:, -1, 4] + acts["ln_final.hook_in"][:, -1, 5]),
+            per_prompt=True,
+        ),
     }
 
 
@@ -148,13 +156,25 @@ def test_activation_metrics_equal_a_transformer_lens_loop_with_caching_hooks(cas
         ours = fp.generic_activation_patch(*args, setter, activation_name, index_df=cells, reduce="none",
                                            baseline=True, progress=False, chunk_size=2)
         assert_close(ours.values, ref)
-        assert fastpatch.last_run_stats()["backend"] == "hooks"  # chosen for activation metrics, with a reason
+        assert fastpatch.last_run_stats()["backend"] == "hooks"  # a neuron: the native forward does not record it
     with torch.no_grad():
         logits, cache = model.run_with_cache(case.corrupted)
     assert_close(ours.baseline, torch.stack([_value(m, logits, cache) for m in metrics.values()]))
-    with pytest.raises(ValueError, match="the native backend does not compute"):
+    # the native backend: every activation above but the neuron's, on resid_pre patches (the last ref)
+    recorded = [i for i, name in enumerate(metrics) if name not in ("neuron", "normalized")]
+    kept = {name: metric for name, metric in metrics.items() if name not in ("neuron", "normalized")}
+    native = fp.generic_activation_patch(model, case.corrupted, case.clean_cache, kept, tl.layer_pos_patch_setter,
+                                         "resid_pre", index_df=resid, reduce="none", baseline=True, progress=False,
+                                         backend="native")
+    assert fastpatch.last_run_stats()["backend"] == "native"
+    assert_close(native.values, ref[recorded])
+    assert_close(native.baseline, ours.baseline[recorded])
+    with pytest.raises(ValueError, match="does not record"):
         fp.generic_activation_patch(*args, tl.layer_pos_patch_setter, "resid_pre", index_df=resid, progress=False,
                                     backend="native")
+    with pytest.raises(ValueError, match="which the z sweep patches"):  # head patches recompute their layer inside the patch
+        fp.generic_activation_patch(model, case.corrupted, case.clean_cache, metrics["attention"],
+                                    tl.layer_head_vector_patch_setter, "z", index_df=heads, progress=False, backend="native")
     assert fastpatch.hook_count(model) == 0
 
 

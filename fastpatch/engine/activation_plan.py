@@ -16,6 +16,7 @@ from fastpatch.engine import hooks_backend
 from fastpatch.engine.native import backend as native_backend
 from fastpatch.engine.native.cells import SUPPORTED_ACTIVATIONS
 from fastpatch.engine.native.model import NativeEngine
+from fastpatch.engine.native_driver import native_site
 from fastpatch.engine.plan import CellLocation, NativeWork, PatchPlan, Sweep, cell_locations
 from fastpatch.engine.probing import clean_activations_for
 
@@ -44,6 +45,20 @@ class ActivationPlan(PatchPlan):
 
     def patched_logits(self, cells: Sequence[CellLocation], capture: Sequence[Tuple[str, Callable]] = ()) -> Tensor:
         return hooks_backend.patched_logits(self.model, self.tokens, self.sweeps, cells, self._clean, capture)
+
+    def native_activation_reason(self, names: Sequence[str], n_layers: int) -> Optional[str]:
+        """The native forward records the residual stream, attention patterns, z and the block outputs of
+        the layers it recomputes and takes the rest from the corrupted run; a layer a head, attention
+        or MLP patch changes is recomputed inside the patch (``native.cells``), so hooks in it are not."""
+        for name in names:
+            site = native_site(name, n_layers)
+            if site is None:
+                return f"a metric reads {name}, which the native backend does not record"
+            for sweep in self.sweeps:
+                if sweep.activation_name != "resid_pre" and bool((sweep.indices[:, 0] == site[0]).any()):
+                    return (f"a metric reads {name} in layer {site[0]}, which the {sweep.activation_name} sweep patches "
+                            "(the native backend recomputes that layer inside the patch)")
+        return None
 
     def native_work(self, engine: NativeEngine, cells: Sequence[CellLocation]) -> NativeWork:
         native, trace = engine

@@ -68,9 +68,7 @@ def _check_activation_reads(model: Any, plan: PatchPlan, names: List[str]) -> Op
         raise ValueError(f"a metric reads activations at {missing}, which are not hook points of this model")
     if not plan.captures_activations:
         raise ValueError(f"{plan.label}: metrics that read activations ({names}) are not supported for this kind of plan yet")
-    # The native forward recomputes only each cell's residual suffix; the activations it does not
-    # compute would have to be stitched from the corrupted run, so the hook backend runs these plans.
-    return f"metrics read internal activations {names}, which the native backend does not compute; use the hook backend"
+    return plan.native_activation_reason(names, model.cfg.n_layers)
 
 
 def _baseline(model: Any, tokens: Tensor, metrics: MetricSet) -> Tensor:

@@ -12,7 +12,8 @@ baseline; read positions before a patch's first change hold the corrupted logits
 
 from __future__ import annotations
 
-from typing import Any, List, Optional
+import re
+from typing import Any, Dict, List, Optional, Tuple
 
 import torch
 from torch import Tensor
@@ -32,10 +33,14 @@ def run_native_cells(
     """Write every cell's ``[n_metrics, batch?]`` values into ``values[cell]``."""
     native, trace = engine
     batch, n_pos = trace.logits.shape[:2]
-    baseline = metrics.evaluate(trace.logits)
+    # metrics that read activations: each cell's from the corrupted trace and the recomputed rows
+    sites = {name: native_site(name, native.n_layers) for name in metrics.activation_names}
+    baseline = metrics.evaluate(trace.logits, {n: _trace_value(trace, *site) for n, site in sites.items()} if sites else None)
     for cell in work.no_ops:
         values[cell] = baseline
     bar.update(len(work.no_ops))
+    if work.logits_of is not None and sites:
+        raise ValueError("metrics that read activations need the hook backend for this plan")
     if work.logits_of is not None:  # the plan computes these cells' logits itself
         for members in work.groups.values():
             for member in members:
@@ -62,12 +67,20 @@ def run_native_cells(
         read = None if positions is None else slice(first_read - start, last_read - start + 1)
 
         def run(chunk: Chunk, start=start, members=members, resid_of=resid_of, read=read, first_read=first_read) -> None:
+            recorded: Dict[Tuple[int, str], Tensor] = {}
+            wanted = set(sites.values())
+
+            def record(layer: int, kind: str, value: Tensor) -> None:
+                if (layer, kind) in wanted:
+                    recorded[(layer, kind)] = value
+
             x, order = native_backend.forward_from_entries(
-                native, trace, start, members[chunk.start : chunk.stop], resid_of, read
+                native, trace, start, members[chunk.start : chunk.stop], resid_of, read, record if sites else None
             )
             if reads is None:
-                for cell, logits in zip(order, native_backend.cell_logits(native, trace, x, start, workspace)):
-                    values[cell] = metrics.evaluate(logits)
+                for i, (cell, logits) in enumerate(zip(order, native_backend.cell_logits(native, trace, x, start, workspace))):
+                    acts = {n: _cell_value(trace, site, recorded, i, batch, start) for n, site in sites.items()}
+                    values[cell] = metrics.evaluate(logits, acts if sites else None)
             else:
                 selections = [_selected(native, trace, x, r, p, start, first_read, len(order)) for r, p in zip(reads, positions)]
                 for i, cell in enumerate(order):
@@ -105,3 +118,43 @@ def _selected(
     if reads.position is not None:
         return per_position[0]
     return torch.stack(per_position, dim=1)
+
+
+# ---- activations a metric reads, as the native forward provides them ---------------------------
+_BLOCK_HOOK = re.compile(r"blocks\.(\d+)\.(?:hook_(resid_pre|attn_out|resid_mid|mlp_out|resid_post)|attn\.hook_(pattern|z))")
+
+
+def native_site(name: str, n_layers: int) -> Optional[Tuple[int, str]]:
+    """``(layer, kind)`` of a hook the native forward records (``forward_from_entries``' ``record``), else ``None``."""
+    if name == "ln_final.hook_in":
+        return (n_layers, "final")
+    match = _BLOCK_HOOK.fullmatch(name)
+    if match is None or int(match.group(1)) >= n_layers:
+        return None
+    return (int(match.group(1)), match.group(2) or match.group(3))
+
+
+def _trace_value(trace: Any, layer: int, kind: str) -> Tensor:
+    """The corrupted run's activation at a native site (the model's own cached numbers)."""
+    if kind == "final" or (kind == "resid_post" and layer + 1 == len(trace.resid_pre)):
+        return trace.resid_final
+    if kind == "resid_post":
+        return trace.resid_pre[layer + 1]
+    return getattr(trace, kind)[layer]
+
+
+def _cell_value(trace: Any, site: Tuple[int, str], recorded: Dict[Tuple[int, str], Tensor], i: int, batch: int,
+                start: int) -> Tensor:
+    """Row block ``i``'s activation at ``site``: the corrupted run's, with positions ``start..`` replaced by the
+    recomputed rows where the cell had joined the forward there (before its entry nothing differs)."""
+    value = _trace_value(trace, *site)
+    rows = recorded.get(site)
+    if rows is None or (i + 1) * batch > rows.shape[0]:
+        return value
+    out = value.clone()
+    block = rows[i * batch : (i + 1) * batch]
+    if site[1] == "pattern":  # [batch, head, dest, src]: the recomputed destinations
+        out[:, :, start:] = block
+    else:
+        out[:, start:] = block
+    return out

@@ -147,6 +147,10 @@ class PatchPlan(ABC):
         """Validate and fetch the inputs the cells read (run once, after the backend is chosen;
         ``engine`` is the checked native engine when the native backend runs the plan)."""
 
+    def native_activation_reason(self, names: Sequence[str], n_layers: int) -> Optional[str]:
+        """Why the native backend cannot give metrics the activations at ``names`` exactly (``None``: it can)."""
+        return f"metrics read internal activations {list(names)}, which the native backend does not compute for this plan"
+
     def hooks_context(self) -> ContextManager:
         """Model settings the hook backend needs for the whole run (e.g. the Q/K/V input fork)."""
         return nullcontext()

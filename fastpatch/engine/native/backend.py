@@ -98,6 +98,7 @@ def forward_from_entries(
     cells: Sequence[NativeCell],
     resid_of: Callable[[int], Tensor],
     read_index: Optional[Union[int, slice]] = None,
+    record: Optional[Callable[[int, str, Tensor], None]] = None,
 ) -> Tuple[Tensor, List[int]]:
     """Run a chunk of cells sharing ``start`` from their entry points to the final residual.
 
@@ -108,6 +109,11 @@ def forward_from_entries(
     metric reads, counted from ``start``) the last block computes its queries, attention output
     and MLP at that position only, and the result is ``[rows, 1, d_model]``; a slice of positions
     (counted from ``start``) likewise gives ``[rows, len(slice), d_model]``.
+
+    ``record(layer, kind, value)``, when given, receives the rows computed so far (the first cells of
+    the returned order) at positions ``start..``: ``resid_pre``, ``pattern``, ``z``, ``attn_out``,
+    ``resid_mid`` (sequential blocks), ``mlp_out``, ``resid_post`` of each layer, and ``final``
+    (layer ``n_layers``: the final norm's input), in the hook layouts.
     """
     by_entry: Dict[Tuple[int, int], List[int]] = defaultdict(list)
     for cell, block, stage in cells:
@@ -133,23 +139,41 @@ def forward_from_entries(
         x = join(x, (l, ATTN), everything)
         queries = read if l == last else everything  # past the last block only the read position matters
         if x is not None:
+            if record is not None:
+                record(l, "resid_pre", x)
             L = native.layers[l]
             q, k, v = native.qkv(l, native.normalize(x, L.ln1_w, L.ln1_b))
             reps = x.shape[0] // batch
             k_all = torch.cat([trace.k_rot[l][:, :start].repeat(reps, 1, 1, 1), native.rotate_k(l, k, start)], dim=1)
             v_all = torch.cat([trace.v[l][:, :start].repeat(reps, 1, 1, 1), v], dim=1)
             q_start = start + (queries.start or 0)
-            _, z = native.attend(native.rotate_q(l, q[:, queries], q_start), k_all, v_all, q_start, l)
+            pattern, z = native.attend(native.rotate_q(l, q[:, queries], q_start), k_all, v_all, q_start, l)
             x = x[:, queries]
             attn_out = native.attn_out(l, z)
+            if record is not None:
+                record(l, "pattern", pattern)
+                record(l, "z", z)
+                record(l, "attn_out", attn_out)
             if native.parallel:
-                x = x + attn_out + native.mlp(l, x)
+                mlp_out = native.mlp(l, x)
+                x = x + attn_out + mlp_out
+                if record is not None:
+                    record(l, "mlp_out", mlp_out)
+                    record(l, "resid_post", x)
                 continue
             x = x + attn_out
+            if record is not None:
+                record(l, "resid_mid", x)
         x = join(x, (l, MLP), queries)
         if x is not None:
-            x = x + native.mlp(l, x)
+            mlp_out = native.mlp(l, x)
+            x = x + mlp_out
+            if record is not None:
+                record(l, "mlp_out", mlp_out)
+                record(l, "resid_post", x)
     x = join(x, (native.n_layers, ATTN), read)
+    if record is not None and x is not None:
+        record(native.n_layers, "final", x)
     return x, order
 
 
