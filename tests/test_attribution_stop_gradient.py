@@ -186,6 +186,12 @@ def test_no_variant_is_plain_attribution_and_single_sweep_form(case, plain):
     )["attn_head_out_all_pos"]
     assert one.shape == both.shape + (case.clean.shape[0],)
     assert_close(one.mean(-1), both)  # per-prompt estimates of a batch-mean metric, averaged
+    # noising: the clean run is the one patched (and intervened on), as with the token arguments swapped
+    kw = dict(frozen="pattern", patches=[("z", (0, 1))])
+    noising = fa.attribute_nodes_variant(model, case.clean, case.corrupted, case.scalar, ["resid_pre"], direction="noising", **kw)
+    swapped = fa.attribute_nodes_variant(model, case.corrupted, case.clean, case.scalar, ["resid_pre"], **kw)
+    assert torch.equal(noising["resid_pre"], swapped["resid_pre"])
+    assert_varies(noising["resid_pre"])
 
 
 def test_bad_input_is_refused_and_leaves_no_hook(case):
