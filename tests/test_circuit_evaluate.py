@@ -224,6 +224,14 @@ def test_chunking_does_not_change_values(case):
     whole = evaluate(case.model, case.clean, case.corrupted, case.per_example, circuits, chunk_size=100, **kwargs)
     assert_close(one, whole)
     assert_close(tiny, whole)
+    # repeated circuits run once, the full circuit (the clean run) under one ablation only
+    import fastpatch
+
+    stacked = torch.stack([circuits[0], case.full, circuits[0], circuits[1]])
+    values = evaluate(case.model, case.clean, case.corrupted, case.per_example, stacked, **kwargs)
+    assert fastpatch.last_run_stats()["cells"] == 2 * 2 + 1
+    assert_close(values[:, [0, 2, 3]], whole[:, [0, 0, 1]])
+    assert_close(values[:, 1], case.per_example(case.clean_logits).expand(2, -1))
 
 
 def _names(model):
@@ -463,3 +471,29 @@ def test_acdc_equals_sequential_search(small_gpt2):
     assert ours.passes < ours.visited  # candidates into a reader shared passes
     with pytest.raises(ValueError, match="positive"):
         acdc(model, clean, corrupted, 0.0)
+
+
+# ---- figures --------------------------------------------------------------------------------------
+def test_figures(case):
+    """The curve figure carries the curve's numbers; the graph one line per circuit edge and reader node."""
+    from fastpatch.circuits import faithfulness_curve
+    from fastpatch.circuits.plots import circuit_graph_figure, faithfulness_figure
+
+    if case.name != "llama":
+        pytest.skip("one (grouped-query) model")
+    model, full = case.model, case.full
+    scores = torch.randn(full.shape, generator=torch.Generator().manual_seed(9)) * full
+    curve = faithfulness_curve(model, case.clean, case.corrupted, case.scalar, scores, sizes=(0.1, 0.5, 1.0),
+                               ablation=["corrupted", "zero"], n_random=1)
+    fig = faithfulness_figure(curve)
+    assert len(fig.data) == 4  # a curve and a random baseline per ablation
+    assert list(fig.data[0].y) == pytest.approx(curve.faithfulness[0].tolist())
+    assert "CPR" in fig.data[0].name
+    circuit = curve.circuits[0]
+    graph = circuit_graph_figure(model, circuit, scores)
+    _, reader_names = _names(model)
+    group = model.cfg.n_heads // model.cfg.n_key_value_heads
+    expected = sum(group if "KV" in reader_names[r] else 1 for _, r in torch.nonzero(circuit).tolist())
+    assert len(graph.data) == expected + 1  # one line per (edge, node it feeds) and the node markers
+    with pytest.raises(ValueError, match="boolean"):
+        circuit_graph_figure(model, circuit.float(), scores)

@@ -11,6 +11,7 @@
   circuits of any edge score, with random baselines, normalised faithfulness, CPR and CMD.
 - :mod:`~fastpatch.circuits.discovery`: greedy circuits (EAP-IG ``apply_greedy``) and an exact
   ACDC-style search whose candidate removals into a reader share one batched pass.
+- :mod:`~fastpatch.circuits.plots`: the faithfulness-curve figure and the circuit graph figure (plotly).
 """
 
 from fastpatch.circuits.discovery import AcdcResult, acdc, greedy_circuits

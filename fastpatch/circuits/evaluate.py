@@ -8,7 +8,7 @@ that reader is not in the circuit, the writer's output in that run minus its out
 run. The empty circuit is the ablated model, the full circuit the clean model.
 
 Circuits are stacked along the batch dimension (``engine.circuit_plan.CircuitPlan``, one row block per
-(circuit, ablation)) and chunked to the memory budget by the batched driver (``engine.driver.run_plan``).
+distinct (circuit, ablation)) and chunked to the memory budget by the batched driver (``engine.driver.run_plan``).
 """
 
 from __future__ import annotations
@@ -182,6 +182,5 @@ def evaluate(
     per_chunk = ChunkBudget.from_options(chunk_size, memory_budget, device).cells_per_chunk(per_row, int(batch))
     # "auto" means hooks here (no native form yet), without the fallback warning of a plan that has one
     options = RunOptions("hooks" if backend == "auto" else backend, per_chunk, None, progress)
-    values = run_plan(model, clean_tokens, plan, MetricSet(metric, reduce, int(batch)), options).cells[:, 0]
-    values = values.reshape(len(caches), circuits.shape[0], *values.shape[1:])
+    values = plan.table(run_plan(model, clean_tokens, plan, MetricSet(metric, reduce, int(batch)), options).cells[:, 0])
     return values if several else values[0]

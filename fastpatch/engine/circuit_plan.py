@@ -19,7 +19,8 @@ this-run-minus-ablated output in a ``[cells, batch, pos, n_writers, d_model]`` b
 hooks (the per-head ``hook_{q,k,v}_input`` fork, ``ln2.hook_in``, ``ln_final.hook_in``) subtract
 the masked sum of that buffer, one contraction per hook point for all cells and readers of it.
 Writers always fire before the readers that read them, so the buffer holds every write a reader
-needs when its hook runs. No native form yet: the plan runs on the hook backend.
+needs when its hook runs (checked). Identical circuits run once; a circuit that keeps every edge
+(the clean run) runs under one ablation. No native form yet: the plan runs on the hook backend.
 """
 
 from __future__ import annotations
@@ -83,15 +84,40 @@ class CircuitPlan(PatchPlan):
         self.valid = valid_edges(cfg, self.layout)
         self.model, self.tokens, self.ablated = model, tokens, list(ablated)
         self.per_position = circuits.ndim == 4
+        # each distinct circuit runs once (MIB's small sizes often round to the same circuit), and one
+        # that keeps every edge is the clean run under any ablation: it runs under the first only
+        unique, self.inverse = torch.unique(circuits.flatten(1).to(torch.uint8), dim=0, return_inverse=True)
+        unique = unique.bool().view(-1, *circuits.shape[1:])
         # off[c, w, r(, p)] = 1 where the edge exists and circuit c leaves it out: the writes a reader loses
         valid = self.valid.to(circuits.device)
-        self.off = (valid[(None, ...) + ((None,) if self.per_position else ())] & ~circuits).float()
-        self._cells = [CircuitCell(c, a) for a in range(len(self.ablated)) for c in range(circuits.shape[0])]
+        self.off = (valid[(None, ...) + ((None,) if self.per_position else ())] & ~unique).float()
+        keeps_all = (~self.off.flatten(1).bool().any(1)).tolist()
+        self._cells = [
+            CircuitCell(c, a) for a in range(len(self.ablated)) for c in range(len(unique)) if a == 0 or not keeps_all[c]
+        ]
         # hook point -> the readers it holds, in the order of its head axis
         self._reader_groups: Dict[str, List[int]] = defaultdict(list)
         for r, reader in enumerate(self.layout.readers):
             self._reader_groups[PathPlan._reader_hook_name(reader.component, reader.layer)].append(r)
+        # hook point -> how many writers (a prefix of the writer order) its readers read: the rest are
+        # later writers, whose writes it never subtracts, so its masked sum skips them
+        self._n_read: Dict[str, int] = {
+            name: int(torch.nonzero(self.valid[:, readers].any(1)).max()) + 1 for name, readers in self._reader_groups.items()
+        }
         self._ablated_writes: Optional[Tensor] = None
+
+    def table(self, values: Float[Tensor, "cells ..."]) -> Float[Tensor, "ablation circuit ..."]:
+        """The cells' values as ``[n_ablations, n_circuits, ...]`` in the order of the circuits given."""
+        where = {cell: i for i, cell in enumerate(self._cells)}
+        rows = [
+            [where.get(CircuitCell(c, a), where[CircuitCell(c, 0)]) for c in self.inverse.tolist()]
+            for a in range(len(self.ablated))
+        ]
+        return values[torch.tensor(rows, device=values.device)]
+
+    def hook_macs_per_position(self) -> int:
+        """Multiply-adds of the reader hooks' masked sums per batch row and position (for FLOP counts)."""
+        return sum(self._n_read[name] * len(readers) for name, readers in self._reader_groups.items()) * int(self.model.cfg.d_model)
 
     @property
     def cells(self) -> List[CircuitCell]:
@@ -122,8 +148,11 @@ class CircuitPlan(PatchPlan):
         circuit = torch.tensor([c.circuit for c in cells], device=self.off.device)
         ablation = torch.tensor([c.ablation for c in cells], device=device)
         off = self.off[circuit].to(device)  # [cells, writers, readers(, pos)]
-        ablated = self._ablated_writes[ablation].permute(0, 2, 3, 1, 4)  # [cells, batch, pos, writers, d_model]
-        diff = torch.zeros_like(ablated)
+        # this run's output minus the ablated one, writer-major so each reader's sum is one batched matmul
+        # every slot is written by its writer's hook before a reader reads it (checked in the reader hooks)
+        diff = torch.empty((n, len(layout.writers), batch, n_pos, self._ablated_writes.shape[-1]), device=device,
+                           dtype=self._ablated_writes.dtype)
+        recorded = [False] * len(layout.writers)
         fired: List[str] = []
 
         def record(name: str, first: int, count: int):
@@ -131,24 +160,31 @@ class CircuitPlan(PatchPlan):
                 fired.append(name)
                 if name.endswith("hook_z"):  # [rows, pos, heads, d_head] -> per-head writes [rows, pos, heads, d_model]
                     W_O = model.blocks[layout.writers[first].layer].attn.W_O
-                    out = torch.einsum("rphe,hem->rphm", act, W_O)
+                    out = torch.einsum("rphe,hem->rphm", act, W_O).reshape(n, batch, n_pos, count, -1).permute(0, 3, 1, 2, 4)
                 else:
-                    out = act[:, :, None]
-                out = out.reshape(n, batch, n_pos, count, -1)
-                diff[:, :, :, first : first + count] = out - ablated[:, :, :, first : first + count]
+                    out = act.reshape(n, 1, batch, n_pos, -1)
+                diff[:, first : first + count] = out - self._ablated_writes[ablation, first : first + count]
+                recorded[first : first + count] = [True] * count
 
             return hook
 
         def rewrite(name: str, readers: List[int]):
             qkv = name.endswith("_input")
+            n_read = self._n_read[name]
 
             def hook(act: Tensor, hook: Any) -> Tensor:
                 fired.append(name)
-                lost = off[:, :, readers]
-                spec = "cbpwd,cwrp->cbprd" if self.per_position else "cbpwd,cwr->cbprd"
-                correction = torch.einsum(spec, diff, lost).to(act.dtype)  # [cells, batch, pos, readers, d_model]
-                shaped = correction.reshape(act.shape) if qkv else correction[:, :, :, 0].reshape(act.shape)
-                return act - shaped
+                if not all(recorded[:n_read]):  # a reader hook running before a writer it reads: hook order broken
+                    raise NotImplementedError(f"{name} ran before the hooks of every writer it reads")
+                lost = off[:, :n_read, readers]  # [cells, writers read, readers(, pos)]
+                if self.per_position:
+                    correction = torch.einsum("cwbpd,cwrp->crbpd", diff[:, :n_read], lost)
+                else:  # [cells, readers, writers] @ [cells, writers, batch * pos * d_model]
+                    correction = torch.bmm(lost.transpose(1, 2), diff[:, :n_read].reshape(n, n_read, -1))
+                correction = correction.reshape(n, len(readers), batch, n_pos, -1).to(act.dtype)
+                if qkv:  # act [rows, pos, readers, d_model]: subtract through a view, no reordered copy
+                    return (act.reshape(n, batch, n_pos, len(readers), -1) - correction.permute(0, 2, 3, 1, 4)).view(act.shape)
+                return act - correction.reshape(act.shape)
 
             return hook
 
