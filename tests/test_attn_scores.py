@@ -93,5 +93,11 @@ def test_score_attribution_equals_autograd(name):
             assert_varies(ref, "score attribution")
             assert_close(ours, ref)
     # integrated gradients sets the scores (mask included) in the forward: one left step is plain attribution
+    plain = fa.get_attr_patch_attn_head_scores_all_pos(model, case.clean, case.corrupted, metric)
     ig = fa.get_attr_patch_ig(model, case.clean, case.corrupted, metric, "attn_head_scores_all_pos", 1, rule="left")
-    assert_close(ig, fa.get_attr_patch_attn_head_scores_all_pos(model, case.clean, case.corrupted, metric))
+    assert_close(ig, plain)
+    # GradDrop: a last-layer node reaches the metric only directly, so its estimate is plain attribution
+    dropped = fa.get_attr_patch_graddrop(model, case.clean, case.corrupted, metric, "attn_head_scores_all_pos")
+    assert torch.isfinite(dropped).all()
+    assert_varies(plain[-1], "last-layer score attribution")
+    assert_close(dropped[-1], plain[-1])
