@@ -6,12 +6,13 @@ prompt pairs and the last-position logit difference: edges scored by edge attrib
 three ablations (corrupted, zero, mean) with ``--n-random`` random baselines per size, plus the
 empty and full circuits the normalisation needs: ``3 x (2 + 10 + 10 n_random)`` circuit runs.
 
-- fastpatch: every circuit and ablation stacked along the batch dimension, chunked to the
-  memory budget (the default budget: one or a few passes);
-- the loop: the same call with ``chunk_size=1``, i.e. one hooked forward per (circuit, ablation),
-  each with the same vectorised reader hooks (what EAP-IG's ``evaluate_graph`` runs per circuit,
-  minus the clean and corrupted forwards it repeats per circuit, so the loop here is the cheaper
-  one). Both compute the same numbers; the record checks that they agree.
+- fastpatch: ``faithfulness_curve``: every circuit and ablation stacked along the batch dimension,
+  chunked to the memory budget (the default budget: one pass); identical circuits (MIB's smallest
+  sizes round to 0 edges on a small model) run once, the full circuit (the clean run) once;
+- the loop: MIB's procedure (``evaluate_area_under_curve``), one forward per circuit: for each
+  ablation the full and the empty circuit, then each size's top-n circuit and random circuit, each
+  by ``evaluate`` of that one circuit (the same hooks; the ablation caches computed once and passed
+  in, so the loop runs no extra forward). The record checks that both give the same values.
 
 Printed and recorded per side: forward passes, batch rows, and FLOPs (the dense matmul FLOPs of a
 forward per row times the rows, plus the reader hooks' masked sums). Batching does not reduce
@@ -63,9 +64,13 @@ def forward_flops_per_row(cfg: Any, n_pos: int) -> int:
     return n_pos * (int(cfg.n_layers) * per_layer + 2 * d * int(cfg.d_vocab))
 
 
-def hook_flops_per_row(cfg: Any, n_pos: int, n_writers: int, n_readers: int) -> int:
-    """The reader hooks' masked sums: every reader's correction from every writer, per row."""
-    return 2 * n_pos * n_writers * n_readers * int(cfg.d_model)
+def hook_flops_per_row(model: Any, n_pos: int) -> int:
+    """The reader hooks' masked sums per row: each hook point's readers from the writers before it."""
+    from fastpatch.circuits import full_circuit
+    from fastpatch.engine.circuit_plan import CircuitPlan
+
+    plan = CircuitPlan(model, torch.zeros(1, n_pos, dtype=torch.long), full_circuit(model)[None], [])
+    return 2 * n_pos * plan.hook_macs_per_position()
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -84,7 +89,9 @@ def build_parser() -> argparse.ArgumentParser:
 def run(args: argparse.Namespace, command: Optional[str] = None) -> Dict[str, Any]:
     import fastpatch
     from fastpatch.attribution import get_attr_patch_edges
-    from fastpatch.circuits import MIB_SIZES, faithfulness_curve
+    from fastpatch.circuits import MIB_SIZES, evaluate, faithfulness_curve, full_circuit
+    from fastpatch.circuits.evaluate import ablation_caches
+    from fastpatch.circuits.faithfulness import edge_counts, random_circuits
     from fastpatch.metrics import LogitDiff
     from fastpatch.models import induction_prompts, load_induction_model
 
@@ -95,32 +102,56 @@ def run(args: argparse.Namespace, command: Optional[str] = None) -> Dict[str, An
     scores = get_attr_patch_edges(model, clean, corrupted, metric)
     sizes = MIB_SIZES[::3] if args.small else MIB_SIZES
 
-    def curve(**kwargs: Any):
+    def curve():
         return faithfulness_curve(model, clean, corrupted, metric, scores, sizes=sizes, ablation=ABLATIONS,
-                                  n_random=args.n_random, **kwargs)
+                                  n_random=args.n_random)
 
-    curve(chunk_size=4)  # warm-up
+    def loop(reference) -> Dict[str, torch.Tensor]:
+        """One ``evaluate`` (one forward) per circuit of the curve, per ablation, MIB's order."""
+        caches = ablation_caches(model, ABLATIONS, clean, corrupted)
+        runs = 0
+        values = torch.zeros(len(ABLATIONS), reference.values.shape[1])
+        random = torch.zeros(reference.random_values.shape)
+        for a, cache in enumerate(caches):
+            def one(circuit):
+                nonlocal runs
+                runs += 1
+                return float(evaluate(model, clean, None, metric, circuit[None], ablation=cache)[0])
+
+            full = full_circuit(model)
+            one(full), one(torch.zeros_like(full))  # MIB's baseline and empty-circuit scores
+            for i in range(len(sizes)):
+                values[a, i] = one(reference.circuits[i])
+                for d in range(args.n_random):
+                    random[a, d, i] = one(random_circuits_of[d, i])
+        return {"values": values, "random_values": random, "runs": runs}
+
+    reference = curve()  # warm-up; its circuits are the ones the loop evaluates
+    valid = full_circuit(model)
+    counts = edge_counts(sizes, int(valid.sum()))
+    random_circuits_of = random_circuits(valid, counts, args.n_random, 0)
+    loop(reference)  # warm-up
     load_before = _load_average()
     sides: Dict[str, Dict[str, Any]] = {}
-    results = {}
     cfg = model.cfg
-    n_writers, n_readers = scores.valid.shape
     batch, n_pos = clean.shape
-    for side, kwargs in (("fastpatch", {}), ("loop", {"chunk_size": 1})):
-        seconds, cpu_seconds, result = best_time(lambda kwargs=kwargs: curve(**kwargs), args.repeats, device)
-        stats = fastpatch.last_run_stats()
-        rows = stats["cells"] * batch
-        sides[side] = {
-            "seconds": seconds, "cpu_seconds": cpu_seconds, "passes": stats["chunks"],
-            "circuit_runs": stats["cells"], "rows": rows,
-            "max_circuit_runs_per_pass": stats["max_cells_per_chunk"],
-            "flops": rows * (forward_flops_per_row(cfg, n_pos) + hook_flops_per_row(cfg, n_pos, n_writers, n_readers)),
-        }
-        results[side] = result
-    ours, loop = results["fastpatch"], results["loop"]
-    check = compare(torch.cat([loop.values.flatten(), loop.random_values.flatten()]),
+    per_row = forward_flops_per_row(cfg, n_pos) + hook_flops_per_row(model, n_pos)
+    seconds, cpu_seconds, ours = best_time(curve, args.repeats, device)
+    stats = fastpatch.last_run_stats()
+    sides["fastpatch"] = {
+        "seconds": seconds, "cpu_seconds": cpu_seconds, "passes": stats["chunks"], "circuit_runs": stats["cells"],
+        "rows": stats["cells"] * batch, "max_circuit_runs_per_pass": stats["max_cells_per_chunk"],
+        "flops": stats["cells"] * batch * per_row, "other_forwards": len(ABLATIONS),  # one source run per ablation cache
+    }
+    seconds, cpu_seconds, looped = best_time(lambda: loop(ours), args.repeats, device)
+    sides["loop"] = {
+        "seconds": seconds, "cpu_seconds": cpu_seconds, "passes": looped["runs"], "circuit_runs": looped["runs"],
+        "rows": looped["runs"] * batch, "max_circuit_runs_per_pass": 1, "flops": looped["runs"] * batch * per_row,
+        "other_forwards": len(ABLATIONS),
+    }
+    check = compare(torch.cat([looped["values"].flatten(), looped["random_values"].flatten()]),
                     torch.cat([ours.values.flatten(), ours.random_values.flatten()]), 1e-4,
-                    1e-5 * float(loop.values.abs().max()))
+                    1e-5 * float(looped["values"].abs().max()))
     ratio = sides["loop"]["seconds"] / sides["fastpatch"]["seconds"]
     return {
         "benchmark": "circuit_curves",
@@ -136,7 +167,8 @@ def run(args: argparse.Namespace, command: Optional[str] = None) -> Dict[str, An
             "prompts": args.prompts, "positions": int(n_pos), "metric": "LogitDiff at the last position (batch mean)",
             "scores": "get_attr_patch_edges (EAP), not timed", "sizes": list(sizes), "ablations": ABLATIONS,
             "n_random": args.n_random, "edges": int(scores.valid.sum()),
-            "loop": "faithfulness_curve(chunk_size=1): one hooked forward per (circuit, ablation)",
+            "loop": "MIB's procedure: per ablation the full, the empty and each size's top-n and random circuits, "
+                    "one evaluate (one hooked forward) each, ablation caches computed once",
         },
         "fastpatch": sides["fastpatch"],
         "loop": sides["loop"],
