@@ -7,6 +7,12 @@ input in that same run minus, for every writer (embedding, head ``z @ W_O``, MLP
 that reader is not in the circuit, the writer's output in that run minus its output in the ablated
 run. The empty circuit is the ablated model, the full circuit the clean model.
 
+The embedding writer is the token embedding (``hook_embed``), as in ``exact_edges``: learned
+positional embeddings and the attention/MLP output biases are in no writer, so they stay in every
+reader's input under every ablation. (EAP-IG's input node is ``embed + pos_embed``; its zero
+ablation also removes the positional embedding, so on GPT-2-style models zero-ablation numbers
+differ from EAP-IG's there; corrupted, mean and resample ablation agree, positions being equal.)
+
 Circuits are stacked along the batch dimension (``engine.circuit_plan.CircuitPlan``, one row block per
 distinct (circuit, ablation)) and chunked to the memory budget by the batched driver (``engine.driver.run_plan``).
 """
