@@ -265,6 +265,12 @@ def test_bad_input_raises(case):
         with pytest.raises(ValueError, match=message):
             evaluate(model, clean, args.pop("corrupted_tokens"), metric, circuits, **args)
         assert hook_count(model) == 0
+    # a model without the per-head Q/K/V input fork is refused by name
+    native_model = zoo.native()
+    full_native = full_circuit(native_model)
+    with pytest.raises(ValueError, match="per-head fork"):
+        evaluate(native_model, clean, corrupted, metric, full_native[None])
+    assert hook_count(native_model) == 0
     # zero / mean / resample need no corrupted prompts
     out = evaluate(model, clean, None, metric, full[None], ablation=["zero", "mean", "resample"])
     assert out.shape == (3, 1)

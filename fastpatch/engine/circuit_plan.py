@@ -38,7 +38,7 @@ from fastpatch.engine.direct_path import PathPlan, Writer
 from fastpatch.engine.edge_plan import EdgeLayout, edge_layout, valid_edges
 from fastpatch.engine.native.model import NativeEngine
 from fastpatch.engine.plan import NativeWork, PatchPlan
-from fastpatch.engine.probing import require_qkv_input_forks
+from fastpatch.engine.probing import NoQKVFork, require_qkv_input_forks
 
 _QKV = ("q", "k", "v")
 
@@ -125,8 +125,14 @@ class CircuitPlan(PatchPlan):
 
     def prepare(self, engine: Optional[NativeEngine] = None) -> None:
         layers = sorted({r.layer for r in self.layout.readers if r.component in _QKV})
-        for component in _QKV:
-            require_qkv_input_forks(self.model, layers, component)
+        try:
+            for component in _QKV:
+                require_qkv_input_forks(self.model, layers, component)
+        except NoQKVFork as error:  # the same refusal, without its pointer to a native form circuits do not have yet
+            raise NoQKVFork(
+                f"circuit evaluation rewrites each head's Q/K/V input at its per-head fork, which this model lacks: "
+                f"{str(error).split(', so ')[0]}"
+            ) from error
         names = list(dict.fromkeys(w.hook_name for w in self.layout.writers))
         writes = []
         for number, cache in enumerate(self.ablated):
