@@ -134,6 +134,19 @@ def test_attribution_with_the_source_equals_autograd(name, kind):
         assert_close(ours, ref)
 
 
+def test_verify_measures_an_estimate_with_the_source():
+    """``attribution.verify`` patches the source in exactly, as TransformerLens does with that cache."""
+    case = _case("gpt2")
+    model, metric, source = case.model, case.scalar, case.sources["zero"]
+    estimate = fa.get_attr_patch_attn_head_out_all_pos(model, None, case.corrupted, metric, source=source)
+    table = fa.verify(model, None, case.corrupted, source, metric, estimate, "attn_head_out_all_pos", k=4)
+    with torch.no_grad():
+        ref = tl.get_act_patch_attn_head_out_all_pos(model, case.corrupted, source, metric) - metric(model(case.corrupted))
+    exact = torch.tensor([float(ref[row.layer, row.head]) for row in table.itertuples()])
+    assert_varies(exact, "verified cells")
+    assert_close(torch.tensor(table["exact"].to_numpy()), exact)
+
+
 @pytest.mark.slow
 def test_every_attribution_function_reads_a_source_like_a_clean_run():
     """A plain clean cache given as ``source=`` gives the same estimate as the clean tokens (on GPT-2:

@@ -7,7 +7,7 @@ beside the estimate.
 
 from __future__ import annotations
 
-from typing import Any
+from typing import Any, Optional
 
 import pandas as pd
 import torch
@@ -22,7 +22,7 @@ __all__ = ["verify"]
 
 
 def verify(
-    model: Any, clean_tokens: Tokens, corrupted_tokens: Tokens, clean_cache: Any, patching_metric: MetricFn,
+    model: Any, clean_tokens: Optional[Tokens], corrupted_tokens: Tokens, clean_cache: Any, patching_metric: MetricFn,
     estimate: Float[Tensor, "..."], sweep: str, k: int = 10, **patch_kwargs: Any,
 ) -> pd.DataFrame:
     """Measure the top-``k`` cells (by ``|estimate|``) of an attribution sweep exactly.
@@ -36,6 +36,11 @@ def verify(
     Returns a DataFrame, one row per cell in decreasing ``|estimate|`` (ties by flat index): the
     index axes of the exact sweep (``layer``, ``pos``, ``head``...), ``estimate``, ``exact``
     (patched metric minus the corrupted baseline) and ``abs_error``.
+
+    ``clean_cache`` may be an ablation source (:mod:`fastpatch.sources`, the estimate's ``source=``);
+    ``clean_tokens`` is then ``None`` (it is only checked against ``corrupted_tokens``' shape). For a
+    ``direction="noising"`` estimate pass the clean tokens as ``corrupted_tokens`` and the corrupted
+    run's cache as ``clean_cache``: the run that was patched, and what was patched into it.
     """
     if sweep == "mlp_neuron_by_pos":
         raise ValueError("verify() needs an exact sweep in fastpatch.patching; mlp_neuron_by_pos has none")
@@ -46,7 +51,7 @@ def verify(
             f"estimate has shape {tuple(estimate.shape)}, but sweep {sweep!r} has axes {axes}: pass a "
             "reduce='scalar' result (no trailing batch axis)"
         )
-    if tuple(clean_tokens.shape) != tuple(corrupted_tokens.shape):
+    if clean_tokens is not None and tuple(clean_tokens.shape) != tuple(corrupted_tokens.shape):
         raise ValueError("clean_tokens and corrupted_tokens must have the same shape")
     if k < 1:
         raise ValueError(f"k must be positive, got {k}")
