@@ -2,12 +2,12 @@
 
 Times, in one process and on one random-init GPT-2, each sweep with the logit-difference metric
 and with activation metrics of :mod:`fastpatch.metrics` (a head's attention, a head's direct
-logit attribution, a neuron), and prints ``activation / logit`` time ratios. A plan with an
-activation metric runs on the hook backend (the native backend computes only each cell's residual
-suffix), so two ratios are reported: against the logit metric on the hook backend (the cost of
-capturing the activations per cell) and against the logit metric on the default backend (what a
-user sees when swapping the metric). Values of the two activation-metric runs are checked against
-each other's backend-independent definition only through the tests (``tests/test_activation_metrics.py``).
+logit attribution, a neuron, a read of the final residual), and prints ``activation / logit``
+time ratios against the logit metric on the default backend (what a user sees when swapping the
+metric) and on the hook backend. The native backend computes activation metrics where it records
+the hooks they read in layers the sweep does not recompute inside a patch (``ActivationPlan.
+native_activation_reason``); otherwise the sweep runs on the hook backend (recorded per run as
+``backend``). Values are checked against TransformerLens in ``tests/test_activation_metrics.py``.
 Writes a JSON record under ``bench/results/``.
 
     python -m bench.activation_metric_costs            # GPT-2-small-shaped, 8 prompts x 15 tokens, CPU
@@ -19,6 +19,7 @@ from __future__ import annotations
 import argparse
 import os
 import time
+import warnings
 from pathlib import Path
 from typing import Any, Dict
 
@@ -26,10 +27,11 @@ os.environ.setdefault("TQDM_DISABLE", "1")
 
 import torch  # noqa: E402
 
+import fastpatch  # noqa: E402
 from bench import compare_transformer_lens as cli  # noqa: E402
 from bench.models import gpt2_small_shaped, ioi_like_tokens, logit_diff_metric  # noqa: E402
 from fastpatch import patching as fp  # noqa: E402
-from fastpatch.metrics import AttentionTo, HeadDLA, NeuronValue  # noqa: E402
+from fastpatch.metrics import ActivationMetric, AttentionTo, HeadDLA, NeuronValue  # noqa: E402
 
 SWEEPS = ("get_act_patch_attn_head_out_all_pos", "get_act_patch_resid_pre")
 RESULTS = Path(__file__).parent / "results"
@@ -42,6 +44,7 @@ def _metrics(model: Any, pair: Any, n_pos: int) -> Dict[str, Any]:
         "attention": AttentionTo(last, 0, n_pos - 1, 1),
         "head_dla": HeadDLA(model, last, 0, pair.answer, pair.wrong),
         "neuron": NeuronValue(last, 0),
+        "final_resid": ActivationMetric(["ln_final.hook_in"], lambda logits, acts: acts["ln_final.hook_in"][:, -1].norm(dim=-1).mean()),
     }
 
 
@@ -74,26 +77,33 @@ def main(argv=None) -> Dict[str, Any]:
     for sweep in SWEEPS:
         fn = getattr(fp, sweep)
 
-        def timed(metric: Any, backend: str) -> float:
+        backends: Dict[str, str] = {}
+
+        def timed(name: str, metric: Any, backend: str) -> float:
             def run() -> Any:
                 return fn(model, corrupted, clean_cache, metric, backend=backend, progress=False)
 
-            run()  # warm-up (the native model build and parity check are per call, so they are timed too)
-            return cli.best_time(run, args.repeats, device)[0]
+            with warnings.catch_warnings():
+                warnings.simplefilter("ignore")  # the fallback to hooks says why once per call
+                run()  # warm-up (the native model build and parity check are per call, so they are timed too)
+                backends[name] = fastpatch.last_run_stats()["backend"]
+                return cli.best_time(run, args.repeats, device)[0]
 
-        seconds = {"logit_diff/auto": timed(metrics["logit_diff"], "auto"),
-                   "logit_diff/hooks": timed(metrics["logit_diff"], "hooks")}
-        for name in ("attention", "head_dla", "neuron"):
-            seconds[name] = timed(metrics[name], "auto")  # runs on the hook backend
+        seconds = {"logit_diff/auto": timed("logit_diff/auto", metrics["logit_diff"], "auto"),
+                   "logit_diff/hooks": timed("logit_diff/hooks", metrics["logit_diff"], "hooks")}
+        names = ("attention", "head_dla", "neuron", "final_resid")
+        for name in names:
+            seconds[name] = timed(name, metrics[name], "auto")
         ratios = {
             name: {"vs_logit_hooks": seconds[name] / seconds["logit_diff/hooks"],
                    "vs_logit_auto": seconds[name] / seconds["logit_diff/auto"]}
-            for name in ("attention", "head_dla", "neuron")
+            for name in names
         }
-        record["runs"].append({"sweep": sweep, "seconds": seconds, "ratios": ratios})
+        record["runs"].append({"sweep": sweep, "seconds": seconds, "backend": backends, "ratios": ratios})
         print(f"{cli.short_name(sweep):<16} logit diff: auto {seconds['logit_diff/auto']:.3f}s, "
               f"hooks {seconds['logit_diff/hooks']:.3f}s; "
-              + "  ".join(f"{n} {r['vs_logit_hooks']:.2f}x hooks / {r['vs_logit_auto']:.2f}x auto" for n, r in ratios.items()))
+              + "  ".join(f"{n} ({backends[n]}) {r['vs_logit_auto']:.2f}x auto / {r['vs_logit_hooks']:.2f}x hooks"
+                          for n, r in ratios.items()))
     record["load_average_after"] = cli._load_average()
     name = f"{args.device}-activation-metric-costs-{args.layers}L{args.d_model}d-{time.strftime('%Y%m%d')}.json"
     cli.write_record(args.out or RESULTS / name, record)
