@@ -40,7 +40,7 @@ if __package__ in (None, ""):  # run as a script: make `bench` and `fastpatch` i
 
 import torch  # noqa: E402  (after the TQDM_DISABLE default and the script-mode sys.path entry)
 
-from bench.models import gpt2_small_shaped, ioi_like_tokens, logit_diff_metric  # noqa: E402
+from bench.models import ARCHITECTURES, ioi_like_tokens, logit_diff_metric  # noqa: E402
 
 REPO_ROOT = Path(__file__).resolve().parent.parent
 RESULTS_DIR = REPO_ROOT / "bench" / "results"
@@ -239,6 +239,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--sweeps", nargs="+", default=list(DEFAULT_SWEEPS), metavar="FN",
                    help=f"sweep functions to time ('all' for every one); choices: {', '.join(SWEEPS)}")
     add_shape_arguments(p, big, batch_help="prompts per sweep")
+    p.add_argument("--arch", choices=sorted(ARCHITECTURES), default="gpt2",
+                   help="model family (random init, the shape from --layers/--d-model/--heads/--vocab)")
     p.add_argument("--repeats", type=int, default=1, help="time each library N times and keep the best")
     p.add_argument("--fastpatch-kwargs", type=json.loads, default={}, metavar="JSON",
                    help='extra keyword arguments for every fastpatch call, e.g. \'{"chunk_size": 16}\'')
@@ -278,7 +280,8 @@ def _resolve(args: argparse.Namespace) -> argparse.Namespace:
         sweep_set = "+".join(short_name(s) for s in args.sweeps)
         if set(args.sweeps) == set(SWEEPS):
             sweep_set = "all"
-        args.out = RESULTS_DIR / f"{args.device}-{sweep_set}{'-small' if args.small else ''}.json"
+        arch = "" if args.arch == "gpt2" else f"-{args.arch}"
+        args.out = RESULTS_DIR / f"{args.device}{arch}-{sweep_set}{'-small' if args.small else ''}.json"
     return args
 
 
@@ -328,7 +331,8 @@ def run(args: argparse.Namespace) -> Dict[str, Any]:
     from fastpatch import patching as fp
 
     device = torch.device(args.device)
-    model = gpt2_small_shaped(args.seed, args.layers, args.d_model, args.heads, args.vocab)
+    build, description = ARCHITECTURES[args.arch]
+    model = build(args.seed, args.layers, args.d_model, args.heads, args.vocab)
     if device.type != "cpu":
         model = model.to(device, print_details=False)
     pair = ioi_like_tokens(args.vocab, args.batch, args.positions, args.corrupt_from, args.seed)
@@ -370,7 +374,7 @@ def run(args: argparse.Namespace) -> Dict[str, Any]:
         "versions": versions(),
         "git": git_state(),
         "config": {
-            "model": {"architecture": "GPT2LMHeadModel (random init, initializer_range 0.05)",
+            "model": {"architecture": description,
                       "n_layers": args.layers, "d_model": args.d_model, "n_heads": args.heads,
                       "d_vocab": args.vocab, "seed": args.seed},
             "batch": args.batch,

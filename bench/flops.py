@@ -42,6 +42,9 @@ def _attention_flops(native: NativeModel, d_model: int, start: int, n_pos: int) 
 
 
 def _mlp_flops(native: NativeModel, d_model: int, d_mlp: int, n_tokens: int) -> int:
+    moe = native.layers[0].moe
+    if moe is not None:  # the router, then top_k gated experts per token
+        return (2 * d_model * moe.router.shape[1] + 2 * d_model * d_mlp * 3 * moe.top_k) * n_tokens
     return 2 * d_model * d_mlp * (3 if native.gated else 2) * n_tokens
 
 
@@ -51,7 +54,7 @@ def lower_bound_flops(model: Any, corrupted_tokens: torch.Tensor, clean_cache: A
     metrics = MetricSet(metric, "scalar", int(corrupted_tokens.shape[0]))
     reads: Optional[list] = metrics.common_reads()
     batch, n_pos = corrupted_tokens.shape
-    d_model, d_mlp, d_vocab = native.W_E.shape[1], native.layers[0].W_in.shape[1], native.W_U.shape[1]
+    d_model, d_mlp, d_vocab = native.d_model, native.d_mlp, native.W_U.shape[1]
     clean = clean_activations_for(model, corrupted_tokens, clean_cache, sweeps)
     groups, _ = group_cells(native, trace, sweeps, cell_locations(sweeps), clean)
     total = 0

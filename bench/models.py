@@ -40,6 +40,56 @@ def gpt2_small_shaped(
     return bridge.eval()
 
 
+def _bridge(module: torch.nn.Module, architecture: str, cfg) -> torch.nn.Module:
+    from fastpatch._tl_private import build_bridge_from_module
+
+    bridge = build_bridge_from_module(module.eval(), architecture, hf_config=cfg)
+    bridge.enable_compatibility_mode(disable_warnings=True)
+    return bridge.eval()
+
+
+def gemma2_shaped(
+    seed: int = 0, n_layers: int = 12, d_model: int = 768, n_heads: int = 12, vocab: int = 50257, n_ctx: int = 1024
+) -> torch.nn.Module:
+    """A random-init Gemma 2 in GPT-2 small's size class: ``n_heads`` query heads of 64, half as
+    many K/V heads, a gated GELU MLP of 4 ``d_model``, pre- and post-norms, soft caps, and
+    alternating sliding-window (window 8, so it bites at 15 positions) and global layers."""
+    from transformers import Gemma2Config, Gemma2ForCausalLM
+
+    torch.manual_seed(seed)
+    cfg = Gemma2Config(
+        num_hidden_layers=n_layers, hidden_size=d_model, num_attention_heads=n_heads, num_key_value_heads=n_heads // 2,
+        head_dim=d_model // n_heads, intermediate_size=4 * d_model, vocab_size=vocab, max_position_embeddings=n_ctx,
+        sliding_window=8, query_pre_attn_scalar=d_model // n_heads, initializer_range=0.05,
+        bos_token_id=BOS, eos_token_id=BOS, pad_token_id=BOS,
+    )
+    return _bridge(Gemma2ForCausalLM(cfg), "Gemma2ForCausalLM", cfg)
+
+
+def mixtral_shaped(
+    seed: int = 0, n_layers: int = 12, d_model: int = 768, n_heads: int = 12, vocab: int = 50257, n_ctx: int = 1024
+) -> torch.nn.Module:
+    """A random-init Mixtral in GPT-2 small's size class: ``n_heads`` query heads, a third as many
+    K/V heads, 8 experts of 3.5 ``d_model`` (Mixtral's ratio) with 2 chosen per token."""
+    from transformers import MixtralConfig, MixtralForCausalLM
+
+    torch.manual_seed(seed)
+    cfg = MixtralConfig(
+        num_hidden_layers=n_layers, hidden_size=d_model, num_attention_heads=n_heads, num_key_value_heads=n_heads // 3,
+        intermediate_size=7 * d_model // 2, num_local_experts=8, num_experts_per_tok=2, vocab_size=vocab,
+        max_position_embeddings=n_ctx, initializer_range=0.05, bos_token_id=BOS, eos_token_id=BOS,
+    )
+    return _bridge(MixtralForCausalLM(cfg), "MixtralForCausalLM", cfg)
+
+
+# --arch of the benchmark scripts: (builder, description)
+ARCHITECTURES = {
+    "gpt2": (gpt2_small_shaped, "GPT2LMHeadModel (random init, initializer_range 0.05)"),
+    "gemma2": (gemma2_shaped, "Gemma2ForCausalLM (random init, initializer_range 0.05, sliding window 8)"),
+    "mixtral": (mixtral_shaped, "MixtralForCausalLM (random init, initializer_range 0.05, 8 experts, top 2)"),
+}
+
+
 class PromptPair(NamedTuple):
     """Clean and corrupted prompts plus the answer / wrong token of each clean prompt."""
 
