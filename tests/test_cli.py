@@ -78,3 +78,60 @@ def test_help_and_module_entry_point(capsys):
     done = subprocess.run([sys.executable, "-m", "fastpatch", "sweep", "/nonexistent", "/nonexistent.jsonl"],
                           capture_output=True, text=True, timeout=120)
     assert done.returncode == 2 and done.stderr.strip().count("\n") == 0
+
+
+def test_circuit_on_a_local_model_folder(tmp_path, model_dir, capsys):
+    """``fastpatch circuit`` writes the faithfulness curve of ``faithfulness_curve`` on the same inputs; its
+    full and empty circuits are the clean and corrupted models' plain forwards."""
+    from fastpatch.attribution import get_attr_patch_edges
+    from fastpatch.circuits import faithfulness_curve
+    from fastpatch.cli.main import _load_model
+    from fastpatch.datasets import from_pairs
+    from fastpatch.metrics import LogitDiff
+
+    out = tmp_path / "circ"
+    argv = ["circuit", str(model_dir), str(_prompts(tmp_path, GOOD)), "--out", str(out), "--quiet",
+            "--ablation", "corrupted", "zero", "--random", "1"]
+    assert main(argv) == 0
+    printed = capsys.readouterr().out
+    record = json.loads((tmp_path / "circ.json").read_text())
+    model, tokenizer = _load_model(model_dir, "cpu")
+    data = from_pairs(tokenizer, *([p[k] for p in GOOD] for k in ("clean", "corrupted", "answer", "wrong")))
+    metric = LogitDiff(data.answer_tokens, data.wrong_tokens)
+    scores = get_attr_patch_edges(model, data.clean_tokens, data.corrupted_tokens, metric)
+    curve = faithfulness_curve(model, data.clean_tokens, data.corrupted_tokens, metric, scores,
+                               ablation=["corrupted", "zero"], n_random=1)
+    with torch.no_grad():
+        clean_value = float(metric(model(data.clean_tokens)))
+        corrupted_value = float(metric(model(data.corrupted_tokens)))
+    assert record["ablations"] == ["corrupted", "zero"] and record["counts"] == curve.counts.tolist()
+    torch.testing.assert_close(torch.tensor(record["clean"]), torch.tensor([clean_value] * 2), rtol=1e-5, atol=1e-5)
+    assert abs(record["ablated"][0] - corrupted_value) <= 1e-5 * max(1.0, abs(corrupted_value))
+    for key in ("values", "faithfulness", "cpr", "cmd", "random_faithfulness", "random_cpr", "random_cmd"):
+        torch.testing.assert_close(torch.tensor(record[key]), getattr(curve, key).float(), rtol=1e-4, atol=1e-5)
+    faith = torch.tensor(record["faithfulness"])
+    assert float(faith.max() - faith.min()) > 0.1 and torch.allclose(faith[:, -1], torch.ones(2))  # 100% of edges
+    shown = record["shown_circuit"]
+    circuit = curve.circuits[shown["index"]]
+    assert len(shown["edges"]) == int(circuit.sum()) > 0
+    assert {(w, r) for w, r, _ in shown["edges"]} == {
+        (scores.writer_names[w], scores.reader_names[r]) for w, r in torch.nonzero(circuit).tolist()}
+    page = (tmp_path / "circ.html").read_text()
+    assert page.count("Plotly.newPlot") >= 2 and "Faithfulness curve" in page and "Circuit graph" in page
+    assert "CPR" in printed and "zero" in printed
+
+
+@pytest.mark.parametrize(
+    "extra, folder, pairs, message",
+    [
+        (["--ablation", "corrupted", "ablate"], None, GOOD, "unknown ablation 'ablate'"),
+        (["--score", "magic"], None, GOOD, "unknown score 'magic'"),
+        ([], "missing", GOOD, "does not exist"),
+        ([], None, [{"clean": "the cat"}], "missing string field"),
+    ],
+)
+def test_circuit_bad_input_is_one_line_and_exit_2(tmp_path, model_dir, capsys, extra, folder, pairs, message):
+    target = tmp_path / folder if folder else model_dir
+    code = main(["circuit", str(target), str(_prompts(tmp_path, pairs)), "--out", str(tmp_path / "x"), "--quiet", *extra])
+    err = capsys.readouterr().err.strip()
+    assert code == 2 and message in err and err.startswith("fastpatch: error:") and "\n" not in err

@@ -3,6 +3,8 @@
 - ``fastpatch demo``: the main job on the shipped induction model (sweeps, direct paths,
   attribution, speed against TransformerLens, an HTML report); see :mod:`fastpatch.cli.demo`.
 - ``fastpatch sweep``: one sweep on a local Hugging Face model folder and prompt pairs from a file.
+- ``fastpatch circuit``: edge scores, the faithfulness curve of their top-n circuits under several
+  ablations (MIB sizes, random baselines, CPR/CMD) and the circuit graph, on the same inputs.
 
 Bad input gives a one-line error and exit code 2."""
 
@@ -22,6 +24,8 @@ SWEEPS = {
     "blocks": "get_act_patch_block_every",
     "heads-by-pos": "get_act_patch_attn_head_out_by_pos",
 }
+CIRCUIT_ABLATIONS = ("corrupted", "zero", "mean", "resample")  # fastpatch.circuits.ABLATIONS (imported lazily)
+CIRCUIT_SCORES = ("attribution", "exact")
 
 
 class UsageError(Exception):
@@ -50,6 +54,32 @@ def build_parser() -> argparse.ArgumentParser:
     sweep.add_argument("--device", default="cpu", help="torch device, e.g. cpu or cuda")
     sweep.add_argument("--quiet", action="store_true", help="no progress bars")
 
+    circuit = sub.add_parser(
+        "circuit",
+        help="score every edge and draw the faithfulness curve of the top-n circuits on a local model folder",
+        description="Loads the model folder and prompt pairs as `fastpatch sweep` does (same metric: the logit "
+        "difference answer - wrong), scores every edge (edge attribution or exact patching of each edge), "
+        "evaluates the top-n circuits at MIB's sizes (0.1%%..100%% of edges) and random circuits of the same sizes "
+        "under each ablation, prints size, normalised faithfulness per ablation and CPR/CMD, and writes JSON and "
+        "an HTML report with the faithfulness curve and the circuit graph.",
+    )
+    circuit.add_argument("model_dir", type=Path, help="folder with config.json, weights and tokenizer files")
+    circuit.add_argument("prompts", type=Path, help="JSON lines, as for `fastpatch sweep`")
+    circuit.add_argument("--out", type=Path, default=Path("fastpatch-circuit"), help="output prefix (.json and .html are added)")
+    circuit.add_argument("--ablation", nargs="+", default=["corrupted"], metavar="KIND",
+                         help=f"ablations of the edges outside the circuit, any of {', '.join(CIRCUIT_ABLATIONS)}")
+    circuit.add_argument("--score", default="attribution", metavar="{attribution,exact}",
+                         help="edge scores: edge attribution (one pass) or each edge patched alone (exact)")
+    circuit.add_argument("--random", type=int, default=1, help="random circuits per size as a baseline (0: none)")
+    circuit.add_argument("--prune", action="store_true", help="drop dangling edges before evaluating")
+    circuit.add_argument("--keep", type=float, default=0.8,
+                         help="the graph shows the smallest circuit whose faithfulness under the first ablation "
+                         "reaches this (else the most faithful one)")
+    circuit.add_argument("--seed", type=int, default=0, help="seed of the random circuits and of resample ablation")
+    circuit.add_argument("--backend", choices=("auto", "native", "hooks"), default="auto", help="execution backend")
+    circuit.add_argument("--device", default="cpu", help="torch device, e.g. cpu or cuda")
+    circuit.add_argument("--quiet", action="store_true", help="no progress bars")
+
     demo = sub.add_parser(
         "demo",
         help="find the shipped induction model's circuit, offline, and write an HTML report",
@@ -74,7 +104,10 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     try:
         if args.command == "demo":
             return _demo(args)
-        run_sweep(args)
+        if args.command == "circuit":
+            run_circuit(args)
+        else:
+            run_sweep(args)
     except UsageError as error:
         print(f"fastpatch: error: {error}", file=sys.stderr)
         return 2
@@ -154,17 +187,25 @@ def _tokenize(tokenizer, pairs: List[dict]):
     return data.clean_tokens, data.corrupted_tokens, data.answer_tokens, data.wrong_tokens
 
 
-def run_sweep(args: argparse.Namespace) -> None:
+def _load_inputs(args: argparse.Namespace):
+    """``args.model_dir`` and ``args.prompts`` loaded: the model, its tokenizer, clean and corrupted tokens on
+    ``args.device`` and the metric (the logit difference answer - wrong at the last position), shared by every
+    command on a local model folder."""
     pairs = _load_prompts(args.prompts)
     model, tokenizer = _load_model(args.model_dir, args.device)
     clean, corrupted, answer, wrong = (t.to(args.device) for t in _tokenize(tokenizer, pairs))
+    from fastpatch.metrics import LogitDiff
+
+    return model, tokenizer, clean, corrupted, LogitDiff(answer, wrong)
+
+
+def run_sweep(args: argparse.Namespace) -> None:
+    model, tokenizer, clean, corrupted, metric = _load_inputs(args)
     import torch
 
     from fastpatch import analysis, figures
     from fastpatch import patching as fp
-    from fastpatch.metrics import LogitDiff
 
-    metric = LogitDiff(answer, wrong)
     with torch.no_grad():
         _, clean_cache = model.run_with_cache(clean)
     name = SWEEPS[args.sweep]
@@ -186,6 +227,110 @@ def run_sweep(args: argparse.Namespace) -> None:
     figures.write_report(f"{args.out}.html", sections, title=f"fastpatch sweep: {name}")
     print(f"wrote {args.out}.json and {args.out}.html")
 
+
+
+# ---- fastpatch circuit ---------------------------------------------------------------------------
+def _check_choices(what: str, given: Sequence[str], allowed: Sequence[str]) -> None:
+    """Our own check, not argparse's ``choices``: its error is a usage block, ours one line."""
+    unknown = [g for g in given if g not in allowed]
+    if unknown:
+        raise UsageError(f"unknown {what} {', '.join(map(repr, unknown))}; choose from {', '.join(allowed)}")
+
+
+def shown_circuit(curve, keep: float) -> int:
+    """Index (into ``curve.counts``) of the smallest circuit whose faithfulness under the first ablation is at
+    least ``keep``, else of the most faithful one: the circuit ``fastpatch circuit`` draws."""
+    faith = curve.faithfulness[0].cpu()
+    counts = curve.n_edges.cpu()
+    reaching = [i for i in range(len(counts)) if float(faith[i]) >= keep]
+    if reaching:
+        return min(reaching, key=lambda i: (int(counts[i]), i))
+    return int(faith.nan_to_num(float("-inf")).argmax())
+
+
+def curve_table(curve):
+    """One row per circuit size (increasing): edges asked for and kept, fraction, faithfulness per ablation
+    (and its random baseline's mean over draws)."""
+    import pandas as pd
+    import torch
+
+    order = torch.argsort(curve.counts, stable=True).tolist()
+    rows = []
+    for i in order:
+        row = {"edges": int(curve.counts[i]), "kept": int(curve.n_edges[i]), "fraction": float(curve.fractions[i])}
+        for a, name in enumerate(curve.ablations):
+            row[name] = float(curve.faithfulness[a, i])
+            if curve.random_faithfulness.shape[1]:
+                row[f"{name} random"] = float(curve.random_faithfulness[a, :, i].mean())
+        rows.append(row)
+    return pd.DataFrame(rows)
+
+
+def run_circuit(args: argparse.Namespace) -> None:
+    _check_choices("ablation", args.ablation, CIRCUIT_ABLATIONS)
+    _check_choices("score", [args.score], CIRCUIT_SCORES)
+    if args.random < 0:
+        raise UsageError(f"--random must be non-negative, got {args.random}")
+    model, tokenizer, clean, corrupted, metric = _load_inputs(args)
+    from fastpatch import figures
+    from fastpatch.attribution import get_attr_patch_edges
+    from fastpatch.circuits import exact_edges, faithfulness_curve
+    from fastpatch.circuits.plots import circuit_graph_figure, faithfulness_figure
+
+    start = time.perf_counter()
+    if args.score == "exact":
+        scores = exact_edges(model, clean, corrupted, metric, backend=args.backend, progress=not args.quiet)
+    else:
+        scores = get_attr_patch_edges(model, clean, corrupted, metric)
+    score_seconds = time.perf_counter() - start
+    start = time.perf_counter()
+    try:
+        curve = faithfulness_curve(model, clean, corrupted, metric, scores, ablation=list(args.ablation),
+                                   n_random=args.random, prune=args.prune, seed=args.seed, backend=args.backend,
+                                   progress=not args.quiet)
+    except ValueError as error:  # e.g. an architecture circuit evaluation refuses
+        raise UsageError(str(error).splitlines()[0]) from None
+    curve_seconds = time.perf_counter() - start
+    table = curve_table(curve)
+    areas = [{"ablation": name, "CPR": float(curve.cpr[a]), "CMD": float(curve.cmd[a]),
+              **({"random CPR": float(curve.random_cpr[a].mean()), "random CMD": float(curve.random_cmd[a].mean())}
+                 if curve.random_cpr.shape[1] else {})} for a, name in enumerate(curve.ablations)]
+    import pandas as pd
+
+    areas = pd.DataFrame(areas)
+    shown = shown_circuit(curve, args.keep)
+    circuit = curve.circuits[shown]
+    fmt = {"float_format": lambda v: f"{v:.3g}", "index": False}
+    print(f"{args.score} scores of {curve.n_items} edges in {score_seconds:.2f} s; faithfulness curve "
+          f"({len(table)} sizes x {len(curve.ablations)} ablations, {args.random} random per size) in {curve_seconds:.2f} s")
+    print(table.to_string(**fmt))
+    print(areas.to_string(**fmt))
+    print(f"graph: the circuit of {int(circuit.sum())} edges, faithfulness {float(curve.faithfulness[0, shown]):.3g} "
+          f"under {curve.ablations[0]} ablation")
+    edges = scores.to_frame()
+    kept = circuit[scores.valid].cpu().tolist()
+    record = {
+        "score": args.score, "ablations": curve.ablations, "n_edges_total": curve.n_items,
+        "counts": curve.counts.tolist(), "n_edges": curve.n_edges.tolist(), "fractions": curve.fractions.tolist(),
+        "clean": curve.clean.tolist(), "ablated": curve.ablated.tolist(), "values": curve.values.tolist(),
+        "faithfulness": curve.faithfulness.tolist(), "cpr": curve.cpr.tolist(), "cmd": curve.cmd.tolist(),
+        "random_n_edges": curve.random_n_edges.tolist(), "random_faithfulness": curve.random_faithfulness.tolist(),
+        "random_cpr": curve.random_cpr.tolist(), "random_cmd": curve.random_cmd.tolist(),
+        "shown_circuit": {"index": shown, "edges": [[w, r, float(v)] for w, r, v, k in
+                                                   zip(edges.writer, edges.reader, edges.score, kept) if k]},
+    }
+    args.out.parent.mkdir(parents=True, exist_ok=True)
+    Path(f"{args.out}.json").write_text(json.dumps(record))
+    sections = [
+        ("Faithfulness curve", faithfulness_figure(curve)),
+        ("Normalised faithfulness by size", table),
+        ("CPR / CMD", areas),
+        (f"Circuit graph: {int(circuit.sum())} edges ({args.score} scores)",
+         circuit_graph_figure(model, circuit.cpu(), scores.scores.cpu(), title=f"Circuit of {int(circuit.sum())} edges")),
+        ("Top edges", scores.top_edges(20)),
+    ]
+    figures.write_report(f"{args.out}.html", sections, title=f"fastpatch circuit: {args.model_dir.name}")
+    print(f"wrote {args.out}.json and {args.out}.html")
 
 if __name__ == "__main__":
     sys.exit(main())
