@@ -11,11 +11,14 @@ from fastpatch.cli import main
 from fastpatch.cli.demo import run_demo
 from fastpatch.models import induction_model_info
 
+N_PROMPTS, HALF_LEN, SEED = 12, 12, 3
+
 
 @pytest.fixture(scope="module")
 def demo(tmp_path_factory):
     out = tmp_path_factory.mktemp("demo") / "report"
-    return run_demo(out, n_prompts=12, half_len=12, seed=3, compare=True, progress=False, repeats=1, echo=lambda s: None)
+    return run_demo(out, n_prompts=N_PROMPTS, half_len=HALF_LEN, seed=SEED, compare=True, progress=False, repeats=1,
+                    echo=lambda s: None)
 
 
 def test_demo_recovers_the_recorded_circuit(demo):
@@ -58,6 +61,41 @@ def test_demo_shows_exact_edges_beside_attribution(demo):
         torch.testing.assert_close(exact[rows][:, cols], demo.values[f"direct_path_{c}"], rtol=1e-4, atol=1e-4)
     assert float(exact.abs().max()) > 1e-2
     assert "Top edges, exact" in demo.report.read_text()
+
+
+def test_demo_faithfulness_curve_and_zero_ablation(demo):
+    """The demo's curve: top-n circuits of its exact edge scores whose full and empty circuits are the plain clean and
+    corrupted forwards; the drawn circuit evaluates (``circuits.evaluate``) to the faithfulness shown and keeps most
+    of the behaviour at a small size. The zero-ablation head sweep equals TransformerLens's own with the same cache."""
+    import transformer_lens.patching as tl
+
+    from fastpatch.circuits import evaluate, full_circuit
+    from fastpatch.metrics import LogitDiff
+    from fastpatch.models import induction_prompts, load_induction_model
+    from fastpatch.sources import zero_ablation
+
+    model = load_induction_model()
+    clean, corrupted, answer, wrong = induction_prompts(N_PROMPTS, HALF_LEN, SEED)
+    metric = LogitDiff(answer, wrong)
+    curve = demo.curve
+    assert curve.ablations == ["corrupted", "zero"]
+    scale = max(1.0, abs(demo.clean_value))
+    torch.testing.assert_close(curve.clean, torch.full((2,), demo.clean_value), rtol=0, atol=1e-5 * scale)
+    assert abs(float(curve.ablated[0]) - demo.corrupted_value) <= 1e-5 * scale
+    shown = curve.circuits[demo.shown_circuit]
+    valid, magnitude = full_circuit(model), demo.values["exact_edges"].abs()
+    assert float(magnitude[shown].min()) >= float(magnitude[valid & ~shown].max())  # the top-n exact edges
+    again = evaluate(model, clean, corrupted, metric, shown[None], ablation=["corrupted", "zero"])[:, 0]
+    faith = (again - curve.ablated) / (curve.clean - curve.ablated)
+    torch.testing.assert_close(faith, curve.faithfulness[:, demo.shown_circuit], rtol=1e-4, atol=1e-4)
+    assert float(faith[0]) >= 0.8 and int(shown.sum()) <= int(valid.sum()) // 3
+    assert float(curve.faithfulness.max() - curve.faithfulness.min()) > 0.5
+    theirs = tl.get_act_patch_attn_head_out_all_pos(model, clean, zero_ablation(model, clean), metric)
+    ours = demo.values["zero_ablated_heads"]
+    torch.testing.assert_close(ours, theirs, rtol=1e-4, atol=1e-5 * scale)
+    assert float(ours.max() - ours.min()) > 0.1
+    page = demo.report.read_text()
+    assert "faithfulness of the top-n exact edges" in page and "Circuit graph" in page and "zero-ablated" in page
 
 
 def test_demo_command_line(tmp_path, capsys):

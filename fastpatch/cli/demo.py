@@ -16,7 +16,12 @@ The metric is the logit difference ``r_1 - c_1`` at the last position. The demo 
 4. estimates the head effects with attribution patching and every edge with edge attribution, and
    measures every edge exactly (``fastpatch.circuits.exact_edges``: each edge patched alone, batched)
    to show the estimates beside the ground truth;
-5. compares what it found with the circuit the training script recorded and writes an HTML report.
+5. evaluates the top-n circuits of the exact edge scores at MIB's sizes, everything else ablated
+   and finer ones (corrupted and zero ablation, with random circuits as a baseline): the faithfulness curve, CPR/CMD
+   and the graph of the smallest circuit keeping 80% of the behaviour (``fastpatch.circuits``); and
+   zero-ablates each head of the clean run (a ``fastpatch.sources.zero_ablation`` cache as the source
+   of the head sweep);
+6. compares what it found with the circuit the training script recorded and writes an HTML report.
 
 The circuit counts as recovered when every important head is a previous-token or induction head
 of the recorded circuit, both kinds are present, and the strongest direct path is a key path from
@@ -35,6 +40,9 @@ import torch
 from torch import Tensor
 
 PATCH_TYPES = ("output", "query", "key", "value", "pattern")
+KEEP = 0.8  # the circuit graph shows the smallest top-n circuit keeping this much of the behaviour
+# MIB's sizes, and finer ones where the 110-edge model's curve rises (MIB's jump from 20% to 50% of edges)
+CURVE_SIZES = (0.001, 0.002, 0.005, 0.01, 0.02, 0.05, 0.1, 0.2, 0.25, 0.3, 0.35, 0.4, 0.5, 1.0)
 
 
 @dataclass
@@ -52,6 +60,8 @@ class DemoResult:
     timings: pd.DataFrame  # call, cells, fastpatch_s, transformer_lens_s, speedup, max_abs_diff
     report: Path
     values: Dict[str, Tensor] = field(default_factory=dict)
+    curve: Any = None  # fastpatch.circuits.FaithfulnessCurve of the exact edge scores' top-n circuits
+    shown_circuit: int = -1  # index into curve.counts of the circuit drawn as a graph
 
 
 def _timed(fn: Callable[[], Any], repeats: int = 2) -> Tuple[Any, float]:
@@ -91,9 +101,12 @@ def run_demo(
     from fastpatch import analysis, figures
     from fastpatch import patching as fp
     from fastpatch.attribution import get_attr_patch_attn_head_out_all_pos, get_attr_patch_edges
-    from fastpatch.circuits import exact_edges
+    from fastpatch.circuits import exact_edges, faithfulness_curve
+    from fastpatch.circuits.plots import circuit_graph_figure, faithfulness_figure
+    from fastpatch.cli.main import curve_table, shown_circuit
     from fastpatch.metrics import LogitDiff
     from fastpatch.models import induction_model_info, induction_prompts, load_induction_model
+    from fastpatch.sources import zero_ablation
 
     model = load_induction_model()
     if model.cfg.n_layers != 2:
@@ -175,7 +188,24 @@ def run_demo(
          f"{edge_table.writer[0]} -> {edge_table.reader[0]} {edge_table.exact[0]:+.3f} "
          f"(attribution {edge_table.attribution[0]:+.3f})")
 
-    # 5. compare with the recorded circuit
+    # 5. circuits: faithfulness of the exact scores' top-n circuits; each head zero-ablated (an issue-15 source)
+    curve = faithfulness_curve(model, clean, corrupted, metric, exact, sizes=CURVE_SIZES, ablation=["corrupted", "zero"],
+                               n_random=1, seed=seed)
+    shown = shown_circuit(curve, KEEP)
+    n_shown = int(curve.n_edges[shown])
+    zero_heads = fp.get_act_patch_attn_head_out_all_pos(model, clean, zero_ablation(model, clean), metric, progress=progress)
+    values.update(zero_ablated_heads=zero_heads)
+    drop_layer, drop_head = divmod(int((zero_heads - clean_value).argmin()), zero_heads.shape[1])
+    circuit_lines = [
+        f"faithfulness of the top-n exact edges: {n_shown} of {curve.n_items} edges ({n_shown / curve.n_items:.1%}) keep "
+        + ", ".join(f"{float(curve.faithfulness[a, shown]):.2f} ({name} ablation)" for a, name in enumerate(curve.ablations))
+        + "; " + ", ".join(f"{name} CPR {float(curve.cpr[a]):.3f} CMD {float(curve.cmd[a]):.3f}"
+                           for a, name in enumerate(curve.ablations)),
+        f"zero-ablating one head of the clean run: largest drop L{drop_layer}H{drop_head}, logit difference "
+        f"{clean_value:.2f} -> {float(zero_heads[drop_layer, drop_head]):.2f}",
+    ]
+
+    # 6. compare with the recorded circuit
     circuit = induction_model_info()["circuit"]
     recorded = {k: [tuple(x) for x in circuit[k]] for k in ("previous_token_heads", "induction_heads")}
     recovered = (
@@ -197,6 +227,7 @@ def run_demo(
         f"recorded circuit: previous-token {', '.join(map(name, recorded['previous_token_heads']))}; "
         f"induction {', '.join(map(name, recorded['induction_heads']))}",
         f"circuit recovered: {'yes' if recovered else 'NO'}",
+        *circuit_lines,
     ]
     echo("\n".join(summary))
 
@@ -222,9 +253,16 @@ def run_demo(
         ("Edge attribution vs exact edges (every edge)",
          figures.attribution_scatter(exact.scores[valid], edges.scores[valid], edge_names,
                                      title="Edge attribution vs exact edge patching")),
+        ("Faithfulness of the top-n exact edges (everything else ablated; random circuits dashed)",
+         faithfulness_figure(curve)),
+        ("Normalised faithfulness by size", curve_table(curve)),
+        (f"Circuit graph: the {n_shown} exact edges keeping {KEEP:.0%} of the behaviour (corrupted ablation)",
+         circuit_graph_figure(model, curve.circuits[shown], exact.scores, title=f"Induction circuit, {n_shown} edges")),
+        ("Each head zero-ablated on the clean prompts (logit difference)",
+         figures.layer_head_heatmap(zero_heads, title="Zero ablation")),
         ("Speed against TransformerLens" if compare else "Timings", timings),
     ]
     report = figures.write_report(Path(f"{out}.html"), sections, title="fastpatch demo: the induction circuit")
     echo(f"wrote {report}")
     return DemoResult(clean_value, corrupted_value, important, previous_heads, induction_heads, strongest, recorded,
-                      recovered, timings, report, values)
+                      recovered, timings, report, values, curve, shown)
