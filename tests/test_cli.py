@@ -135,3 +135,26 @@ def test_circuit_bad_input_is_one_line_and_exit_2(tmp_path, model_dir, capsys, e
     code = main(["circuit", str(target), str(_prompts(tmp_path, pairs)), "--out", str(tmp_path / "x"), "--quiet", *extra])
     err = capsys.readouterr().err.strip()
     assert code == 2 and message in err and err.startswith("fastpatch: error:") and "\n" not in err
+
+
+def test_circuit_with_exact_scores_and_pruning(tmp_path, model_dir):
+    """``--score exact``: the drawn circuit's edges carry ``exact_edges``' scores; ``--prune`` keeps no more edges
+    than asked for, and the 100% circuit stays the clean model."""
+    from fastpatch.circuits import exact_edges
+    from fastpatch.cli.main import _load_model
+    from fastpatch.datasets import from_pairs
+    from fastpatch.metrics import LogitDiff
+
+    out = tmp_path / "exact"
+    argv = ["circuit", str(model_dir), str(_prompts(tmp_path, GOOD)), "--out", str(out), "--quiet",
+            "--score", "exact", "--ablation", "mean", "--random", "0", "--prune", "--keep", "0.3"]
+    assert main(argv) == 0
+    record = json.loads((tmp_path / "exact.json").read_text())
+    model, tokenizer = _load_model(model_dir, "cpu")
+    data = from_pairs(tokenizer, *([p[k] for p in GOOD] for k in ("clean", "corrupted", "answer", "wrong")))
+    scores = exact_edges(model, data.clean_tokens, data.corrupted_tokens, LogitDiff(data.answer_tokens, data.wrong_tokens))
+    index = {(w, r): (i, j) for i, w in enumerate(scores.writer_names) for j, r in enumerate(scores.reader_names)}
+    shown = record["shown_circuit"]["edges"]
+    assert shown and all(abs(v - float(scores.scores[index[(w, r)]])) <= 1e-5 for w, r, v in shown)
+    assert all(n <= c for n, c in zip(record["n_edges"], record["counts"])) and record["n_edges"][-1] == record["counts"][-1]
+    assert record["faithfulness"][0][-1] == pytest.approx(1.0, abs=1e-5)
