@@ -73,7 +73,12 @@ import torch
 from jaxtyping import Float, Int
 from torch import Tensor
 
-from bench.compare_transformer_lens import RESULTS_DIR, _HelpFormatter, device_name, git_state, versions, write_record
+from bench.compare_transformer_lens import (
+    RESULTS_DIR,
+    _HelpFormatter,
+    machine_record,
+    write_record,
+)
 from bench.models import logit_diff_metric
 from fastpatch.circuits import exact_edges
 
@@ -266,12 +271,7 @@ def run(args: argparse.Namespace, command: Optional[str] = None) -> Dict[str, An
     return {
         "benchmark": "attribution_quality",
         "command": command,
-        "device": "cpu",
-        "device_name": device_name(torch.device("cpu")),
-        "cpu_count": os.cpu_count(),
-        "torch_threads": torch.get_num_threads(),
-        "versions": versions(),
-        "git": git_state(),
+        **machine_record("cpu", torch.device("cpu")),
         "config": {
             "model": {"loader": "fastpatch.models.load_induction_model()", "architecture": info.get("architecture"),
                       "n_layers": int(model.cfg.n_layers), "d_model": int(model.cfg.d_model),
@@ -696,12 +696,7 @@ def faithfulness_main(args: argparse.Namespace, command: str) -> Dict[str, Any]:
     record = {
         "benchmark": "attribution_faithfulness",
         "command": command,
-        "device": "cpu",
-        "device_name": device_name(torch.device("cpu")),
-        "cpu_count": os.cpu_count(),
-        "torch_threads": torch.get_num_threads(),
-        "versions": versions(),
-        "git": git_state(),
+        **machine_record("cpu", torch.device("cpu")),
         "config": {
             "ig_steps": args.ig_steps,
             "methods": {m: METHOD_LABELS[m] for m in FAITHFULNESS_METHODS},

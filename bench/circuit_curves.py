@@ -45,9 +45,7 @@ from bench.compare_transformer_lens import (
     _load_average,
     best_time,
     compare,
-    device_name,
-    git_state,
-    versions,
+    machine_record,
     write_record,
 )
 
@@ -155,13 +153,8 @@ def run(args: argparse.Namespace, command: Optional[str] = None) -> Dict[str, An
     ratio = sides["loop"]["seconds"] / sides["fastpatch"]["seconds"]
     return {
         "benchmark": "circuit_curves",
-        "device": args.device,
-        "device_name": device_name(device),
-        "cpu_count": os.cpu_count(),
-        "torch_threads": torch.get_num_threads(),
+        **machine_record(args.device, device),
         "load_average": {"before": load_before, "after": _load_average()},
-        "versions": versions(),
-        "git": git_state(),
         "config": {
             "model": "fastpatch.models.load_induction_model (shipped, 2 layers, d_model 64, 4 heads)",
             "prompts": args.prompts, "positions": int(n_pos), "metric": "LogitDiff at the last position (batch mean)",

@@ -156,6 +156,19 @@ def _load_average() -> Optional[List[float]]:
         return None
 
 
+def machine_record(device_arg: str, device: torch.device) -> Dict[str, Any]:
+    """The fields every benchmark record starts with: where it ran (device, CPU count, torch
+    threads) and with what (package versions, git state)."""
+    return {
+        "device": device_arg,
+        "device_name": device_name(device),
+        "cpu_count": os.cpu_count(),
+        "torch_threads": torch.get_num_threads(),
+        "versions": versions(),
+        "git": git_state(),
+    }
+
+
 def best_time(fn: Callable[[], Any], repeats: int, device: torch.device) -> Tuple[float, float, Any]:
     """``(best wall seconds, this process's CPU seconds in that run, last result)`` over ``repeats``.
 
@@ -366,13 +379,8 @@ def run(args: argparse.Namespace) -> Dict[str, Any]:
 
     return {
         "benchmark": "compare_transformer_lens",
-        "device": args.device,
-        "device_name": device_name(device),
-        "cpu_count": os.cpu_count(),
-        "torch_threads": torch.get_num_threads(),
+        **machine_record(args.device, device),
         "load_average": {"before": load_before, "after": _load_average()},
-        "versions": versions(),
-        "git": git_state(),
         "config": {
             "model": {"architecture": description,
                       "n_layers": args.layers, "d_model": args.d_model, "n_heads": args.heads,

@@ -52,9 +52,7 @@ from bench.compare_transformer_lens import (
     add_shape_arguments,
     best_time,
     compare,
-    device_name,
-    git_state,
-    versions,
+    machine_record,
     write_record,
 )
 from bench.models import gpt2_small_shaped, ioi_like_tokens, logit_diff_metric
@@ -224,13 +222,8 @@ def run(args: argparse.Namespace, command: Optional[str] = None) -> Dict[str, An
         })
     return {
         "benchmark": "exact_edges",
-        "device": args.device,
-        "device_name": device_name(device),
-        "cpu_count": os.cpu_count(),
-        "torch_threads": torch.get_num_threads(),
+        **machine_record(args.device, device),
         "load_average": {"before": load_before, "after": _load_average()},
-        "versions": versions(),
-        "git": git_state(),
         "config": {
             "model": {"architecture": "GPT2LMHeadModel (random init, initializer_range 0.05)", "n_layers": args.layers,
                       "d_model": args.d_model, "n_heads": args.heads, "d_vocab": args.vocab, "seed": args.seed},
