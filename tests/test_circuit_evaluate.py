@@ -503,3 +503,17 @@ def test_figures(case):
     assert len(graph.data) == expected + 1  # one line per (edge, node it feeds) and the node markers
     with pytest.raises(ValueError, match="boolean"):
         circuit_graph_figure(model, circuit.float(), scores)
+
+
+def test_no_state_left_when_the_metric_raises(case):
+    """A metric that fails inside the batched pass leaves no hook and no flag changed on the model."""
+    model = case.model
+    flags = model_flags(model)
+
+    def failing(logits):
+        raise RuntimeError("metric failed")
+
+    circuits = _circuits(case.full, (0.5,), seed=1)
+    with pytest.raises(RuntimeError, match="metric failed"):
+        evaluate(model, case.clean, case.corrupted, failing, circuits, ablation="zero", seed=SEED)
+    assert model_flags(model) == flags and hook_count(model) == 0

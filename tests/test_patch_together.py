@@ -77,3 +77,22 @@ def test_bad_joint_cells_are_refused(case):
         fp.get_act_patch_together(*args, [[("z", (0, 1))], []], **kw)
     with pytest.raises(ValueError, match="patches one slice per cell|several slices at once"):
         fp.get_act_patch_together(*args, [[("z", (0, 1))]], backend="native", progress=False)
+
+
+def test_no_state_left_when_the_metric_raises_mid_sweep(case):
+    """A metric that fails on the second chunk leaves no hook and no flag changed on the model."""
+    from fastpatch import hook_count, model_flags
+
+    flags, calls = model_flags(case.model), []
+
+    def failing(logits):
+        calls.append(1)
+        if len(calls) == 2:
+            raise RuntimeError("metric failed")
+        return case.scalar(logits)
+
+    cells = [[(act, index) for act, index, _ in cell] for cell in CELLS]
+    with pytest.raises(RuntimeError, match="metric failed"):
+        fp.get_act_patch_together(case.model, case.corrupted, case.clean_cache, failing, cells,
+                                  backend="hooks", progress=False, chunk_size=1)
+    assert model_flags(case.model) == flags and hook_count(case.model) == 0
