@@ -3,12 +3,13 @@ agrees with TransformerLens, and writes a report; its bad options exit with code
 
 import shutil
 import subprocess
+from pathlib import Path
 
 import pytest
 import torch
 
 from fastpatch.cli import main
-from fastpatch.cli.demo import run_demo
+from fastpatch.cli.demo import report_path, run_demo
 from fastpatch.models import induction_model_info
 
 N_PROMPTS, HALF_LEN, SEED = 12, 12, 3
@@ -99,11 +100,16 @@ def test_demo_faithfulness_curve_and_zero_ablation(demo):
 
 
 def test_demo_command_line(tmp_path, capsys):
-    out = tmp_path / "cli"
+    out = tmp_path / "cli.html"  # a name that already ends in .html is used as given
     code = main(["demo", "--prompts", "6", "--half-len", "10", "--no-compare", "--quiet", "--out", str(out)])
     assert code == 0
     text = capsys.readouterr().out
-    assert "circuit recovered: yes" in text and (tmp_path / "cli.html").is_file()
+    assert "circuit recovered: yes" in text and out.is_file() and list(tmp_path.iterdir()) == [out]
+
+
+def test_report_path():
+    assert report_path("x") == Path("x.html") and report_path("x.html") == Path("x.html")
+    assert report_path(Path("d/run.v2")) == Path("d/run.v2.html")
 
 
 @pytest.mark.parametrize("option, message", [

@@ -33,7 +33,7 @@ from __future__ import annotations
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Callable, Dict, List, Tuple
+from typing import Any, Callable, Dict, List, Tuple, Union
 
 import pandas as pd
 import torch
@@ -85,6 +85,12 @@ def attention_scores(pattern0: Tensor, pattern1: Tensor, half_len: int) -> Tuple
     return previous, induction
 
 
+def report_path(out: Union[str, Path]) -> Path:
+    """Where the report goes: ``out`` if it already names an ``.html`` file, else ``<out>.html``."""
+    out = Path(out)
+    return out if out.suffix.lower() == ".html" else Path(f"{out}.html")
+
+
 def run_demo(
     out: Path = Path("fastpatch-demo"),
     n_prompts: int = 64,
@@ -96,7 +102,7 @@ def run_demo(
     repeats: int = 2,
     echo: Callable[[str], None] = print,
 ) -> DemoResult:
-    """Run the demo (see the module docstring) and write ``<out>.html``. Sweeps are timed as the
+    """Run the demo (see the module docstring) and write ``<out>.html`` (``out`` itself if it ends in ``.html``). Sweeps are timed as the
     best of ``repeats`` runs, fastpatch and TransformerLens alike."""
     from fastpatch import analysis, figures
     from fastpatch import patching as fp
@@ -262,7 +268,7 @@ def run_demo(
          figures.layer_head_heatmap(zero_heads, title="Zero ablation")),
         ("Speed against TransformerLens" if compare else "Timings", timings),
     ]
-    report = figures.write_report(Path(f"{out}.html"), sections, title="fastpatch demo: the induction circuit")
+    report = figures.write_report(report_path(out), sections, title="fastpatch demo: the induction circuit")
     echo(f"wrote {report}")
     return DemoResult(clean_value, corrupted_value, important, previous_heads, induction_heads, strongest, recorded,
                       recovered, timings, report, values, curve, shown)

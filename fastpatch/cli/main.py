@@ -89,7 +89,7 @@ def build_parser() -> argparse.ArgumentParser:
         "measures the faithfulness of the top-n exact edges (corrupted and zero ablation) and each head "
         "zero-ablated, and writes an HTML report with the curve and the circuit graph.",
     )
-    demo.add_argument("--out", type=Path, default=Path("fastpatch-demo"), help="report path prefix (.html is added)")
+    demo.add_argument("--out", type=Path, default=Path("fastpatch-demo"), help="report path (.html is added unless it ends in .html)")
     demo.add_argument("--prompts", type=int, default=64, help="number of clean/corrupted prompt pairs")
     demo.add_argument("--half-len", type=int, default=16, help="length n of the repeated sequence (prompts have 2n+1 tokens)")
     demo.add_argument("--seed", type=int, default=7, help="seed of the random prompts")
