@@ -28,7 +28,7 @@ them. See ``docs/architecture.md``.
 from __future__ import annotations
 
 from functools import partial
-from typing import Any, Callable, Dict, List, Mapping, NamedTuple, Optional, Sequence, Tuple, Union
+from typing import Any, Callable, List, Mapping, NamedTuple, Optional, Sequence, Tuple, Union
 
 import pandas as pd
 import torch
@@ -57,12 +57,12 @@ from fastpatch._tl_private import (
 )
 from fastpatch.engine import sweep_groups
 from fastpatch.engine.activation_plan import ActivationPlan
-from fastpatch.engine.checks import check_index_df, check_tokens, require_eval_mode
+from fastpatch.engine.checks import check_tokens, require_eval_mode
 from fastpatch.engine.direct_path import DirectPathPlan
 from fastpatch.engine.driver import RunOptions, run_plan
-from fastpatch.engine.joint_plan import JointPlan
+from fastpatch.engine.joint_plan import JointPatch, JointPlan, joint_sweeps
 from fastpatch.engine.metric_set import MetricFn, MetricSet
-from fastpatch.engine.plan import CellLocation, Sweep, axis_limits, index_table
+from fastpatch.engine.plan import Sweep, index_table
 from fastpatch.sources import DIRECTIONS, resolve_direction
 
 __all__ = [
@@ -516,66 +516,12 @@ def run_sweep(
 
 
 # ---- several slices in one cell ------------------------------------------------------------------
-# (activation name, number of index entries) -> (setter, index axis names) of TransformerLens's sweeps
-_SLICE_SETTERS: dict = {}
-for _name in _tl.__all__ if hasattr(_tl, "__all__") else dir(_tl):
-    _fn = getattr(_tl, _name, None)
-    if _name.startswith("get_act_patch_") and isinstance(_fn, partial) and "patch_setter" in _fn.keywords:
-        _kw = _fn.keywords
-        for _act in (_kw["activation_name"], "attn_scores") if _kw["activation_name"] == "pattern" else (_kw["activation_name"],):
-            _SLICE_SETTERS[(_act, len(_kw["index_axis_names"]))] = (_kw["patch_setter"], tuple(_kw["index_axis_names"]))
-
-Patch = Union[Tuple[str, Sequence[int]], Tuple[str, Sequence[int], PatchSetter]]
-
-
-def _joint_sweeps(
-    model: Any, n_pos: int, cells: Sequence[Sequence[Patch]]
-) -> Tuple[List[Sweep], List[Tuple[CellLocation, ...]]]:
-    """One ``Sweep`` per (activation, setter, index length) holding every cell's slices of it, and
-    each cell as the sweep rows it patches."""
-    rows: Dict[tuple, List[Tuple[int, ...]]] = {}
-    located = []
-    for number, cell in enumerate(cells):
-        if isinstance(cell, (str, bytes)) or not isinstance(cell, Sequence) or len(cell) == 0:
-            raise ValueError(f"cell {number} must be a non-empty list of (activation_name, index) patches, got {cell!r}")
-        parts = []
-        for patch in cell:
-            if not isinstance(patch, (tuple, list)) or len(patch) not in (2, 3) or not isinstance(patch[0], str):
-                raise ValueError(f"cell {number}: a patch is (activation_name, index) or (activation_name, index, setter), got {patch!r}")
-            act, index = patch[0], tuple(int(i) for i in patch[1])
-            if len(patch) == 3:
-                setter, axes = patch[2], ("layer",) + tuple(f"index_{i}" for i in range(1, len(index)))
-            elif (act, len(index)) in _SLICE_SETTERS:
-                setter, axes = _SLICE_SETTERS[(act, len(index))]
-            else:
-                known = sorted({f"{a} with {n}" for a, n in _SLICE_SETTERS})
-                raise ValueError(
-                    f"cell {number}: no TransformerLens setter patches {act!r} with an index of {len(index)} entries "
-                    f"(known: {known}); pass (activation_name, index, patch_setter)"
-                )
-            key = (act, setter, axes)
-            table = rows.setdefault(key, [])
-            table.append(index)
-            parts.append((key, len(table) - 1))
-        located.append(parts)
-    keys = list(rows)
-    sweeps = []
-    for act, setter, axes in keys:
-        df = pd.DataFrame(rows[(act, setter, axes)], columns=list(axes))
-        try:
-            check_index_df(df, axis_limits(model, act, n_pos))
-        except ValueError as error:
-            raise ValueError(f"patches of {act!r}: {error}") from None
-        sweeps.append(Sweep(act, setter, df))
-    return sweeps, [tuple(CellLocation(keys.index(key), row) for key, row in parts) for parts in located]
-
-
 def get_act_patch_together(
     model: Any,
     corrupted_tokens: Int[torch.Tensor, "batch pos"],
     clean_cache: ActivationCache,
     patching_metric: Union[MetricFn, Mapping[str, MetricFn]],
-    cells: Sequence[Sequence[Patch]],
+    cells: Sequence[Sequence[JointPatch]],
     *,
     reduce: str = "scalar",
     baseline: bool = False,
@@ -604,7 +550,7 @@ def get_act_patch_together(
     metrics.batch = int(corrupted_tokens.shape[0])
     if isinstance(cells, (str, bytes)) or not isinstance(cells, Sequence) or len(cells) == 0:
         raise ValueError("cells must be a non-empty list of cells, each a list of (activation_name, index) patches")
-    sweeps, joint = _joint_sweeps(model, corrupted_tokens.shape[-1], cells)
+    sweeps, joint = joint_sweeps(model, corrupted_tokens.shape[-1], cells)
     plan = JointPlan(model, corrupted_tokens, clean_cache, sweeps, joint)
     options = RunOptions(backend, chunk_size, memory_budget, progress, distributed, user_hooks)
     values, baseline_values = run_plan(model, corrupted_tokens, plan, metrics, options, baseline=baseline)

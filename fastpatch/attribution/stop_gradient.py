@@ -41,10 +41,10 @@ from jaxtyping import Float
 from torch import Tensor
 from transformer_lens.ActivationCache import ActivationCache
 
-from fastpatch import patching
 from fastpatch.attribution import passes
 from fastpatch.attribution.passes import SOURCE_DOC, SWEEPS, Tokens
 from fastpatch.engine.checks import cached_activation, check_cached_activation
+from fastpatch.engine.joint_plan import joint_sweeps
 from fastpatch.engine.model_state import preserved_model_state
 from fastpatch.metrics import MetricFn
 
@@ -111,7 +111,7 @@ def parse_patches(model: Any, n_pos: int, patches: Sequence[Any]) -> List[Tuple[
     if len(patches) == 0:
         return []
     try:
-        sweeps, (cell,) = patching._joint_sweeps(model, n_pos, [list(patches)])
+        sweeps, (cell,) = joint_sweeps(model, n_pos, [list(patches)])
     except ValueError as error:
         message = str(error).removeprefix("cell 0: ")
         raise ValueError(message if message.startswith("patches") else f"patches: {message}") from None
