@@ -39,7 +39,6 @@ from __future__ import annotations
 import argparse
 import json
 import sys
-import time
 from pathlib import Path
 from typing import Any, Dict, List
 
@@ -47,6 +46,8 @@ import torch
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
+
+from training_loop import fit  # noqa: E402  (scripts/, on the path when run as a script)
 
 from fastpatch.models import (  # noqa: E402
     GREATER_THAN_META,
@@ -86,7 +87,7 @@ def later_years_target(years: torch.Tensor, vocab: int) -> torch.Tensor:
     return target
 
 
-def batch_loss(model, tokens: torch.Tensor, years: torch.Tensor) -> torch.Tensor:
+def greater_than_loss(model, tokens: torch.Tensor, years: torch.Tensor) -> torch.Tensor:
     logits = model(tokens).logits[:, -1]
     return -(later_years_target(years, logits.shape[-1]) * logits.log_softmax(-1)).sum(-1).mean()
 
@@ -114,25 +115,16 @@ def task_accuracy(model, n_prompts: int = 1024, seed: int = 12345) -> Dict[str, 
 def train(steps: int, batch: int, lr: float, seed: int) -> tuple:
     torch.manual_seed(seed)
     model, _ = build_greater_than_hf_model(CONFIG)
-    model.train()
-    opt = torch.optim.AdamW(model.parameters(), lr=lr, weight_decay=0.01)
-    sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: min(1.0, (s + 1) / 100) * max(0.05, 1 - s / steps))
-    g = torch.Generator().manual_seed(seed + 1)
-    t0 = time.time()
-    for step in range(steps):
-        tokens, years = training_batch(batch, g)
-        loss = batch_loss(model, tokens, years)
-        opt.zero_grad(set_to_none=True)
-        loss.backward()
-        opt.step()
-        sched.step()
-        if step % 500 == 0 or step == steps - 1:
-            model.eval()
-            acc = task_accuracy(model, n_prompts=256)
-            model.train()
-            print(f"step {step:5d}  loss {loss.item():.4f}  accuracy {acc['accuracy']:.3f}  "
-                  f"prob diff {acc['prob_diff']:.3f}  ({time.time() - t0:.0f}s)", flush=True)
-    return model.eval(), time.time() - t0
+
+    def batch_loss(g: torch.Generator) -> torch.Tensor:
+        return greater_than_loss(model, *training_batch(batch, g))
+
+    def progress() -> str:
+        acc = task_accuracy(model, n_prompts=256)
+        return f"accuracy {acc['accuracy']:.3f}  prob diff {acc['prob_diff']:.3f}"
+
+    optimizer = torch.optim.AdamW(model.parameters(), lr=lr, weight_decay=0.01)
+    return model, fit(model, optimizer, steps, seed, batch_loss, progress, every=500)
 
 
 def _cells(grid: torch.Tensor, threshold: float) -> List[List[Any]]:

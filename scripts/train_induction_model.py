@@ -31,13 +31,14 @@ from __future__ import annotations
 import argparse
 import json
 import sys
-import time
 from pathlib import Path
 
 import torch
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
+
+from training_loop import fit  # noqa: E402  (scripts/, on the path when run as a script)
 
 from fastpatch.models import (  # noqa: E402
     INDUCTION_META,
@@ -65,7 +66,7 @@ def training_batch(batch: int, n: int, prefix: int, g: torch.Generator) -> torch
     return torch.cat([bos, pre, seq, seq, seq[:, :1]], dim=1)
 
 
-def batch_loss(model, tokens: torch.Tensor, n: int, prefix: int) -> torch.Tensor:
+def induction_loss(model, tokens: torch.Tensor, n: int, prefix: int) -> torch.Tensor:
     start = 1 + prefix + n  # first position of the second repeat (token r_1)
     logits = model(tokens).logits[:, start:-1]  # predicts r_2..r_n, then r_1 after r_n
     targets = tokens[:, start + 1 :]
@@ -92,27 +93,18 @@ def second_half_accuracy(model, n_prompts: int = 512, seed: int = 12345) -> dict
 def train(steps: int, batch: int, lr: float, seed: int, max_prefix: int = MAX_PREFIX) -> tuple:
     torch.manual_seed(seed)
     model, _ = build_induction_hf_model(CONFIG)
-    model.train()
-    opt = torch.optim.Adam(model.parameters(), lr=lr)
-    sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: min(1.0, (s + 1) / 100) * max(0.05, 1 - s / steps))
-    g = torch.Generator().manual_seed(seed + 1)
-    t0 = time.time()
-    for step in range(steps):
+
+    def batch_loss(g: torch.Generator) -> torch.Tensor:
         n = int(torch.randint(MIN_N, MAX_N + 1, (1,), generator=g))
         prefix = int(torch.randint(0, max_prefix + 1, (1,), generator=g))
-        tokens = training_batch(batch, n, prefix, g)
-        loss = batch_loss(model, tokens, n, prefix)
-        opt.zero_grad(set_to_none=True)
-        loss.backward()
-        opt.step()
-        sched.step()
-        if step % 250 == 0 or step == steps - 1:
-            model.eval()
-            acc = second_half_accuracy(model, n_prompts=128)
-            model.train()
-            print(f"step {step:5d}  loss {loss.item():.4f}  second-half acc {acc['second_half']:.3f}"
-                  f"  last-pos acc {acc['last_position']:.3f}  ({time.time() - t0:.0f}s)", flush=True)
-    return model.eval(), time.time() - t0
+        return induction_loss(model, training_batch(batch, n, prefix, g), n, prefix)
+
+    def progress() -> str:
+        acc = second_half_accuracy(model, n_prompts=128)
+        return f"second-half acc {acc['second_half']:.3f}  last-pos acc {acc['last_position']:.3f}"
+
+    seconds = fit(model, torch.optim.Adam(model.parameters(), lr=lr), steps, seed, batch_loss, progress, every=250)
+    return model, seconds
 
 
 @torch.no_grad()
