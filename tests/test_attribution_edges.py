@@ -29,6 +29,11 @@ What is checked, and against what:
    (``fastpatch.attribution.attribute_nodes``): ``node_scores()``.
 4. Mask, names, ``top_edges``, refusals (training mode), hygiene.
 5. Speed versus TransformerLens (printed, not asserted).
+6. EAP-IG against a plain loop.
+7. Sources and direction: with a zero / mean / resample source, every edge against autograd
+   through a model whose hooks move each reader's input by ``alpha[w, r]`` times the source's write
+   minus the run's (one alpha per edge); a clean cache as ``source=`` against the clean tokens;
+   ``direction="noising"`` against the argument swap.
 """
 
 from __future__ import annotations
@@ -43,6 +48,7 @@ import fastpatch
 from fastpatch import attribution as fa
 from fastpatch.attribution.edges import EdgeScores, get_attr_patch_edges
 from fastpatch.engine.model_state import model_flags
+from fastpatch.sources import mean_ablation, resample_ablation, zero_ablation
 
 MODELS = ["gpt2", "neox", "native"]
 _KIND = {"q_input": "q", "k_input": "k", "v_input": "v"}
@@ -361,4 +367,130 @@ def test_bad_backend_and_ig_arguments():
     ]:
         with pytest.raises(ValueError, match=match):
             get_attr_patch_edges(model, clean, corrupted, _metric, **kwargs)
+    assert fastpatch.hook_count(model) == 0
+
+
+# ---- 7. sources and direction ---------------------------------------------------------------------
+SOURCE_CASES = [("gpt2", "zero"), ("neox", "mean"), ("llama", "resample")]
+
+
+def _source_case(name, kind):
+    case = zoo.Case.build(name)
+    model = case.model
+    reference = torch.randint(0, zoo.VOCAB, (6, 5), generator=torch.Generator().manual_seed(7))
+    build = {
+        "zero": lambda: zero_ablation(model, case.clean),
+        "mean": lambda: mean_ablation(model, reference, batch=case.corrupted.shape[0]),
+        "resample": lambda: resample_ablation(model, case.clean, seed=1),
+    }[kind]
+    return case, build()
+
+
+def _edge_autograd(model, tokens, metric, source) -> torch.Tensor:
+    """``[n_writers, n_readers]``: d metric / d alpha[w, r] at 0, each reader's input moved by
+    ``sum_w alpha[w, r] * (write_source[w] - write_run[w])`` in a run on ``tokens`` (a Q/K/V reader:
+    its head's projection recomputed from the block's own ``ln1`` at the moved input, the other heads
+    untouched), one backward for every edge. Writes from ``run_with_cache``: the embedding, each head's
+    ``z[:, :, h] @ W_O[h]``, each MLP's output."""
+    L = model.cfg.n_layers
+    with torch.no_grad():
+        _, run = model.run_with_cache(tokens)
+    writes = [source["hook_embed"] - run["hook_embed"]]
+    for l in range(L):
+        dz = source[f"blocks.{l}.attn.hook_z"] - run[f"blocks.{l}.attn.hook_z"]
+        W_O = model.blocks[l].attn.W_O.detach()
+        writes += [dz[:, :, h] @ W_O[h] for h in range(W_O.shape[0])]
+        writes.append(source[f"blocks.{l}.hook_mlp_out"] - run[f"blocks.{l}.hook_mlp_out"])
+    writes = torch.stack(writes)  # [W, b, p, d_model]
+    # reader columns: per layer the q heads, k heads, v heads, the MLP; last the logits
+    columns, start = {}, 0
+    for l in range(L):
+        for c in "qkv":
+            n = getattr(model.blocks[l].attn, "W_" + c.upper()).shape[0]
+            columns[(l, c)] = slice(start, start + n)
+            start += n
+        columns[(l, "mlp")] = start
+        start += 1
+    alpha = torch.zeros(writes.shape[0], start + 1, requires_grad=True)
+    resid = {}
+
+    def keep(l):
+        def hook(act, hook):
+            resid.setdefault(l, act)  # the block's own call (ln1 below re-fires it on stacked inputs)
+
+        return hook
+
+    def shift_qkv(l, c):
+        W = getattr(model.blocks[l].attn, "W_" + c.upper())  # [heads, d_model, d_head]
+
+        def hook(act, hook):
+            x, ln1 = resid[l], model.blocks[l].ln1
+            moved = x[None] + torch.einsum("wr,wbpd->rbpd", alpha[:, columns[(l, c)]], writes)
+            y = ln1(moved.flatten(0, 1)).view(moved.shape)
+            return act + torch.einsum("hbpd,hde->bphe", y, W) - torch.einsum("bpd,hde->bphe", ln1(x), W)
+
+        return hook
+
+    def shift(column):
+        def hook(act, hook):
+            return act + torch.einsum("w,wbpd->bpd", alpha[:, column], writes)
+
+        return hook
+
+    hooks = [(f"blocks.{l}.ln1.hook_in", keep(l)) for l in range(L)]
+    hooks += [(f"blocks.{l}.attn.hook_{c}", shift_qkv(l, c)) for l in range(L) for c in "qkv"]
+    hooks += [(f"blocks.{l}.ln2.hook_in", shift(columns[(l, "mlp")])) for l in range(L)]
+    hooks += [("ln_final.hook_in", shift(start))]
+    with torch.enable_grad(), model.hooks(fwd_hooks=hooks):
+        (grad,) = torch.autograd.grad(metric(model(tokens)), alpha)
+    return grad
+
+
+@pytest.mark.parametrize("name, kind", SOURCE_CASES)
+def test_edges_with_an_ablation_source_equal_autograd(name, kind):
+    """The writes are the source's writer outputs minus the patched run's (zero, mean, resample)."""
+    case, source = _source_case(name, kind)
+    ours = get_attr_patch_edges(case.model, None, case.corrupted, case.scalar, source=source)
+    ref = torch.where(ours.valid, _edge_autograd(case.model, case.corrupted, case.scalar, source), torch.zeros(()))
+    assert fastpatch.hook_count(case.model) == 0
+    assert_varies(ref[ours.valid], f"{kind} edge scores")
+    assert_close(ours.scores, ref)
+
+
+@pytest.mark.parametrize("name", ["gpt2", "neox", "llama"])
+def test_edges_source_cache_and_noising_are_the_token_calls(name):
+    """A clean cache as ``source=`` is the clean tokens; ``direction="noising"`` is the argument swap
+    (also with a source: the clean run patched with it)."""
+    case, source = _source_case(name, "resample")
+    model, metric = case.model, case.scalar
+    plain = get_attr_patch_edges(model, case.clean, case.corrupted, metric)
+    swapped = get_attr_patch_edges(model, case.corrupted, case.clean, metric)
+    assert_varies(plain.scores[plain.valid])
+    assert_close(get_attr_patch_edges(model, None, case.corrupted, metric, source=case.clean_cache).scores, plain.scores)
+    assert_close(get_attr_patch_edges(model, case.clean, case.corrupted, metric, direction="noising").scores, swapped.scores)
+    assert (plain.scores - swapped.scores).abs().max() > 0.05 * plain.scores.abs().max()
+    if name == "gpt2":
+        noised = get_attr_patch_edges(model, case.clean, None, metric, source=source, direction="noising")
+        ref = torch.where(noised.valid, _edge_autograd(model, case.clean, metric, source), torch.zeros(()))
+        assert_varies(ref[noised.valid])
+        assert_close(noised.scores, ref)
+        # EAP-IG: noising is the swap too
+        ig = dict(ig_steps=1)
+        assert_close(get_attr_patch_edges(model, case.clean, case.corrupted, metric, direction="noising", **ig).scores,
+                     get_attr_patch_edges(model, case.corrupted, case.clean, metric, **ig).scores)
+
+
+def test_edges_refuse_what_a_source_cannot_mean():
+    case, source = _source_case("gpt2", "zero")
+    model, metric = case.model, case.scalar
+    for kwargs, match in [
+        (dict(source=source, ig_steps=2), "ig_steps with source= has no meaning for edges"),
+        (dict(source=source, clean_tokens=case.clean), "give clean_tokens or source=, not both"),
+        (dict(direction="sideways"), "direction must be one of"),
+        (dict(source=zero_ablation(model, case.clean, names_filter=lambda n: n.endswith("hook_z"))),
+         "source has no activation 'hook_embed'"),
+    ]:
+        kwargs = dict(dict(clean_tokens=None, corrupted_tokens=case.corrupted), **kwargs)
+        with pytest.raises(ValueError, match=match):
+            get_attr_patch_edges(model, patching_metric=metric, **kwargs)
     assert fastpatch.hook_count(model) == 0

@@ -33,6 +33,11 @@ with the analytic LayerNorm/RMSNorm VJP (checked against autograd through the mo
 on the run) and neither materialising the ``[batch, pos, n_readers, d_model]`` reader gradients;
 ``backend="autograd"`` is the VJP of the ``ln1`` module itself, materialised.
 
+Sources and direction (as for node attribution, :func:`fastpatch.attribution.passes.resolve_runs`):
+``source=`` (e.g. a :mod:`fastpatch.sources` ablation cache) makes the writes ``write_source[w] -
+write_corrupted[w]``; ``direction="noising"`` takes the gradients at the clean run and patches the
+corrupted run's writes into it, the same as swapping the two token arguments.
+
 Integrated gradients (``ig_steps``; EAP-IG, Hanna et al. 2024): the reader gradients (and the Q/K/V
 norm linearisation point) are taken on ``ig_steps`` corrupted runs with the token embedding
 interpolated towards the clean one, and the per-step scores averaged; see
@@ -66,7 +71,7 @@ from __future__ import annotations
 import functools
 import operator
 from dataclasses import dataclass
-from typing import Any, Dict, Iterable, Iterator, List, Optional, Tuple
+from typing import Any, Dict, Iterable, Iterator, List, Mapping, Optional, Tuple
 
 import pandas as pd
 import torch
@@ -75,13 +80,16 @@ from torch import Tensor
 
 from fastpatch.attribution.integrated_gradients import IG_RULES
 from fastpatch.attribution.passes import (
+    SOURCE_DOC,
+    Runs,
     Tokens,
     capture,
-    check_inputs,
     check_schedule,
     difference,
     gradients,
     ig_alphas,
+    patch_values,
+    resolve_runs,
     score_dtype,
 )
 from fastpatch.engine.edge_plan import edge_layout, valid_edges
@@ -159,14 +167,23 @@ class EdgeScores:
 
 
 def _check(
-    model: Any, clean_tokens: Any, corrupted_tokens: Any, backend: str, ig_steps: Optional[int], rule: str
-) -> None:
-    """Refuse bad arguments and unsupported models before any pass."""
+    model: Any, clean_tokens: Any, corrupted_tokens: Any, source: Optional[Mapping[str, Tensor]], direction: str,
+    backend: str, ig_steps: Optional[int], rule: str,
+) -> Runs:
+    """Refuse bad arguments and unsupported models before any pass; the patched run and what is
+    patched into it (``passes.resolve_runs``)."""
     if backend not in BACKENDS:
         raise ValueError(f"backend must be one of {BACKENDS}, got {backend!r}")
     check_schedule(ig_steps, rule, IG_RULES, optional=True)
-    tokens = dict(clean_tokens=clean_tokens, corrupted_tokens=corrupted_tokens)
-    check_inputs(model, "get_attr_patch_edges()", "scalar", **tokens)
+    runs = resolve_runs(model, "get_attr_patch_edges()", "scalar", clean_tokens, corrupted_tokens, source, direction)
+    if ig_steps is not None and runs.values is None:
+        # EAP-IG's path ends at the run on the other tokens; an ablation cache's writes are not what
+        # the model computes from its (ablated) embedding, so there is no such run to integrate towards
+        raise ValueError(
+            "ig_steps with source= has no meaning for edges: EAP-IG interpolates the patched run's token embedding "
+            "towards the tokens of the run whose activations are patched in, and a source cache is not a run on "
+            "tokens; give those tokens instead of source=, or ig_steps=None"
+        )
     cfg = model.cfg
     if backend == "triton" and getattr(cfg, "normalization_type", None) not in _NORM_KINDS:
         # refused before any pass; conventions are checked on the corrupted run's residual (_ln1_spec)
@@ -174,6 +191,7 @@ def _check(
             f"backend='triton' needs LayerNorm/RMSNorm pre-attention norms: normalization_type="
             f"{getattr(cfg, 'normalization_type', None)!r} is not one of {sorted(_NORM_KINDS)}"
         )
+    return runs
 
 
 def _qkv_input_grads(model: Any, layer: int, resid: Tensor, grads: List[Tensor]) -> Float[Tensor, "reader batch pos d_model"]:
@@ -288,7 +306,8 @@ class _EdgeHooks:
 
 def _writes(model: Any, clean: Dict[str, Tensor], corrupted: Dict[str, Tensor]) -> Float[Tensor, "writer batch pos d_model"]:
     """Every writer's clean-minus-corrupted write to the residual stream, at least float32: the
-    embedding, each head's ``dz @ W_O[h]``, each MLP's output."""
+    embedding, each head's ``dz @ W_O[h]``, each MLP's output. ``clean``: the patched-in activations
+    (a clean run's, or a source's; ``[1, ...]`` broadcasts over the batch)."""
     n_layers = int(model.cfg.n_layers)
     dtype = score_dtype(clean["hook_embed"])
     W_O = torch.stack([model.blocks[l].attn.W_O.detach() for l in range(n_layers)]).to(dtype)  # [L, H, d_head, d_model]
@@ -385,8 +404,9 @@ class _EdgeContraction:
 
 
 def get_attr_patch_edges(
-    model: Any, clean_tokens: Tokens, corrupted_tokens: Tokens, patching_metric: MetricFn,
+    model: Any, clean_tokens: Optional[Tokens], corrupted_tokens: Optional[Tokens], patching_metric: MetricFn,
     *, backend: str = "auto", ig_steps: Optional[int] = None, rule: str = "midpoint", per_position: bool = False,
+    source: Optional[Mapping[str, Tensor]] = None, direction: str = "denoising",
 ) -> EdgeScores:
     """First-order edge attribution of every writer -> reader edge (see the module docstring).
 
@@ -421,8 +441,14 @@ def get_attr_patch_edges(
 
     Grouped-query models: each K/V reader is a K/V head (``"L{l}KV{g}.k"``), the input its
     projection reads, shared by the query heads of its group (see ``fastpatch.engine.direct_path``).
+
+    With ``source=`` the writes are the source's writer outputs (``hook_embed``, each layer's
+    ``attn.hook_z`` and ``hook_mlp_out``) minus the patched run's; ``ig_steps`` is then refused
+    (a source cache is not a run on tokens, so there is no embedding to interpolate towards).
+    With ``direction="noising"`` the gradients are taken at the clean run and the writes are the
+    corrupted run's (or ``source``'s) minus the clean run's.
     """
-    _check(model, clean_tokens, corrupted_tokens, backend, ig_steps, rule)
+    runs = _check(model, clean_tokens, corrupted_tokens, source, direction, backend, ig_steps, rule)
     if not isinstance(per_position, bool):
         raise ValueError(f"per_position must be True or False, got {per_position!r}")
     cfg = model.cfg
@@ -434,19 +460,22 @@ def get_attr_patch_edges(
             # recorded; their zero probes change nothing), then the clean forward last, as in nodes.py.
             corrupted: Dict[str, Tensor] = {}
             names = hooks.readers + hooks.writers + hooks.ln1
-            grad = gradients(model, corrupted_tokens, patching_metric, names, "scalar", record=corrupted)
-            clean = capture(model, clean_tokens, hooks.writers)
-            runs: Iterable[Tuple[Dict[str, Tensor], Dict[str, Tensor]]] = [(grad, corrupted)]
+            grad = gradients(model, runs.target, patching_metric, names, "scalar", record=corrupted)
+            clean = patch_values(model, runs, hooks.writers)
+            passes: Iterable[Tuple[Dict[str, Tensor], Dict[str, Tensor]]] = [(grad, corrupted)]
         else:
-            corrupted = capture(model, corrupted_tokens, hooks.writers + hooks.ln1)
-            clean = capture(model, clean_tokens, hooks.writers)
-            runs = _embedding_ig_runs(model, corrupted_tokens, patching_metric, hooks, clean, corrupted, ig_steps, rule)
+            corrupted = capture(model, runs.target, hooks.writers + hooks.ln1)
+            clean = patch_values(model, runs, hooks.writers)
+            passes = _embedding_ig_runs(model, runs.target, patching_metric, hooks, clean, corrupted, ig_steps, rule)
         resid = [corrupted[n] for n in hooks.ln1]
         contraction = _EdgeContraction(model, hooks, backend, _writes(model, clean, corrupted), resid, per_position)
         # a score is linear in its run's reader gradients, so the runs' scores are averaged
-        per_run = (contraction.scores(grad, record) for grad, record in runs)
+        per_run = (contraction.scores(grad, record) for grad, record in passes)
         scores = functools.reduce(operator.add, per_run) / (ig_steps or 1)
     layout = edge_layout(cfg)
     valid = valid_edges(cfg, layout, scores.device)
     scores = torch.where(valid if scores.ndim == 2 else valid[:, :, None], scores, torch.zeros_like(scores))
     return EdgeScores(scores=scores, valid=valid, writer_names=layout.writer_names, reader_names=layout.reader_names)
+
+
+get_attr_patch_edges.__doc__ += SOURCE_DOC
