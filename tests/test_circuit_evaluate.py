@@ -161,26 +161,48 @@ def _circuits(full, densities, seed, n_pos=None):
 
 
 # ---- tests ------------------------------------------------------------------------------------------
-def test_evaluate_matches_plain_loop_every_ablation(case):
+BACKENDS = ["hooks", "native"]
+
+
+def _evaluate(case, backend, *args, **kwargs):
+    """``evaluate`` on ``backend``, checking that backend ran (no silent fallback) and the model is left as it was."""
+    import fastpatch
+
+    flags = model_flags(case.model)
+    out = evaluate(case.model, case.clean, case.corrupted, *args, backend=backend, **kwargs)
+    assert fastpatch.last_run_stats()["backend"] == backend
+    assert model_flags(case.model) == flags and hook_count(case.model) == 0
+    return out
+
+
+def _reference(case, key, compute):
+    """A plain-loop reference computed once per model and shared by both backends' tests."""
+    refs = case.__dict__.setdefault("references", {})
+    if key not in refs:
+        refs[key] = compute()
+    return refs[key]
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_evaluate_matches_plain_loop_every_ablation(case, backend):
     """Circuits of several densities, four ablations in one call, per prompt: equal to the loop."""
     model = case.model
     circuits = _circuits(case.full, (0.15, 0.4, 0.7, 0.9), seed=0)
-    flags = model_flags(model)
-    ours = evaluate(model, case.clean, case.corrupted, case.per_example, circuits, ablation=ABLATIONS, reduce="none", seed=SEED)
-    assert model_flags(model) == flags and hook_count(model) == 0
+    ours = _evaluate(case, backend, case.per_example, circuits, ablation=ABLATIONS, reduce="none", seed=SEED)
     assert ours.shape == (len(ABLATIONS), len(circuits), case.clean.shape[0])
-    edges_layout = _names(model)
     for a, ablation in enumerate(ABLATIONS):
-        ref = plain_loop(model, case.clean, case.per_example, circuits, case.ablated_acts[ablation], *edges_layout)
+        ref = _reference(case, ("every ablation", ablation), lambda: plain_loop(
+            model, case.clean, case.per_example, circuits, case.ablated_acts[ablation], *_names(model)))
         assert_varies(ref, f"{case.name} {ablation} circuits")
         assert_close(ours[a], ref)
 
 
-def test_empty_and_full_circuits(case):
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_empty_and_full_circuits(case, backend):
     """Empty circuit = the ablated model, full circuit = the clean model, for every ablation."""
     model = case.model
     circuits = torch.stack([torch.zeros_like(case.full), case.full])
-    ours = evaluate(model, case.clean, case.corrupted, case.per_example, circuits, ablation=ABLATIONS, reduce="none", seed=SEED)
+    ours = _evaluate(case, backend, case.per_example, circuits, ablation=ABLATIONS, reduce="none", seed=SEED)
     clean = case.per_example(case.clean_logits)
     for a, ablation in enumerate(ABLATIONS):
         if ablation == "corrupted":
@@ -195,40 +217,66 @@ def test_empty_and_full_circuits(case):
     assert_varies(torch.stack([ours[:, 0], ours[:, 1]]), "empty vs full circuit values")
 
 
-def test_per_position_circuits(case):
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_per_position_circuits(case, backend):
     """Per-position masks: an edge left out at some positions of the reader's input only."""
     if case.name != "llama":
         pytest.skip("per-position masks on the grouped-query model only (the suite's time budget)")
     model = case.model
     n_pos = case.clean.shape[1]
     circuits = _circuits(case.full, (0.3, 0.6, 0.85), seed=1, n_pos=n_pos)
-    ours = evaluate(model, case.clean, case.corrupted, case.scalar, circuits, ablation="corrupted")
-    ref = plain_loop(model, case.clean, case.scalar, circuits, case.ablated_acts["corrupted"], *_names(model))
+    ours = _evaluate(case, backend, case.scalar, circuits, ablation="corrupted")
+    ref = _reference(case, "per position", lambda: plain_loop(
+        model, case.clean, case.scalar, circuits, case.ablated_acts["corrupted"], *_names(model)))
     assert_varies(ref)
     assert_close(ours, ref)
     # the same mask at every position is the whole-edge circuit
     whole = _circuits(case.full, (0.5,), seed=2)
     assert_close(
-        evaluate(model, case.clean, case.corrupted, case.scalar, whole[..., None].expand(-1, -1, -1, n_pos).clone()),
-        evaluate(model, case.clean, case.corrupted, case.scalar, whole),
+        _evaluate(case, backend, case.scalar, whole[..., None].expand(-1, -1, -1, n_pos).clone()),
+        _evaluate(case, backend, case.scalar, whole),
     )
 
 
-def test_chunking_does_not_change_values(case):
+def test_native_prefix_computed_once(case):
+    """The native plan's cells start where clean and ablated runs first differ: after the prompts' shared
+    prefix for the corrupted ablation (2 of 5 positions here, as in IOI prompts), at 0 for zero ablation;
+    the full circuit changes nothing (a no-op: the clean run's value)."""
+    from fastpatch.circuits.evaluate import ablation_caches
+    from fastpatch.engine.circuit_plan import CircuitPlan
+    from fastpatch.engine.native import NativeModel
+
+    model = case.model
+    assert bool((case.clean[:, :2] == case.corrupted[:, :2]).all()) and bool((case.clean[:, 2] != case.corrupted[:, 2]).any())
+    circuits = torch.stack([_circuits(case.full, (0.5,), seed=5)[0], case.full])
+    plan = CircuitPlan(model, case.clean, circuits, ablation_caches(model, ["corrupted", "zero"], case.clean, case.corrupted))
+    engine = NativeModel.checked(model, case.clean)
+    plan.prepare(engine)
+    work = plan.native_work(engine, plan.cells)
+    starts = {plan.cells[m.cell]: start for start, members in work.groups.items() for m in members}
+    cell = type(plan.cells[0])
+    assert starts == {cell(0, 0): 2, cell(0, 1): 0}
+    assert [plan.cells[i] for i in work.no_ops] == [cell(1, 0)]
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_chunking_does_not_change_values(case, backend):
     if case.name != "gpt2":
         pytest.skip("one model is enough for the chunk cuts")
+    import fastpatch
+
     circuits = _circuits(case.full, (0.2, 0.5, 0.8), seed=4)
     kwargs = dict(ablation=["corrupted", "mean"], reduce="none")
-    one = evaluate(case.model, case.clean, case.corrupted, case.per_example, circuits, chunk_size=1, **kwargs)
-    tiny = evaluate(case.model, case.clean, case.corrupted, case.per_example, circuits, memory_budget=1, **kwargs)
-    whole = evaluate(case.model, case.clean, case.corrupted, case.per_example, circuits, chunk_size=100, **kwargs)
+    one = _evaluate(case, backend, case.per_example, circuits, chunk_size=1, **kwargs)
+    assert fastpatch.last_run_stats()["max_cells_per_chunk"] == 1
+    tiny = _evaluate(case, backend, case.per_example, circuits, memory_budget=1, **kwargs)
+    whole = _evaluate(case, backend, case.per_example, circuits, chunk_size=100, **kwargs)
+    assert fastpatch.last_run_stats()["max_cells_per_chunk"] > 1
     assert_close(one, whole)
     assert_close(tiny, whole)
     # repeated circuits run once, the full circuit (the clean run) under one ablation only
-    import fastpatch
-
     stacked = torch.stack([circuits[0], case.full, circuits[0], circuits[1]])
-    values = evaluate(case.model, case.clean, case.corrupted, case.per_example, stacked, **kwargs)
+    values = _evaluate(case, backend, case.per_example, stacked, **kwargs)
     assert fastpatch.last_run_stats()["cells"] == 2 * 2 + 1
     assert_close(values[:, [0, 2, 3]], whole[:, [0, 0, 1]])
     assert_close(values[:, 1], case.per_example(case.clean_logits).expand(2, -1))
@@ -254,7 +302,7 @@ def test_bad_input_raises(case):
         (dict(circuits=full[None], ablation="gaussian"), "ablation must be one of"),
         (dict(circuits=full[None], ablation=[]), "empty"),
         (dict(circuits=full[None], reduce="mean"), "reduce"),
-        (dict(circuits=full[None], backend="native"), "native"),
+        (dict(circuits=full[None], backend="gpu"), "backend must be one of"),
         (dict(circuits=full[None], corrupted_tokens=None), "needs corrupted_tokens"),
         (dict(circuits=full[None], corrupted_tokens=corrupted[:, :-1]), "same shape"),
     ]
@@ -265,12 +313,23 @@ def test_bad_input_raises(case):
         with pytest.raises(ValueError, match=message):
             evaluate(model, clean, args.pop("corrupted_tokens"), metric, circuits, **args)
         assert hook_count(model) == 0
-    # a model without the per-head Q/K/V input fork is refused by name
+    # a model without the per-head Q/K/V input fork is refused by name on the hook backend; the native
+    # backend ("auto" picks it) needs no fork and equals the plain loop there
     native_model = zoo.native()
     full_native = full_circuit(native_model)
     with pytest.raises(ValueError, match="per-head fork"):
-        evaluate(native_model, clean, corrupted, metric, full_native[None])
+        evaluate(native_model, clean, corrupted, metric, full_native[None], backend="hooks")
     assert hook_count(native_model) == 0
+    circuits = _circuits(full_native, (0.3, 0.7), seed=6)
+    import fastpatch
+
+    ours = evaluate(native_model, clean, corrupted, metric, circuits)
+    assert fastpatch.last_run_stats()["backend"] == "native"
+    with torch.no_grad():
+        _, ablated = native_model.run_with_cache(corrupted)
+    ref = plain_loop(native_model, clean, metric, circuits, ablated, *_names(native_model))
+    assert_varies(ref)
+    assert_close(ours, ref)
     # zero / mean / resample need no corrupted prompts
     out = evaluate(model, clean, None, metric, full[None], ablation=["zero", "mean", "resample"])
     assert out.shape == (3, 1)
@@ -514,6 +573,7 @@ def test_no_state_left_when_the_metric_raises(case):
         raise RuntimeError("metric failed")
 
     circuits = _circuits(case.full, (0.5,), seed=1)
-    with pytest.raises(RuntimeError, match="metric failed"):
-        evaluate(model, case.clean, case.corrupted, failing, circuits, ablation="zero", seed=SEED)
-    assert model_flags(model) == flags and hook_count(model) == 0
+    for backend in BACKENDS:
+        with pytest.raises(RuntimeError, match="metric failed"):
+            evaluate(model, case.clean, case.corrupted, failing, circuits, ablation="zero", seed=SEED, backend=backend)
+        assert model_flags(model) == flags and hook_count(model) == 0

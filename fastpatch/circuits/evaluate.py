@@ -179,14 +179,14 @@ def evaluate(
     if not ablations:
         raise ValueError("ablation is an empty list")
     caches = ablation_caches(model, ablations, clean_tokens, corrupted_tokens, seed)
-    plan = CircuitPlan(model, clean_tokens, circuits, caches)
     device = model_device(model, clean_tokens)
     dtype_bytes = torch.finfo(getattr(model.cfg, "dtype", torch.float32) or torch.float32).bits // 8
+    budget = ChunkBudget.from_options(chunk_size, memory_budget, device)
+    plan = CircuitPlan(model, clean_tokens, circuits, caches, budget, dtype_bytes)
+    # the hook backend's chunks: its forward and this plan's per-row buffers (the native one sizes its own)
     per_row = forward_bytes_per_row(model.cfg, int(n_pos), dtype_bytes) + bytes_per_row(
         model.cfg, int(n_pos), len(plan.layout.writers), dtype_bytes
     )
-    per_chunk = ChunkBudget.from_options(chunk_size, memory_budget, device).cells_per_chunk(per_row, int(batch))
-    # "auto" means hooks here (no native form yet), without the fallback warning of a plan that has one
-    options = RunOptions("hooks" if backend == "auto" else backend, per_chunk, None, progress)
+    options = RunOptions(backend, budget.cells_per_chunk(per_row, int(batch)), None, progress)
     values = plan.table(run_plan(model, clean_tokens, plan, MetricSet(metric, reduce, int(batch)), options).cells[:, 0])
     return values if several else values[0]

@@ -34,11 +34,13 @@ from torch import Tensor
 
 from fastpatch._tl_private import split_qkv_input
 from fastpatch.engine.checks import cached_activation, check_cached_activation
+from fastpatch.engine.chunks import ChunkBudget
 from fastpatch.engine.direct_path import PathPlan, Writer
 from fastpatch.engine.edge_plan import EdgeLayout, edge_layout, valid_edges
+from fastpatch.engine.native.circuit import NativeCircuits
 from fastpatch.engine.native.model import NativeEngine
 from fastpatch.engine.plan import NativeWork, PatchPlan
-from fastpatch.engine.probing import NoQKVFork, require_qkv_input_forks
+from fastpatch.engine.probing import NoQKVFork, post_norm_qkv_forks, require_qkv_input_forks
 
 _QKV = ("q", "k", "v")
 
@@ -76,10 +78,13 @@ class CircuitPlan(PatchPlan):
 
     label = "circuits"
     unit = "circuit"
-    native_unsupported = "circuit evaluation has no native form yet; it runs on the hook backend"
 
-    def __init__(self, model: Any, tokens: Tensor, circuits: Bool[Tensor, "circuit writer reader *pos"], ablated: Sequence[Mapping]):
+    def __init__(
+        self, model: Any, tokens: Tensor, circuits: Bool[Tensor, "circuit writer reader *pos"], ablated: Sequence[Mapping],
+        budget: Optional[ChunkBudget] = None, dtype_bytes: int = 4,
+    ):
         cfg = model.cfg
+        self.budget, self.dtype_bytes = budget, dtype_bytes
         self.layout: EdgeLayout = edge_layout(cfg)
         self.valid = valid_edges(cfg, self.layout)
         self.model, self.tokens, self.ablated = model, tokens, list(ablated)
@@ -105,6 +110,10 @@ class CircuitPlan(PatchPlan):
             name: int(torch.nonzero(self.valid[:, readers].any(1)).max()) + 1 for name, readers in self._reader_groups.items()
         }
         self._ablated_writes: Optional[Tensor] = None
+        self.clean_embed: Optional[Tensor] = None  # the clean run's hook_embed (native backend)
+        after_norm = post_norm_qkv_forks(model, sorted({r.layer for r in self.layout.readers if r.component in _QKV}))
+        if after_norm:  # the hook form's fork rewrites the input after ln1 there (BLOOM): only hooks give its values
+            self.native_unsupported = f"Q/K/V readers in blocks {after_norm} take the rewrite after the norm"
 
     def table(self, values: Float[Tensor, "cells ..."]) -> Float[Tensor, "ablation circuit ..."]:
         """The cells' values as ``[n_ablations, n_circuits, ...]`` in the order of the circuits given."""
@@ -126,13 +135,16 @@ class CircuitPlan(PatchPlan):
     def prepare(self, engine: Optional[NativeEngine] = None) -> None:
         layers = sorted({r.layer for r in self.layout.readers if r.component in _QKV})
         try:
-            for component in _QKV:
+            for component in _QKV if engine is None else ():  # the native forward needs no fork
                 require_qkv_input_forks(self.model, layers, component)
-        except NoQKVFork as error:  # the same refusal, without its pointer to a native form circuits do not have yet
+        except NoQKVFork as error:  # the same refusal, pointing to the native form
             raise NoQKVFork(
-                f"circuit evaluation rewrites each head's Q/K/V input at its per-head fork, which this model lacks: "
-                f"{str(error).split(', so ')[0]}"
+                f"circuit evaluation on the hook backend rewrites each head's Q/K/V input at its per-head fork, which "
+                f"this model lacks: {str(error).split(', so ')[0]}; the native backend (backend='native') needs none"
             ) from error
+        if engine is not None:  # the embedding writer's clean output: the one writer the native trace lacks
+            _, cache = self.model.run_with_cache(self.tokens, stop_at_layer=0, names_filter=["hook_embed"])
+            self.clean_embed = cached_activation(cache, "hook_embed", "the clean run")
         names = list(dict.fromkeys(w.hook_name for w in self.layout.writers))
         writes = []
         for number, cache in enumerate(self.ablated):
@@ -210,6 +222,8 @@ class CircuitPlan(PatchPlan):
             raise NotImplementedError(f"{sorted(missing)} did not fire: the model has no such writer or reader hook")
         return logits
 
-    def native_work(self, engine: NativeEngine, cells: Sequence[Any]) -> NativeWork:
-        raise ValueError(self.native_unsupported)  # never chosen: native_unsupported sends it to hooks
+    def native_work(self, engine: NativeEngine, cells: Sequence[CircuitCell]) -> NativeWork:
+        """Cells grouped by first changed position, each chunk one native pass (``native.circuit``)."""
+        budget = self.budget or ChunkBudget.from_options(None, None, self._ablated_writes.device)
+        return NativeCircuits(engine, self, cells, budget, self.dtype_bytes).work()
 
