@@ -26,7 +26,7 @@ from transformer_lens import patching as tl
 import fastpatch
 from fastpatch import attribution as fa
 from fastpatch.attribution.passes import SWEEPS
-from fastpatch.sources import zero_ablation
+from fastpatch.sources import mean_ablation, zero_ablation
 
 # GPT-NeoX's and LLaMA's bridges run HuggingFace's norm module; with hook_scale edited (detached)
 # TransformerLens rebuilds the norm's output from the hooked scale and warns that it differs at rounding
@@ -68,11 +68,12 @@ def _cells(values, n=4):
     return [tuple(int(i) for i in torch.unravel_index(torch.tensor(f), values.shape)) for f in dict.fromkeys(flat)][:n]
 
 
-def _reference(case, sweep, index, stops=(), patches=()):
-    """d metric / d alpha at 0, with ``patches`` ((hook name, setter, index, value)) applied first."""
+def _reference(case, sweep, index, stops=(), patches=(), source=None):
+    """d metric / d alpha at 0, with ``patches`` ((hook name, setter, index, value)) applied first;
+    the cell patched towards ``source``'s activation (default: the clean run's)."""
     model = case.model
     name = tl_utils.get_act_name(SWEEPS[sweep][0], index[0])
-    clean = case.clean_cache[name]
+    clean = (case.clean_cache if source is None else source)[name]
     alpha = torch.zeros((), requires_grad=True)
 
     def patch(setter, idx, value):
@@ -89,13 +90,13 @@ def _reference(case, sweep, index, stops=(), patches=()):
     return 0.0 if grad is None else float(grad)  # None: every path from the cell is stopped
 
 
-def _check(case, ours, sweeps, stops=(), patches=()):
+def _check(case, ours, sweeps, stops=(), patches=(), source=None):
     for sweep in sweeps:
         est = ours[sweep]
         assert_varies(est, sweep)
         scale = float(est.abs().max())
         for index in _cells(est):
-            ref = _reference(case, sweep, index, stops, patches)
+            ref = _reference(case, sweep, index, stops, patches, source)
             assert abs(float(est[index]) - ref) <= 1e-5 * scale + 1e-7, (sweep, index, float(est[index]), ref)
 
 
@@ -171,6 +172,21 @@ def test_intervened_run_equals_autograd_on_the_patched_forward(case, plain):
     )
     ref_patches = [("blocks.0.attn.hook_z", tl.layer_head_vector_patch_setter, (0, 1), zero["blocks.0.attn.hook_z"])]
     _check(case, ours, ["resid_pre", "attn_head_out_all_pos"], _stop_points(model, frozen=["ln_scale"]), ref_patches)
+
+
+def test_variant_with_an_ablation_source_equals_autograd(case, plain):
+    """``source=``: every cell patched towards the mean ablation, the intervention patches too (no
+    ``patch_source``), under a stop-gradient."""
+    model = case.model
+    reference = torch.randint(0, zoo.VOCAB, (6, 5), generator=torch.Generator().manual_seed(7))
+    mean = mean_ablation(model, reference, batch=case.corrupted.shape[0])
+    sweeps = ["resid_pre", "attn_head_out_all_pos"]
+    kw = dict(frozen="pattern", patches=[("z", (0, 1))])
+    ours = fa.attribute_nodes_variant(model, None, case.corrupted, case.scalar, sweeps, source=mean, **kw)
+    assert fastpatch.hook_count(model) == 0
+    ref_patches = [("blocks.0.attn.hook_z", tl.layer_head_vector_patch_setter, (0, 1), mean["blocks.0.attn.hook_z"])]
+    _check(case, ours, sweeps, _stop_points(model, frozen=["pattern"]), ref_patches, source=mean)
+    assert float(ours["attn_head_out_all_pos"][0, 1]) == 0.0  # patched to the source's value already
 
 
 def test_no_variant_is_plain_attribution_and_single_sweep_form(case, plain):
