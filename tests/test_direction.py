@@ -2,7 +2,8 @@
 
 Exact sweeps (``fastpatch.patching.run_sweep``) against TransformerLens's own functions called with
 the swapped arguments; attribution (``direction=`` on every node function) against the same
-function with the two token arguments swapped.
+function with the two token arguments swapped; ``verify(direction="noising")`` against
+TransformerLens's sweep on the clean run.
 """
 
 from functools import lru_cache
@@ -106,6 +107,23 @@ def test_attribution_noising_is_the_argument_swap(name):
     # the named node functions take direction= too
     assert_close(fa.get_attr_patch_resid_pre(model, case.clean, case.corrupted, metric, direction="noising"),
                  fa.get_attr_patch_resid_pre(model, case.corrupted, case.clean, metric))
+
+
+def test_verify_measures_a_noising_estimate_on_the_clean_run():
+    """``verify(direction="noising")`` patches the given cache into the clean run, as TransformerLens's
+    sweep with the corrupted cache on the clean tokens (minus the clean baseline)."""
+    case = _case("gpt2")
+    model, metric, sweep = case.model, case.scalar, "attn_head_out_all_pos"
+    estimate = fa.get_attr_patch_attn_head_out_all_pos(model, case.clean, case.corrupted, metric, direction="noising")
+    table = fa.verify(model, case.clean, None, case.corrupted_cache, metric, estimate, sweep, k=4, direction="noising")
+    with torch.no_grad():
+        ref = _expected("gpt2")["noising"] - metric(model(case.clean))
+    exact = torch.tensor([float(ref[row.layer, row.head]) for row in table.itertuples()])
+    assert_varies(exact, "verified noising cells")
+    assert_close(torch.tensor(table["exact"].to_numpy()), exact)
+    assert_close(torch.tensor(table["estimate"].to_numpy()), estimate.flatten()[estimate.abs().flatten().argsort(descending=True, stable=True)[:4]])
+    with pytest.raises(ValueError, match="clean_tokens is None: with direction='noising'"):
+        fa.verify(model, None, case.corrupted, case.corrupted_cache, metric, estimate, sweep, direction="noising")
 
 
 @pytest.mark.slow

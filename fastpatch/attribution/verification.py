@@ -15,15 +15,16 @@ from jaxtyping import Float
 from torch import Tensor
 
 from fastpatch import patching
-from fastpatch.attribution.passes import Tokens, exact_sweep
+from fastpatch.attribution.passes import DIRECTIONS, Tokens, exact_sweep
 from fastpatch.metrics import MetricFn
 
 __all__ = ["verify"]
 
 
 def verify(
-    model: Any, clean_tokens: Optional[Tokens], corrupted_tokens: Tokens, clean_cache: Any, patching_metric: MetricFn,
-    estimate: Float[Tensor, "..."], sweep: str, k: int = 10, **patch_kwargs: Any,
+    model: Any, clean_tokens: Optional[Tokens], corrupted_tokens: Optional[Tokens], clean_cache: Any,
+    patching_metric: MetricFn, estimate: Float[Tensor, "..."], sweep: str, k: int = 10, *,
+    direction: str = "denoising", **patch_kwargs: Any,
 ) -> pd.DataFrame:
     """Measure the top-``k`` cells (by ``|estimate|``) of an attribution sweep exactly.
 
@@ -37,10 +38,11 @@ def verify(
     index axes of the exact sweep (``layer``, ``pos``, ``head``...), ``estimate``, ``exact``
     (patched metric minus the corrupted baseline) and ``abs_error``.
 
-    ``clean_cache`` may be an ablation source (:mod:`fastpatch.sources`, the estimate's ``source=``);
-    ``clean_tokens`` is then ``None`` (it is only checked against ``corrupted_tokens``' shape). For a
-    ``direction="noising"`` estimate pass the clean tokens as ``corrupted_tokens`` and the corrupted
-    run's cache as ``clean_cache``: the run that was patched, and what was patched into it.
+    ``clean_cache``: the activations patched in, the cache of the clean run, or an ablation source
+    (:mod:`fastpatch.sources`, the estimate's ``source=``). ``direction`` as the estimate's:
+    ``"denoising"`` patches them into ``corrupted_tokens``' run; ``"noising"`` into ``clean_tokens``'
+    run, and ``clean_cache`` is then the corrupted run's cache (or the source). The other token
+    argument is only checked against the patched run's shape and may be ``None``.
     """
     if sweep == "mlp_neuron_by_pos":
         raise ValueError("verify() needs an exact sweep in fastpatch.patching; mlp_neuron_by_pos has none")
@@ -51,7 +53,13 @@ def verify(
             f"estimate has shape {tuple(estimate.shape)}, but sweep {sweep!r} has axes {axes}: pass a "
             "reduce='scalar' result (no trailing batch axis)"
         )
-    if clean_tokens is not None and tuple(clean_tokens.shape) != tuple(corrupted_tokens.shape):
+    if direction not in DIRECTIONS:
+        raise ValueError(f"direction must be one of {DIRECTIONS}, got {direction!r}")
+    target, other = (corrupted_tokens, clean_tokens) if direction == "denoising" else (clean_tokens, corrupted_tokens)
+    if target is None:
+        which = "corrupted_tokens" if direction == "denoising" else "clean_tokens"
+        raise ValueError(f"{which} is None: with direction={direction!r} it is the run that is patched")
+    if other is not None and tuple(clean_tokens.shape) != tuple(corrupted_tokens.shape):
         raise ValueError("clean_tokens and corrupted_tokens must have the same shape")
     if k < 1:
         raise ValueError(f"k must be positive, got {k}")
@@ -62,7 +70,7 @@ def verify(
     index_df = pd.DataFrame({a: c.tolist() for a, c in zip(axes, cells)})
     patch_kwargs.setdefault("progress", False)
     result = patching.generic_activation_patch(
-        model, corrupted_tokens, clean_cache, patching_metric, setter, act, index_df=index_df, baseline=True, **patch_kwargs
+        model, target, clean_cache, patching_metric, setter, act, index_df=index_df, baseline=True, **patch_kwargs
     )
     exact = (result.values - result.baseline).detach().float().cpu()
     out = index_df.copy()
