@@ -9,8 +9,9 @@ activation it caches, which goes wherever a clean cache goes:
 - the ``clean_cache`` argument of every exact sweep (``fastpatch.patching.get_act_patch_*``,
   ``generic_activation_patch``, the ``*_every`` helpers) and of direct path patching (the
   source head's write becomes ``ablated z @ W_O - corrupted z @ W_O``);
-- ``source=`` of every attribution node function (``fastpatch.attribution``), in place of the
-  tokens of the run whose activations are patched in;
+- ``source=`` of every attribution function that patches (``fastpatch.attribution``: node
+  sweeps, integrated gradients, AtP*, GradDrop, the stop-gradient variants, edges), in place of
+  the tokens of the run whose activations are patched in, and ``clean_cache`` of ``verify``;
 - TransformerLens's own ``patching`` functions, which give the same numbers.
 
 Kinds (``SourceCache.kind``):
