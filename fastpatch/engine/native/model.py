@@ -133,6 +133,8 @@ class Trace:
     attn_out: List[Tensor] = field(default_factory=list)
     resid_mid: List[Tensor] = field(default_factory=list)  # sequential blocks only
     mlp_out: List[Tensor] = field(default_factory=list)
+    # [batch, pos, d_mlp] mlp.hook_post (act(gate) * up for gated MLPs); None for a mixture of experts
+    post: List[Optional[Tensor]] = field(default_factory=list)
     resid_final: Optional[Tensor] = None  # resid_post of the last block
     logits: Optional[Tensor] = None
     # shape (without batch) of every hook point that fired in the model's own run (the parity
@@ -150,6 +152,8 @@ class Trace:
             out[f"blocks.{l}.hook_attn_out"] = self.attn_out[l]
             if not parallel:
                 out[f"blocks.{l}.hook_resid_mid"] = self.resid_mid[l]
+            if l < len(self.post) and self.post[l] is not None:
+                out[f"blocks.{l}.mlp.hook_post"] = self.post[l]
             out[f"blocks.{l}.hook_mlp_out"] = self.mlp_out[l]
         if self.logits is not None:
             out["logits"] = self.logits
@@ -497,13 +501,15 @@ class NativeModel:
         """First-order change of ``normalize(x)`` with the scale frozen (see ``fastpatch.ops.norms``)."""
         return linearised_norm_delta(x, delta, w, self.norm, self.eps)
 
-    def mlp(self, layer: int, x: Tensor) -> Tensor:
+    def mlp(self, layer: int, x: Tensor, keep_post: Optional[Callable[[Tensor], None]] = None) -> Tensor:
         L = self.layers[layer]
-        return self.mlp_from_normalized(layer, self.normalize(x, L.ln2_w, L.ln2_b))
+        return self.mlp_from_normalized(layer, self.normalize(x, L.ln2_w, L.ln2_b), keep_post)
 
-    def mlp_from_normalized(self, layer: int, h: Tensor) -> Tensor:
+    def mlp_from_normalized(self, layer: int, h: Tensor, keep_post: Optional[Callable[[Tensor], None]] = None) -> Tensor:
         """The MLP (or mixture of experts) of block ``layer`` on its already normalised input,
-        through the block's post-MLP norm where it has one."""
+        through the block's post-MLP norm where it has one. ``keep_post``, when given, receives the
+        hidden activation ``[..., d_mlp]`` (``mlp.hook_post``: ``act(gate) * up`` when gated; not
+        called for a mixture of experts, which has no single one)."""
         L = self.layers[layer]
         if L.moe is not None:
             return self._post_norm(self.experts(L.moe, h), L.ln2_post_w, L.ln2_post_b)
@@ -515,6 +521,8 @@ class NativeModel:
             post = self.act(gate if L.b_gate is None else gate + L.b_gate) * pre
         else:
             post = self.act(pre)
+        if keep_post is not None:
+            keep_post(post)
         out = post @ L.W_out
         out = out if L.b_out is None else out + L.b_out
         return self._post_norm(out, L.ln2_post_w, L.ln2_post_b)
@@ -568,13 +576,15 @@ class NativeModel:
             attn_out = self.attn_out(l, z)
             for name, value in (("q", q), ("k", k), ("v", v), ("k_rot", k_rot), ("pattern", pattern), ("z", z), ("attn_out", attn_out)):
                 getattr(t, name).append(value)
+            t.post.append(None)
+            keep_post = lambda post, l=l: t.post.__setitem__(l, post)  # noqa: E731
             if self.parallel:
-                mlp_out = self.mlp(l, x)
+                mlp_out = self.mlp(l, x, keep_post)
                 x = x + attn_out + mlp_out
             else:
                 mid = x + attn_out
                 t.resid_mid.append(mid)
-                mlp_out = self.mlp(l, mid)
+                mlp_out = self.mlp(l, mid, keep_post)
                 x = mid + mlp_out
             t.mlp_out.append(mlp_out)
         t.logits = self.unembed(self.final_norm(x))
@@ -665,6 +675,9 @@ class NativeModel:
             t.pattern.append(own(f"blocks.{l}.attn.hook_pattern", native_trace.pattern[l]))
             if not self.parallel:
                 t.resid_mid.append(own(f"blocks.{l}.hook_resid_mid"))
+            # mlp.hook_post: only metrics read it (a model whose hook does not fire has no such hook to read)
+            post = native_trace.post[l] if l < len(native_trace.post) else None
+            t.post.append(cache[f"blocks.{l}.mlp.hook_post"] if post is not None and f"blocks.{l}.mlp.hook_post" in cache else post)
             t.k_rot.append(self.rotate_k(l, t.k[l], 0))
         t.resid_final = own(f"blocks.{self.n_layers - 1}.hook_resid_post")
         return t
