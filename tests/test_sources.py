@@ -14,6 +14,7 @@ import zoo
 from helpers import assert_close, assert_varies
 from transformer_lens import patching as tl
 
+import fastpatch
 from fastpatch import attribution as fa
 from fastpatch import patching as fp
 from fastpatch.sources import SourceCache, mean_ablation, resample_ablation, zero_ablation
@@ -166,6 +167,34 @@ def test_every_attribution_function_reads_a_source_like_a_clean_run():
         ref = call(case.clean)
         assert_varies(ref, name)
         assert_close(call(None, **src), ref)
+
+
+def test_run_stats_count_what_a_clean_cache_skips_and_an_ablation_cannot():
+    """``last_run_stats()``'s work on IOI-like pairs (equal before position 2), counted from the
+    definition: a ``resid_pre`` cell is a no-op where the source's activation equals the corrupted
+    run's at its position; the others recompute every prompt from that position, from their block."""
+    case = _case("gpt2")
+    model, metric = case.model, case.scalar
+    batch, n_pos = case.corrupted.shape
+    L = model.cfg.n_layers
+    with torch.no_grad():
+        _, corrupted = model.run_with_cache(case.corrupted)
+    for kind, source in (("clean", case.clean_cache), ("zero", case.sources["zero"])):
+        cells = [(layer, pos) for layer in range(L) for pos in range(n_pos)
+                 if not torch.equal(source[f"blocks.{layer}.hook_resid_pre"][:, pos],
+                                    corrupted[f"blocks.{layer}.hook_resid_pre"][:, pos])]
+        assert len(cells) == (L * (n_pos - 2) if kind == "clean" else L * n_pos)
+        fp.get_act_patch_resid_pre(model, case.corrupted, source, metric, backend="native", progress=False)
+        stats = fastpatch.last_run_stats()
+        assert stats["backend"] == "native" and stats["cells"] == L * n_pos
+        assert (stats["no_op_cells"], stats["computed_cells"]) == (L * n_pos - len(cells), len(cells)), kind
+        assert stats["row_positions"] == sum(batch * (n_pos - pos) for _, pos in cells)
+        assert stats["row_position_blocks"] == sum(batch * (n_pos - pos) * (L - layer) for layer, pos in cells)
+    # the hook backend runs every cell's whole forward
+    fp.get_act_patch_resid_pre(model, case.corrupted, case.clean_cache, metric, backend="hooks", progress=False)
+    stats = fastpatch.last_run_stats()
+    assert (stats["no_op_cells"], stats["computed_cells"]) == (0, L * n_pos)
+    assert (stats["row_positions"], stats["row_position_blocks"]) == (L * n_pos * batch * n_pos, L * n_pos * batch * n_pos * L)
 
 
 def test_bad_sources_are_refused():

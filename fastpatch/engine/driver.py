@@ -24,7 +24,7 @@ from fastpatch.engine.hooks_driver import run_hooks_cells
 from fastpatch.engine.metric_set import MetricSet, capture_hooks
 from fastpatch.engine.model_state import preserved_model_state, refuse_user_hooks
 from fastpatch.engine.native_driver import run_native_cells
-from fastpatch.engine.plan import PatchPlan
+from fastpatch.engine.plan import NativeWork, PatchPlan
 
 
 @dataclass(frozen=True)
@@ -50,6 +50,15 @@ class PlanValues(NamedTuple):
 
     cells: Float[Tensor, "n_cells n_metrics ..."]
     baseline: Optional[Float[Tensor, "n_metrics ..."]]
+
+
+def _record_work(stats: run_stats.RunStats, work: NativeWork, batch: int, n_pos: int, n_layers: int) -> None:
+    """The native work's size: no-op cells, and each grouped cell's rows x positions from its first
+    changed position x blocks from its entry block."""
+    stats.no_op_cells += len(work.no_ops)
+    for start, members in work.groups.items():
+        for member in members:
+            stats.computed(batch, n_pos - start, n_layers - member.block)
 
 
 def model_device(model: Any, tokens: Tensor) -> torch.device:
@@ -117,6 +126,9 @@ def run_plan(
             if engine is None:
                 per_chunk = 1 if per_cell else budget.cells_per_chunk(forward_bytes_per_row(model.cfg, n_pos, dtype_bytes), batch)
                 run_hooks_cells(plan, cells, metrics, values, per_chunk, bar)
+                stats.computed(batch, n_pos, int(model.cfg.n_layers), cells=len(cells))
             else:
-                run_native_cells(engine, plan.native_work(engine, cells), metrics, values, budget, dtype_bytes, bar)
+                work = plan.native_work(engine, cells)
+                _record_work(stats, work, batch, n_pos, int(model.cfg.n_layers))
+                run_native_cells(engine, work, metrics, values, budget, dtype_bytes, bar)
     return PlanValues(gather(values, mine, len(plan.cells), rank_world), baseline_values)

@@ -1,9 +1,15 @@
-"""What the last sweep did: backend, chunking, out-of-memory retries and peak device memory.
+"""What the last sweep did: backend, chunking, out-of-memory retries, peak device memory and the work.
 
 ``fastpatch.last_run_stats()`` returns it after any sweep; useful to see how the memory planner
-cut a large sweep. Peak memory is measured on CUDA (``torch.cuda.max_memory_allocated`` above
-what was allocated when the sweep started); on CPU it is ``None`` (tests measure CPU memory with
-a tensor-allocation meter instead).
+cut a large sweep, and how much the native backend skipped. Work (this process's cells):
+``no_op_cells``, patches that change nothing (their value is the baseline, no forward);
+``computed_cells``, the others; ``row_positions``, the prompt rows times positions their forwards
+compute (the native backend: from each cell's first changed position; hooks: every position);
+``row_position_blocks``, the same times the blocks from each cell's entry block to the last.
+
+Peak memory is measured on CUDA (``torch.cuda.max_memory_allocated`` above what was allocated
+when the sweep started); on CPU it is ``None`` (tests measure CPU memory with a tensor-allocation
+meter instead).
 """
 
 from __future__ import annotations
@@ -26,7 +32,17 @@ class RunStats:
     oom_retries: int = 0
     peak_bytes: Optional[int] = None
     seconds: float = 0.0
+    no_op_cells: int = 0
+    computed_cells: int = 0
+    row_positions: int = 0
+    row_position_blocks: int = 0
     _start: float = field(default=0.0, repr=False)
+
+    def computed(self, rows: int, positions: int, blocks: int, cells: int = 1) -> None:
+        """``cells`` cells, each a forward of ``rows`` prompts over ``positions`` positions through ``blocks`` blocks."""
+        self.computed_cells += cells
+        self.row_positions += cells * rows * positions
+        self.row_position_blocks += cells * rows * positions * blocks
 
     def chunk_done(self, n_cells: int) -> None:
         self.chunks += 1
