@@ -7,20 +7,26 @@ three ablations (corrupted, zero, mean) with ``--n-random`` random baselines per
 empty and full circuits the normalisation needs: ``3 x (2 + 10 + 10 n_random)`` circuit runs.
 
 - fastpatch: ``faithfulness_curve``: every circuit and ablation stacked along the batch dimension,
-  chunked to the memory budget (the default budget: one pass); identical circuits (MIB's smallest
-  sizes round to 0 edges on a small model) run once, the full circuit (the clean run) once;
+  chunked to the memory budget; identical circuits (MIB's smallest sizes round to 0 edges on a
+  small model) run once, the full circuit (the clean run) once. Timed on the default backend
+  (``"auto"``: the native one on this model; one pass per first changed position, positions before
+  it, where clean and ablated runs agree, taken from the clean run) and on the hook backend (one
+  hooked pass on the default budget);
 - the loop: MIB's procedure (``evaluate_area_under_curve``), one forward per circuit: for each
   ablation the full and the empty circuit, then each size's top-n circuit and random circuit, each
-  by ``evaluate`` of that one circuit (the same hooks; the ablation caches computed once and passed
-  in, so the loop runs no extra forward). The record checks that both give the same values.
+  by ``evaluate(backend="hooks")`` of that one circuit (one hooked forward; the ablation caches
+  computed once and passed in, so the loop runs no extra forward). The record checks that every
+  side gives the same values.
 
 Printed and recorded per side: forward passes, batch rows, and FLOPs (the dense matmul FLOPs of a
-forward per row times the rows, plus the reader hooks' masked sums). Batching does not reduce
-FLOPs on the hook backend; the speed comes from fewer, larger passes. CPU figures are ratios.
+forward per row over the positions it computes times the rows, plus the reader inputs' masked
+sums). Batching does not reduce FLOPs on the hook backend; the speed comes from fewer, larger
+passes. The native backend computes no row for a cell that changes nothing (the full circuit) and
+no position before a cell's first changed one. CPU figures are ratios.
 
 Examples::
 
-    python bench/circuit_curves.py              # -> bench/results/cpu-circuit-curves-induction.json
+    python bench/circuit_curves.py --threads 1 --repeats 3   # -> bench/results/cpu-circuit-curves-induction.json
     python bench/circuit_curves.py --small      # smoke test
 """
 
@@ -53,22 +59,23 @@ ABLATIONS = ["corrupted", "zero", "mean"]
 TARGET = 2.0  # issue 17: at least 2x a loop of one forward per circuit on CPU
 
 
-def forward_flops_per_row(cfg: Any, n_pos: int) -> int:
-    """Dense matmul FLOPs of one forward of one row: Q/K/V/O projections, attention scores and mixing, MLP, unembedding."""
+def forward_flops_per_row(cfg: Any, n_pos: int, n_new: Optional[int] = None) -> int:
+    """Dense matmul FLOPs of one forward of one row at its last ``n_new`` positions (default all ``n_pos``),
+    attending over ``n_pos`` keys: Q/K/V/O projections, attention scores and mixing, MLP, unembedding."""
     d, heads, d_head = int(cfg.d_model), int(cfg.n_heads), int(cfg.d_head)
     kv = int(getattr(cfg, "n_key_value_heads", None) or heads)
     d_mlp = int(getattr(cfg, "d_mlp", None) or 4 * d)
     per_layer = 2 * d * d_head * (heads + 2 * kv) + 2 * heads * d_head * d + 2 * 2 * heads * d_head * n_pos + 2 * 2 * d * d_mlp
-    return n_pos * (int(cfg.n_layers) * per_layer + 2 * d * int(cfg.d_vocab))
+    return (n_pos if n_new is None else n_new) * (int(cfg.n_layers) * per_layer + 2 * d * int(cfg.d_vocab))
 
 
 def hook_flops_per_row(model: Any, n_pos: int) -> int:
-    """The reader hooks' masked sums per row: each hook point's readers from the writers before it."""
+    """The reader inputs' masked sums per row, per position computed: each reader from the writers before it."""
     from fastpatch.circuits import full_circuit
     from fastpatch.engine.circuit_plan import CircuitPlan
 
     plan = CircuitPlan(model, torch.zeros(1, n_pos, dtype=torch.long), full_circuit(model)[None], [])
-    return 2 * n_pos * plan.hook_macs_per_position()
+    return 2 * plan.hook_macs_per_position()
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -100,9 +107,9 @@ def run(args: argparse.Namespace, command: Optional[str] = None) -> Dict[str, An
     scores = get_attr_patch_edges(model, clean, corrupted, metric)
     sizes = MIB_SIZES[::3] if args.small else MIB_SIZES
 
-    def curve():
+    def curve(backend: str = "auto"):
         return faithfulness_curve(model, clean, corrupted, metric, scores, sizes=sizes, ablation=ABLATIONS,
-                                  n_random=args.n_random)
+                                  n_random=args.n_random, backend=backend)
 
     def loop(reference) -> Dict[str, torch.Tensor]:
         """One ``evaluate`` (one forward) per circuit of the curve, per ablation, MIB's order."""
@@ -114,7 +121,7 @@ def run(args: argparse.Namespace, command: Optional[str] = None) -> Dict[str, An
             def one(circuit):
                 nonlocal runs
                 runs += 1
-                return float(evaluate(model, clean, None, metric, circuit[None], ablation=cache)[0])
+                return float(evaluate(model, clean, None, metric, circuit[None], ablation=cache, backend="hooks")[0])
 
             full = full_circuit(model)
             one(full), one(torch.zeros_like(full))  # MIB's baseline and empty-circuit scores
@@ -125,31 +132,46 @@ def run(args: argparse.Namespace, command: Optional[str] = None) -> Dict[str, An
         return {"values": values, "random_values": random, "runs": runs}
 
     reference = curve()  # warm-up; its circuits are the ones the loop evaluates
+    curve("hooks")  # warm-up
     valid = full_circuit(model)
     counts = edge_counts(sizes, int(valid.sum()))
-    random_circuits_of = random_circuits(valid, counts, args.n_random, 0)
+    random_circuits_of = random_circuits(valid, counts, args.n_random, 0)  # faithfulness_curve's (seed 0)
     loop(reference)  # warm-up
-    load_before = _load_average()
-    sides: Dict[str, Dict[str, Any]] = {}
     cfg = model.cfg
     batch, n_pos = clean.shape
-    per_row = forward_flops_per_row(cfg, n_pos) + hook_flops_per_row(model, n_pos)
-    seconds, cpu_seconds, ours = best_time(curve, args.repeats, device)
-    stats = fastpatch.last_run_stats()
-    sides["fastpatch"] = {
-        "seconds": seconds, "cpu_seconds": cpu_seconds, "passes": stats["chunks"], "circuit_runs": stats["cells"],
-        "rows": stats["cells"] * batch, "max_circuit_runs_per_pass": stats["max_cells_per_chunk"],
-        "flops": stats["cells"] * batch * per_row, "other_forwards": len(ABLATIONS),  # one source run per ablation cache
-    }
+    # FLOPs per row and position computed (attending over every position), reader inputs' masked sums included
+    per_position = forward_flops_per_row(cfg, n_pos, 1) + hook_flops_per_row(model, n_pos)
+    load_before = _load_average()
+    sides: Dict[str, Dict[str, Any]] = {}
+    for side, backend in (("fastpatch", "auto"), ("fastpatch_hooks", "hooks")):
+        seconds, cpu_seconds, result = best_time(lambda backend=backend: curve(backend), args.repeats, device)
+        stats = fastpatch.last_run_stats()
+        native = stats["backend"] == "native"
+        sides[side] = {
+            "backend": stats["backend"], "seconds": seconds, "cpu_seconds": cpu_seconds, "passes": stats["chunks"],
+            "circuit_runs": stats["cells"], "max_circuit_runs_per_pass": stats["max_cells_per_chunk"],
+            # native: no row for a cell that changes nothing, no position before a cell's first changed one
+            "rows": stats["computed_cells"] * batch, "no_op_circuit_runs": stats["no_op_cells"],
+            "row_positions": stats["row_positions"], "flops": stats["row_positions"] * per_position,
+            "other_forwards": len(ABLATIONS) + (2 if native else 0),  # ablation caches (+ the clean parity run, embedding)
+            "values": result,
+        }
+    ours = sides["fastpatch"]["values"]
     seconds, cpu_seconds, looped = best_time(lambda: loop(ours), args.repeats, device)
     sides["loop"] = {
-        "seconds": seconds, "cpu_seconds": cpu_seconds, "passes": looped["runs"], "circuit_runs": looped["runs"],
-        "rows": looped["runs"] * batch, "max_circuit_runs_per_pass": 1, "flops": looped["runs"] * batch * per_row,
+        "backend": "hooks", "seconds": seconds, "cpu_seconds": cpu_seconds, "passes": looped["runs"],
+        "circuit_runs": looped["runs"], "rows": looped["runs"] * batch, "max_circuit_runs_per_pass": 1,
+        "row_positions": looped["runs"] * batch * n_pos, "flops": looped["runs"] * batch * n_pos * per_position,
         "other_forwards": len(ABLATIONS),
     }
-    check = compare(torch.cat([looped["values"].flatten(), looped["random_values"].flatten()]),
-                    torch.cat([ours.values.flatten(), ours.random_values.flatten()]), 1e-4,
-                    1e-5 * float(looped["values"].abs().max()))
+    expected = torch.cat([looped["values"].flatten(), looped["random_values"].flatten()])
+    checks = {}
+    for side in ("fastpatch", "fastpatch_hooks"):
+        got = sides[side].pop("values")
+        checks[side] = compare(expected, torch.cat([got.values.flatten(), got.random_values.flatten()]), 1e-4,
+                               1e-5 * float(looped["values"].abs().max()))
+    check = {**checks["fastpatch"], "agree": all(c["agree"] for c in checks.values()),
+             "hooks_check": checks["fastpatch_hooks"]}
     ratio = sides["loop"]["seconds"] / sides["fastpatch"]["seconds"]
     return {
         "benchmark": "circuit_curves",
@@ -164,8 +186,10 @@ def run(args: argparse.Namespace, command: Optional[str] = None) -> Dict[str, An
                     "one evaluate (one hooked forward) each, ablation caches computed once",
         },
         "fastpatch": sides["fastpatch"],
+        "fastpatch_hooks": sides["fastpatch_hooks"],
         "loop": sides["loop"],
         "ratio": ratio,
+        "ratio_hooks": sides["loop"]["seconds"] / sides["fastpatch_hooks"]["seconds"],
         "target_ratio": TARGET,
         "meets_target": ratio >= TARGET,
         "curve": {
@@ -184,11 +208,13 @@ def run(args: argparse.Namespace, command: Optional[str] = None) -> Dict[str, An
 
 
 def format_table(record: Dict[str, Any]) -> str:
-    lines = [f"{'side':<10} {'seconds':>8} {'passes':>7} {'rows':>7} {'GFLOPs':>8}"]
-    for side in ("loop", "fastpatch"):
+    lines = [f"{'side':<16} {'backend':<8} {'seconds':>8} {'passes':>7} {'rows':>7} {'GFLOPs':>8}"]
+    for side in ("loop", "fastpatch_hooks", "fastpatch"):
         s = record[side]
-        lines.append(f"{side:<10} {s['seconds']:>8.2f} {s['passes']:>7} {s['rows']:>7} {s['flops'] / 1e9:>8.2f}")
-    lines.append(f"ratio {record['ratio']:.1f}x (target {record['target_ratio']:.0f}x), values agree: {record['agree']}")
+        backend = s.get("backend", "hooks")
+        lines.append(f"{side:<16} {backend:<8} {s['seconds']:>8.2f} {s['passes']:>7} {s['rows']:>7} {s['flops'] / 1e9:>8.2f}")
+    lines.append(f"ratio {record['ratio']:.1f}x on the default backend ({record['fastpatch']['backend']}), "
+                 f"{record['ratio_hooks']:.1f}x on hooks (target {record['target_ratio']:.0f}x), values agree: {record['agree']}")
     curve = record["curve"]
     for ablation in record["config"]["ablations"]:
         lines.append(

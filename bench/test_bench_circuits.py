@@ -21,7 +21,10 @@ pytestmark = pytest.mark.slow  # smoke runs of the benchmarks: `.ci/run` runs th
 
 
 def test_evaluate_many_circuits(benchmark) -> None:
-    """Twelve circuits under three ablations in one batched call, equal to one call per circuit."""
+    """Twelve circuits under three ablations in one batched call (the default backend: native here), equal to
+    one hooked call per circuit."""
+    import fastpatch
+
     model = load_induction_model()
     clean, corrupted, answer, wrong = induction_prompts(4, half_len=6)
     metric = LogitDiff(answer, wrong)
@@ -32,8 +35,9 @@ def test_evaluate_many_circuits(benchmark) -> None:
     benchmark.extra_info.update(circuits=len(circuits), ablations=len(ablations))
     values = benchmark.pedantic(lambda: evaluate(model, clean, corrupted, metric, circuits, ablation=ablations),
                                 rounds=3, iterations=1, warmup_rounds=1)
-    one_by_one = torch.tensor([[float(evaluate(model, clean, corrupted, metric, c[None], ablation=a)[0]) for c in circuits]
-                               for a in ablations])
+    assert fastpatch.last_run_stats()["backend"] == "native"
+    one_by_one = torch.tensor([[float(evaluate(model, clean, corrupted, metric, c[None], ablation=a, backend="hooks")[0])
+                                for c in circuits] for a in ablations])
     assert float(one_by_one.max() - one_by_one.min()) > 1e-3
     torch.testing.assert_close(values, one_by_one, rtol=1e-5, atol=1e-5 * float(one_by_one.abs().max()))
 
@@ -44,5 +48,11 @@ def test_script_small_writes_result(tmp_path: Path) -> None:
     returned = circuit_curves.main(["--small", "--threads", "1", "--out", str(out)])
     record = json.loads(out.read_text())
     assert record == json.loads(json.dumps(returned))
-    assert record["agree"] and record["fastpatch"]["passes"] < record["loop"]["passes"]
+    assert record["agree"] and record["hooks_check"]["agree"]
+    assert record["fastpatch"]["backend"] == "native" and record["fastpatch_hooks"]["backend"] == "hooks"
+    for side in ("fastpatch", "fastpatch_hooks"):
+        assert record[side]["passes"] < record["loop"]["passes"]
+        assert record[side]["flops"] == record[side]["row_positions"] * record["loop"]["flops"] // record["loop"]["row_positions"]
+    # the native side computes no position before a cell's first changed one: fewer row-positions than hooks
+    assert record["fastpatch"]["row_positions"] < record["fastpatch_hooks"]["row_positions"]
     assert set(record["curve"]["cpr"]) == set(circuit_curves.ABLATIONS)

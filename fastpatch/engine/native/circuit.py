@@ -29,6 +29,7 @@ from collections import defaultdict
 from typing import Any, Dict, List, Optional, Sequence, Tuple
 
 import torch
+import torch.nn.functional as F
 from jaxtyping import Float
 from torch import Tensor
 
@@ -62,8 +63,12 @@ class NativeCircuits:
         # writer numbers: the first head of each layer and each layer's MLP
         self.first_head = {w.layer: i for i, w in reversed(list(enumerate(plan.layout.writers))) if w.kind == "head"}
         self.mlp_writer = {w.layer: i for i, w in enumerate(plan.layout.writers) if w.kind == "mlp"}
-        self.weights = {c: [getattr(L, f"W_{c.upper()}") for L in native.layers] for c in _QKV}
-        self.biases = {c: [getattr(L, f"b_{c.upper()}") for L in native.layers] for c in _QKV}
+        # per layer: the Q, K and V reader heads side by side (they read the same writers) and their weights
+        for l in range(native.n_layers):
+            self.readers[("qkv", l)] = [r for c in _QKV for r in self.readers[(c, l)]]
+            self.n_read[("qkv", l)] = self.n_read[("q", l)]
+        self.weights = [torch.cat([L.W_Q, L.W_K, L.W_V]) for L in native.layers]  # [nq + 2 nkv, d_model, d_head]
+        self.biases = [None if L.b_QKV is None else L.b_QKV.view(-1, native.d_head) for L in native.layers]
         self._logits: Dict[int, Tensor] = {}
 
     # ---- grouping --------------------------------------------------------------------------------
@@ -135,6 +140,15 @@ class NativeCircuits:
         start = self.trace.logits.shape[1] - suffix.shape[1]
         return torch.cat([self.trace.logits[:, :start], suffix], dim=1)
 
+    def _ln1(self, layer: int, x: Tensor) -> Tensor:
+        """Block ``layer``'s attention norm of the reader heads' inputs (``n_heads + 2 n_kv_heads`` residuals a
+        row): ``native.normalize``, through torch's fused LayerNorm where it is one (the same formula, one pass
+        over a tensor this plan's per-head inputs make 3 x heads times the residual's size)."""
+        native, L = self.native, self.native.layers[layer]
+        if native.norm == "LN" and L.ln1_w is not None and L.ln1_w.dtype == x.dtype:
+            return F.layer_norm(x, (x.shape[-1],), L.ln1_w, L.ln1_b, native.eps)
+        return native.normalize(x, L.ln1_w, L.ln1_b)
+
     def _correction(self, off: Tensor, diff: Tensor, key: Tuple[str, int]) -> Tensor:
         """``[cells, readers, batch, pos, d_model]``: each reader's masked sum of (this run - ablated) writes."""
         n, n_read, readers = off.shape[0], self.n_read[key], self.readers[key]
@@ -165,14 +179,13 @@ class NativeCircuits:
             return t.transpose(1, 2).transpose(2, 3).reshape(n * batch, n_new, t.shape[1], *t.shape[4:])
 
         for l, L in enumerate(native.layers):
-            qkv = []
-            for c in _QKV:  # each reader head's own input, normalised and projected by that head's weights alone
-                inputs = x.view(n, 1, batch, n_new, -1) - self._correction(off, diff, (c, l))
-                h = native.normalize(inputs, L.ln1_w, L.ln1_b)  # [cells, heads, batch, pos, d_model]
-                out = torch.einsum("chbpd,hde->chbpe", h, self.weights[c][l])
-                bias = self.biases[c][l]
-                qkv.append(rows(out if bias is None else out + bias[None, :, None, None]))
-            q, k, v = qkv
+            # each reader head's own input, normalised and projected by that head's weights alone
+            inputs = x.view(n, 1, batch, n_new, -1) - self._correction(off, diff, ("qkv", l))
+            h = self._ln1(l, inputs).view(n, -1, batch * n_new, native.d_model)  # [cells, q/k/v heads, rows, d_model]
+            out = torch.matmul(h, self.weights[l]).view(n, -1, batch, n_new, native.d_head)  # no copy of h: W broadcasts
+            if self.biases[l] is not None:
+                out = out + self.biases[l][None, :, None, None]
+            q, k, v = (rows(t) for t in out.split([native.n_heads, native.n_kv_heads, native.n_kv_heads], dim=1))
             k_all = torch.cat([trace.k_rot[l][:, :start].repeat(n, 1, 1, 1), native.rotate_k(l, k, start)], dim=1)
             v_all = torch.cat([trace.v[l][:, :start].repeat(n, 1, 1, 1), v], dim=1)
             _, z = native.attend(native.rotate_q(l, q, start), k_all, v_all, start, l)
