@@ -2,11 +2,20 @@
 
 Times, in one process and on one random-init GPT-2, each sweep patched from a clean run's cache
 and from each ablation cache of :mod:`fastpatch.sources`, and prints ``ablation / clean`` time
-ratios. Two prompt shapes: IOI-like pairs (identical before ``--corrupt-from``: a clean cache
-changes nothing before it, so the native backend starts every cell there) and pairs that differ
-from position 1 (no shared prefix to skip). An ablation changes every position, so on IOI-like
-pairs it does more work than the clean patch it is compared with; on prompts without a shared
-prefix both do the same work. Writes a JSON record under ``bench/results/``.
+ratios beside the work each run did. Two prompt shapes:
+
+- pairs that differ from position 1 (only the BOS shared): a clean cache and an ablation do about
+  the same work, so their time ratio is the cost of the source itself (the issue's 1.2x target);
+- IOI-like pairs (identical before ``--corrupt-from``): a clean cache changes nothing before that
+  position, so the native backend skips every cell there (a no-op) and starts the others at it,
+  which an ablation, changing (almost) every position, cannot: the time ratio there is mostly a
+  ratio of work, not a cost of the source.
+
+Each run records the work of every source's sweep from ``fastpatch.last_run_stats()``: cells
+computed and skipped as no-ops, prompt rows x positions recomputed and that times the blocks from
+each cell's entry (``row_position_blocks``), and ``ratio_per_work``, the time ratio divided by the
+``row_position_blocks`` ratio (time per unit of work against the clean cache's). Writes a JSON
+record under ``bench/results/``.
 
     python -m bench.source_costs            # GPT-2-small-shaped, 8 prompts x 15 tokens, CPU
     python -m bench.source_costs --small    # seconds
@@ -27,11 +36,21 @@ import torch  # noqa: E402
 
 from bench import compare_transformer_lens as cli  # noqa: E402
 from bench.models import gpt2_small_shaped, ioi_like_tokens, logit_diff_metric  # noqa: E402
+from fastpatch import last_run_stats  # noqa: E402
 from fastpatch import patching as fp  # noqa: E402
 from fastpatch.sources import mean_ablation, resample_ablation, zero_ablation  # noqa: E402
 
 SWEEPS = ("get_act_patch_attn_head_out_all_pos", "get_act_patch_resid_pre")
 RESULTS = Path(__file__).parent / "results"
+WORK = ("no_op_cells", "computed_cells", "row_positions", "row_position_blocks")
+READING = (
+    "ratio_to_clean is wall time against the same sweep patched from a clean cache. Without a shared prefix "
+    "(shared_prefix 1: only BOS) both do about the same work, so it is the cost of the source. On IOI-like pairs "
+    "a clean cache makes every cell before the first differing position a no-op and starts the others there, "
+    "which an ablation (changing almost every position) cannot, so compare ratio_per_work: time per "
+    "row_position_blocks (prompt rows x positions x blocks recomputed, from fastpatch.last_run_stats()) "
+    "against the clean cache's."
+)
 
 
 def _sources(model: Any, clean: torch.Tensor, corrupted: torch.Tensor) -> Dict[str, Any]:
@@ -43,6 +62,19 @@ def _sources(model: Any, clean: torch.Tensor, corrupted: torch.Tensor) -> Dict[s
         "mean": mean_ablation(model, clean),
         "resample": resample_ablation(model, clean, seed=0),
     }
+
+
+def _work() -> Dict[str, Any]:
+    """The work of the sweep that just ran: backend, cells computed and skipped, rows x positions (x blocks)."""
+    stats = last_run_stats()
+    return {"backend": stats["backend"], **{key: stats[key] for key in WORK}}
+
+
+def _per_work(seconds: float, work: Dict[str, Any], clean_seconds: float, clean_work: Dict[str, Any]) -> Any:
+    """Time per unit of work (row_position_blocks) against the clean cache's; None where a run did no work."""
+    if not work["row_position_blocks"] or not clean_work["row_position_blocks"]:
+        return None
+    return (seconds / work["row_position_blocks"]) / (clean_seconds / clean_work["row_position_blocks"])
 
 
 def main(argv=None) -> Dict[str, Any]:
@@ -61,10 +93,11 @@ def main(argv=None) -> Dict[str, Any]:
     device = torch.device(args.device)
     model = gpt2_small_shaped(0, args.layers, args.d_model, args.heads, args.vocab).to(device)
     record: Dict[str, Any] = {
-        "what": "ablation source / clean cache sweep time (fastpatch.sources), one process",
+        "what": "ablation source / clean cache sweep time (fastpatch.sources), one process, with each run's work",
+        "reading": READING,
         "shape": {k: getattr(args, k) for k in ("layers", "d_model", "heads", "vocab", "batch", "positions")},
-        "backend": args.backend, "repeats": args.repeats, "device": cli.device_name(device),
-        "threads": torch.get_num_threads(), "versions": cli.versions(), "git": cli.git_state(),
+        "corrupt_from": args.corrupt_from, "backend": args.backend, "repeats": args.repeats,
+        **cli.machine_record(args.device, device),
         "load_average_before": cli._load_average(), "runs": [],
     }
     for prefix in (args.corrupt_from, 1):
@@ -83,21 +116,41 @@ def main(argv=None) -> Dict[str, Any]:
             # interleaved: every repeat times each source once, so a change of machine load hits all alike
             times = {kind: float("inf") for kind in runs}
             cpu = dict(times)
+            work: Dict[str, Dict[str, Any]] = {}
             for _ in range(args.repeats):
                 for kind, run in runs.items():
                     wall, seconds, _ = cli.best_time(run, 1, device)
+                    work[kind] = _work()  # the same every repeat: the cells and their first changed positions
                     if wall < times[kind]:
                         times[kind], cpu[kind] = wall, seconds
-            ratios = {k: times[k] / times["clean"] for k in times if k != "clean"}
-            cpu_ratios = {k: cpu[k] / cpu["clean"] for k in cpu if k != "clean"}
-            record["runs"].append({"sweep": sweep, "shared_prefix": prefix, "seconds": times, "cpu_seconds": cpu,
-                                   "ratio_to_clean": ratios, "cpu_ratio_to_clean": cpu_ratios})
-            print(f"{cli.short_name(sweep):<16} shared prefix {prefix:>2}: clean {times['clean']:.3f}s  "
-                  + "  ".join(f"{k} {v:.2f}x (cpu {cpu_ratios[k]:.2f}x)" for k, v in ratios.items()))
+            ablations = [k for k in times if k != "clean"]
+            ratios = {k: times[k] / times["clean"] for k in ablations}
+            cpu_ratios = {k: cpu[k] / cpu["clean"] for k in ablations}
+            work_ratios = {k: work[k]["row_position_blocks"] / work["clean"]["row_position_blocks"]
+                           if work["clean"]["row_position_blocks"] else None for k in ablations}
+            per_work = {k: _per_work(times[k], work[k], times["clean"], work["clean"]) for k in ablations}
+            record["runs"].append({
+                "sweep": sweep, "shared_prefix": prefix, "seconds": times, "cpu_seconds": cpu, "work": work,
+                "ratio_to_clean": ratios, "cpu_ratio_to_clean": cpu_ratios, "work_ratio_to_clean": work_ratios,
+                "ratio_per_work": per_work,
+            })
+            clean = work["clean"]
+            print(f"{cli.short_name(sweep):<16} shared prefix {prefix:>2} ({clean['backend']}): clean {times['clean']:.3f}s, "
+                  f"{clean['computed_cells']} cells computed, {clean['no_op_cells']} no-ops, "
+                  f"{clean['row_positions']} rows x positions")
+            for k in ablations:
+                w = work[k]
+                print(f"{'':<20}{k:<9} {ratios[k]:.2f}x time (cpu {cpu_ratios[k]:.2f}x), {w['computed_cells']} cells, "
+                      f"{w['no_op_cells']} no-ops, {w['row_positions']} rows x positions, "
+                      f"work (rows x positions x blocks) {_fmt(work_ratios[k])}, time per work {_fmt(per_work[k])}")
     record["load_average_after"] = cli._load_average()
     name = f"{args.device}-source-costs-{args.layers}L{args.d_model}d-{time.strftime('%Y%m%d')}.json"
     cli.write_record(args.out or RESULTS / name, record)
     return record
+
+
+def _fmt(ratio: Any) -> str:
+    return "n/a" if ratio is None else f"{ratio:.2f}x"
 
 
 if __name__ == "__main__":
