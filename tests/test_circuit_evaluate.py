@@ -259,6 +259,28 @@ def test_native_prefix_computed_once(case):
     assert [plan.cells[i] for i in work.no_ops] == [cell(1, 0)]
 
 
+def test_backend_fallback():
+    """Where the native plan does not give the hook form's values (BLOOM: TransformerLens's Q/K/V fork takes the
+    rewrite after ln1), "auto" runs on hooks with the one-line warning of every plan, and "native" refuses."""
+    import fastpatch
+
+    model = zoo.arch("bloom")
+    clean, corrupted = zoo.prompt_pair()
+    full = full_circuit(model)
+
+    def metric(logits):
+        return logits[:, -1].log_softmax(-1)[:, 0].mean()
+
+    with pytest.warns(UserWarning, match="native backend unsupported for BloomForCausalLM: Q/K/V readers in blocks"):
+        auto = evaluate(model, clean, corrupted, metric, torch.stack([full, torch.zeros_like(full)]))
+    assert fastpatch.last_run_stats()["backend"] == "hooks"
+    with torch.no_grad():  # the full circuit is the clean run, the empty one the corrupted run
+        assert_close(auto, torch.stack([metric(model(clean)), metric(model(corrupted))]))
+    with pytest.raises(ValueError, match="take the rewrite after the norm"):
+        evaluate(model, clean, corrupted, metric, full[None], backend="native")
+    assert hook_count(model) == 0
+
+
 @pytest.mark.parametrize("backend", BACKENDS)
 def test_chunking_does_not_change_values(case, backend):
     if case.name != "gpt2":
