@@ -14,7 +14,10 @@ ablation also removes the positional embedding, so on GPT-2-style models zero-ab
 differ from EAP-IG's there; corrupted, mean and resample ablation agree, positions being equal.)
 
 Circuits are stacked along the batch dimension (``engine.circuit_plan.CircuitPlan``, one row block per
-distinct (circuit, ablation)) and chunked to the memory budget by the batched driver (``engine.driver.run_plan``).
+distinct (circuit, ablation)) and chunked to the memory budget by the batched driver (``engine.driver.run_plan``),
+on the hook backend (one hooked forward per chunk) or the native one (``engine.native.circuit``: a
+functional forward per chunk of cells sharing a first changed position; positions before it, such as
+the prefix clean and corrupted prompts share, are the clean run's, computed once).
 """
 
 from __future__ import annotations
@@ -145,9 +148,11 @@ def evaluate(
             the writers' hooks (e.g. a ``fastpatch.sources`` cache of other prompts); a list of them
             evaluates every circuit under each in the same batched run.
         reduce: ``"scalar"`` (one value per circuit) or ``"none"`` (per prompt).
-        backend: ``"auto"`` or ``"hooks"`` (the plan has no native form yet; ``"native"`` raises).
+        backend: ``"auto"`` (native where the native engine runs the model and gives the hook form's
+            values, else hooks with a one-time warning), ``"native"`` (raises where it cannot run) or ``"hooks"``
+            (needs TransformerLens's per-head Q/K/V input fork).
         chunk_size, memory_budget, progress: as every ``fastpatch.patching`` sweep; the budget counts
-            this plan's per-row buffers (each writer's output difference) besides the forward.
+            this plan's per-row buffers (each writer's output difference, the per-head inputs) besides the forward.
 
     Returns:
         ``[n_circuits]`` (``[n_circuits, batch]`` with ``reduce="none"``); with a list of ablations a

@@ -20,7 +20,14 @@ hooks (the per-head ``hook_{q,k,v}_input`` fork, ``ln2.hook_in``, ``ln_final.hoo
 the masked sum of that buffer, one contraction per hook point for all cells and readers of it.
 Writers always fire before the readers that read them, so the buffer holds every write a reader
 needs when its hook runs (checked). Identical circuits run once; a circuit that keeps every edge
-(the clean run) runs under one ablation. No native form yet: the plan runs on the hook backend.
+(the clean run) runs under one ablation.
+
+Native backend (``engine.native.circuit``): the same rewrite in a functional forward of the cells'
+rows, with no per-head fork needed; each cell computes only the positions from the first where a
+writer outside its circuit writes differently in the clean and the ablated run (the shared prefix of
+clean and corrupted prompts is the clean trace's, computed once), and a cell that changes nothing is
+the clean run. Not run natively: models whose Q/K/V fork takes the rewrite after ``ln1`` (BLOOM),
+where only hooks give the hook form's values.
 """
 
 from __future__ import annotations
