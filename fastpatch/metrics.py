@@ -568,6 +568,7 @@ class NormalizedEffect:
         self.corrupted_value = corrupted
         self._denominator = denom
         self.activation_reads = tuple(getattr(metric, "activation_reads", ()) or ())
+        self.reads_logits = bool(getattr(metric, "reads_logits", True))
         if self.activation_reads:
             self.per_prompt = bool(getattr(metric, "per_prompt", per_prompt_values))
 
@@ -621,13 +622,16 @@ class ActivationMetric:
     ``fn(logits, acts)`` gets each cell's ``[batch, pos, d_vocab]`` logits and ``acts``, a mapping
     from each of ``hook_names`` to that cell's ``[batch, ...]`` activation at the hook point (after
     the cell's patch, as a caching hook added after the patching hook sees it), and returns a 0-d
-    value (``[batch]`` with ``per_prompt``). ``fastpatch.patching`` gives each cell its own rows: the
+    value (``[batch]`` with ``per_prompt``). With ``reads_logits=False`` the metric declares that
+    ``fn`` ignores its first argument: it is given ``None``, and the native backend computes no logits
+    for it (the stock metrics below do this). ``fastpatch.patching`` gives each cell its own rows: the
     hook backend captures the named activations of its batched forward; the native backend records
     the residual stream (``hook_resid_pre/mid/post``, ``ln_final.hook_in``), ``attn.hook_pattern``,
-    ``attn.hook_z`` and the block outputs (``hook_attn_out``, ``hook_mlp_out``) of the layers it
-    recomputes and takes the corrupted run's elsewhere. Other hooks (e.g. ``mlp.hook_post``), or a
-    hook in a layer that a head, attention-output or MLP patch of the sweep changes, make the plan
-    run on the hook backend, with that reason (``backend="native"`` raises it).
+    ``attn.hook_z``, ``mlp.hook_post`` and the block outputs (``hook_attn_out``, ``hook_mlp_out``) of
+    what it recomputes, inside a patched layer too (hooks upstream of the patch hold the corrupted
+    run's values, the patched one and those downstream the cell's own), and takes the corrupted run's
+    elsewhere. Other hooks (e.g. ``attn.hook_q``, ``mlp.hook_pre``), or ``mlp.hook_post`` of a mixture
+    of experts, make the plan run on the hook backend, with that reason (``backend="native"`` raises it).
     Attribution (``fastpatch.attribution``) takes it too: its gradient pass hands ``fn`` the
     activations with their autograd graph.
 
@@ -638,8 +642,9 @@ class ActivationMetric:
     def __init__(
         self,
         hook_names: Sequence[str],
-        fn: Callable[[Float[Tensor, "batch pos d_vocab"], Acts], MetricValue],
+        fn: Callable[[Optional[Float[Tensor, "batch pos d_vocab"]], Acts], MetricValue],
         per_prompt: bool = False,
+        reads_logits: bool = True,
     ):
         if isinstance(hook_names, str):
             hook_names = [hook_names]
@@ -651,9 +656,11 @@ class ActivationMetric:
         self.activation_reads = names
         self.fn = fn
         self.per_prompt = bool(per_prompt)
+        self.reads_logits = bool(reads_logits)
 
-    def from_activations(self, logits: Float[Tensor, "batch pos d_vocab"], acts: Acts) -> MetricValue:
-        """The metric of one run: ``fn(logits, acts)``, ``acts`` holding every name in ``activation_reads``."""
+    def from_activations(self, logits: Optional[Float[Tensor, "batch pos d_vocab"]], acts: Acts) -> MetricValue:
+        """The metric of one run: ``fn(logits, acts)``, ``acts`` holding every name in ``activation_reads``
+        (``logits`` may be ``None`` when the metric does not read them)."""
         missing = [n for n in self.activation_reads if n not in acts]
         if missing:
             raise ValueError(f"{type(self).__name__} reads {missing}, which acts does not hold")
@@ -681,7 +688,8 @@ class AttentionTo(ActivationMetric):
     def __init__(self, layer: int, head: int, dest: int, src: int, per_prompt: bool = False):
         layer, head, dest, src = (_as_position(v) for v in (layer, head, dest, src))
         name = f"blocks.{layer}.attn.hook_pattern"
-        super().__init__([name], lambda logits, acts: _reduce(acts[name][:, head, dest, src], per_prompt), per_prompt)
+        super().__init__([name], lambda logits, acts: _reduce(acts[name][:, head, dest, src], per_prompt), per_prompt,
+                         reads_logits=False)
         self.layer, self.head, self.dest, self.src = layer, head, dest, src
 
     def __repr__(self) -> str:
@@ -695,7 +703,8 @@ class NeuronValue(ActivationMetric):
     def __init__(self, layer: int, neuron: int, position: int = -1, per_prompt: bool = False):
         layer, neuron, position = (_as_position(v) for v in (layer, neuron, position))
         name = f"blocks.{layer}.mlp.hook_post"
-        super().__init__([name], lambda logits, acts: _reduce(acts[name][:, position, neuron], per_prompt), per_prompt)
+        super().__init__([name], lambda logits, acts: _reduce(acts[name][:, position, neuron], per_prompt), per_prompt,
+                         reads_logits=False)
         self.layer, self.neuron, self.position = layer, neuron, position
 
     def __repr__(self) -> str:
@@ -752,7 +761,8 @@ class HeadDLA(ActivationMetric):
         z_name, resid_name = f"blocks.{layer}.attn.hook_z", "ln_final.hook_in"
 
         def dla(logits: Tensor, acts: Acts) -> MetricValue:
-            write = acts[z_name][:, position, head].float() @ W_O.to(logits.device)
+            z = acts[z_name][:, position, head].float()
+            write = z @ W_O.to(z.device)
             resid = acts[resid_name][:, position].float()
             if centred:
                 write = write - write.mean(-1, keepdim=True)
@@ -760,7 +770,7 @@ class HeadDLA(ActivationMetric):
             scale = (resid.pow(2).mean(-1) + eps).sqrt()
             return _reduce((write * direction.to(write.device)).sum(-1) / scale, per_prompt)
 
-        super().__init__([z_name, resid_name], dla, per_prompt)
+        super().__init__([z_name, resid_name], dla, per_prompt, reads_logits=False)
         self.layer, self.head, self.position = layer, head, position
 
     def __repr__(self) -> str:

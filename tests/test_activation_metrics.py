@@ -125,7 +125,10 @@ def _activation_metrics(case):
 
 
 def _value(metric, logits, acts):
-    return metric.from_activations(logits, acts) if hasattr(metric, "from_activations") else metric(logits)
+    """One run's value, as the engine computes it (a metric declaring reads_logits=False is given None)."""
+    if not hasattr(metric, "from_activations"):
+        return metric(logits)
+    return metric.from_activations(logits if getattr(metric, "reads_logits", True) else None, acts)
 
 
 def _tl_loop(case, metrics, activation_name, setter, cells):
@@ -143,7 +146,15 @@ def _tl_loop(case, metrics, activation_name, setter, cells):
     return torch.stack(out, dim=1)  # [n_metrics, n_cells, batch]
 
 
+def _assert_close_per_metric(ours, ref):
+    """Each metric against its own scale (their scales differ by orders of magnitude)."""
+    for i in range(ref.shape[0]):
+        assert_close(ours[i], ref[i])
+
+
 def test_activation_metrics_equal_a_transformer_lens_loop_with_caching_hooks(case):
+    """On both backends; the default one is the native backend, inside the patched layers too (the head
+    sweep patches z in the layer AttentionTo, HeadDLA and NeuronValue read)."""
     metrics = _activation_metrics(case)
     model, args = case.model, (case.model, case.corrupted, case.clean_cache, metrics)
     heads = pd.DataFrame({"layer": [0, 1, 1, 2], "head": [0, 0, 2, 1]})
@@ -153,28 +164,72 @@ def test_activation_metrics_equal_a_transformer_lens_loop_with_caching_hooks(cas
         ref = _tl_loop(case, metrics, activation_name, setter, cells)
         for i, name in enumerate(metrics):
             assert_varies(ref[i], f"{case.name} {activation_name} {name}")
-        ours = fp.generic_activation_patch(*args, setter, activation_name, index_df=cells, reduce="none",
-                                           baseline=True, progress=False, chunk_size=2)
-        assert_close(ours.values, ref)
-        assert fastpatch.last_run_stats()["backend"] == "hooks"  # a neuron: the native forward does not record it
+        for backend in ("auto", "hooks"):
+            ours = fp.generic_activation_patch(*args, setter, activation_name, index_df=cells, reduce="none",
+                                               baseline=True, progress=False, chunk_size=2, backend=backend)
+            assert fastpatch.last_run_stats()["backend"] == ("native" if backend == "auto" else "hooks")
+            _assert_close_per_metric(ours.values, ref)
+        # no metric reading full logits: the native backend unembeds only LogitDiff's two columns, the rest none
+        declared = [i for i, name in enumerate(metrics) if name in ("attention", "neuron", "dla", "logit_diff")]
+        only = fp.generic_activation_patch(model, case.corrupted, case.clean_cache, {n: metrics[n] for n in metrics
+                                           if n in ("attention", "neuron", "dla", "logit_diff")}, setter, activation_name,
+                                           index_df=cells, reduce="none", progress=False, chunk_size=3).values
+        assert fastpatch.last_run_stats()["backend"] == "native"
+        _assert_close_per_metric(only, ref[declared])
     with torch.no_grad():
         logits, cache = model.run_with_cache(case.corrupted)
-    assert_close(ours.baseline, torch.stack([_value(m, logits, cache) for m in metrics.values()]))
-    # the native backend: every activation above but the neuron's, on resid_pre patches (the last ref)
-    recorded = [i for i, name in enumerate(metrics) if name not in ("neuron", "normalized")]
-    kept = {name: metric for name, metric in metrics.items() if name not in ("neuron", "normalized")}
-    native = fp.generic_activation_patch(model, case.corrupted, case.clean_cache, kept, tl.layer_pos_patch_setter,
-                                         "resid_pre", index_df=resid, reduce="none", baseline=True, progress=False,
-                                         backend="native")
-    assert fastpatch.last_run_stats()["backend"] == "native"
-    assert_close(native.values, ref[recorded])
-    assert_close(native.baseline, ours.baseline[recorded])
+    _assert_close_per_metric(ours.baseline, torch.stack([_value(m, logits, cache) for m in metrics.values()]))
+    unrecorded = ActivationMetric(["blocks.1.attn.hook_q"], lambda logits, acts: acts["blocks.1.attn.hook_q"].sum())
     with pytest.raises(ValueError, match="does not record"):
-        fp.generic_activation_patch(*args, tl.layer_pos_patch_setter, "resid_pre", index_df=resid, progress=False,
-                                    backend="native")
-    with pytest.raises(ValueError, match="which the z sweep patches"):  # head patches recompute their layer inside the patch
-        fp.generic_activation_patch(model, case.corrupted, case.clean_cache, metrics["attention"],
-                                    tl.layer_head_vector_patch_setter, "z", index_df=heads, progress=False, backend="native")
+        fp.generic_activation_patch(*args[:3], unrecorded, tl.layer_pos_patch_setter, "resid_pre", index_df=resid,
+                                    progress=False, backend="native")
+    assert fastpatch.hook_count(model) == 0
+
+
+def _every_hook_metrics(case):
+    """One metric per kind of hook the native backend records, reading it in every layer through a fixed
+    random projection (positions the prompts share are left out: they never change), so that a wrong value in
+    any layer, upstream or downstream of a patch, shows."""
+    model, cache = case.model, case.clean_cache
+    kinds = ["hook_resid_pre", "attn.hook_pattern", "attn.hook_z", "hook_attn_out", "mlp.hook_post", "hook_mlp_out",
+             "hook_resid_post"] + ([] if model.cfg.parallel_attn_mlp else ["hook_resid_mid"])
+    g = torch.Generator().manual_seed(0)
+    metrics = {}
+    for kind in kinds + ["ln_final.hook_in"]:
+        names = [f"blocks.{layer}.{kind}" for layer in range(model.cfg.n_layers)] if kind != "ln_final.hook_in" else [kind]
+        weights = {n: torch.randn(cache[n].shape[1:], generator=g) for n in names}
+        for n, w in weights.items():  # [pos, ...], or the pattern's [head, dest, src]: shared prompt prefix off
+            (w[:, :2] if "pattern" in n else w[:2]).zero_()
+
+        def fn(logits, acts, weights=weights):
+            assert logits is None  # reads_logits=False: no backend computes them for this metric
+            return sum((acts[n] * w).flatten(1).sum(1) for n, w in weights.items())
+
+        metrics[kind] = ActivationMetric(names, fn, per_prompt=True, reads_logits=False)
+    return metrics
+
+
+def test_native_records_every_hook_inside_patched_layers(case):
+    """Every patch kind the native backend starts inside a layer (head z, pattern, k; attention and MLP outputs;
+    resid_mid), one cell per layer, with metrics reading each recorded hook in every layer: equal to the
+    TransformerLens loop with caching hooks, natively."""
+    model = case.model
+    metrics = _every_hook_metrics(case)
+    heads = pd.DataFrame({"layer": [0, 1, 2], "head": [1, 0, 1]})  # head 1 < n_kv_heads: k patches on LLaMA's GQA too
+    positions = pd.DataFrame({"layer": [0, 1, 2], "pos": [2, 4, 3]})
+    sweeps = [("z", tl.layer_head_vector_patch_setter, heads), ("pattern", tl.layer_head_pattern_patch_setter, heads),
+              ("k", tl.layer_head_vector_patch_setter, heads), ("attn_out", tl.layer_pos_patch_setter, positions),
+              ("mlp_out", tl.layer_pos_patch_setter, positions)]
+    if not model.cfg.parallel_attn_mlp:
+        sweeps.append(("resid_mid", tl.layer_pos_patch_setter, positions))
+    for activation_name, setter, cells in sweeps:
+        ref = _tl_loop(case, metrics, activation_name, setter, cells)
+        for i, name in enumerate(metrics):
+            assert_varies(ref[i] - ref[i, :1], f"{case.name} {activation_name} {name} across cells")
+        ours = fp.generic_activation_patch(model, case.corrupted, case.clean_cache, metrics, setter, activation_name,
+                                           index_df=cells, reduce="none", progress=False, backend="native", chunk_size=2).values
+        assert fastpatch.last_run_stats()["backend"] == "native"
+        _assert_close_per_metric(ours, ref)
     assert fastpatch.hook_count(model) == 0
 
 

@@ -47,17 +47,16 @@ class ActivationPlan(PatchPlan):
         return hooks_backend.patched_logits(self.model, self.tokens, self.sweeps, cells, self._clean, capture)
 
     def native_activation_reason(self, names: Sequence[str], n_layers: int) -> Optional[str]:
-        """The native forward records the residual stream, attention patterns, z and the block outputs of
-        the layers it recomputes and takes the rest from the corrupted run; a layer a head, attention
-        or MLP patch changes is recomputed inside the patch (``native.cells``), so hooks in it are not."""
+        """The native forward records the residual stream, attention patterns, z, the MLP's hidden
+        activation and the block outputs of what it recomputes, the patched layer's included
+        (``native.cells.cell_resid``), and takes the rest from the corrupted run; other hooks it does
+        not record, nor the hidden activation of a mixture of experts (no single one)."""
         for name in names:
             site = native_site(name, n_layers)
             if site is None:
                 return f"a metric reads {name}, which the native backend does not record"
-            for sweep in self.sweeps:
-                if sweep.activation_name != "resid_pre" and bool((sweep.indices[:, 0] == site[0]).any()):
-                    return (f"a metric reads {name} in layer {site[0]}, which the {sweep.activation_name} sweep patches "
-                            "(the native backend recomputes that layer inside the patch)")
+            if site[1] == "post" and not hasattr(self.model.blocks[site[0]].mlp, "W_in"):
+                return f"a metric reads {name}, which a mixture of experts does not have as one activation natively"
         return None
 
     def native_work(self, engine: NativeEngine, cells: Sequence[CellLocation]) -> NativeWork:

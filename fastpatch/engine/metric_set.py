@@ -9,7 +9,8 @@ alone (``[batch, k]``, or ``[batch, d_vocab]``). A metric that reads several pos
 position stacked in that order, ``[batch, n_positions, k or d_vocab]``. A metric that reads
 activations of the patched run declares ``activation_reads`` (hook names) and computes
 ``from_activations(logits, acts)``; the hook backend captures those activations per cell
-(:func:`activation_reads`). ``fastpatch.metrics`` implements that protocol; the engine never
+(:func:`activation_reads`). One that also declares ``reads_logits = False`` is given ``None`` for
+the logits, so a backend need not compute them (:func:`reads_logits`). ``fastpatch.metrics`` implements that protocol; the engine never
 imports it.
 """
 
@@ -43,6 +44,11 @@ def activation_reads(metric: Any) -> Tuple[str, ...]:
     if not names or not callable(getattr(metric, "from_activations", None)):
         return ()
     return tuple(names)
+
+
+def reads_logits(metric: Any) -> bool:
+    """Whether ``metric`` reads the logits: all but a metric of activations declaring ``reads_logits = False``."""
+    return not (activation_reads(metric) and getattr(metric, "reads_logits", True) is False)
 
 
 def capture_hooks(names: Sequence[str], detach: bool = True) -> Tuple[List[Tuple[str, Callable]], Dict[str, Tensor]]:
@@ -98,9 +104,15 @@ class MetricSet:
         """Every hook name some metric reads activations of, in first-use order."""
         return list(dict.fromkeys(n for fn in self.metrics.values() for n in activation_reads(fn)))
 
+    @property
+    def needs_logits(self) -> bool:
+        """Whether some metric reads the logits (see :func:`reads_logits`)."""
+        return any(reads_logits(fn) for fn in self.metrics.values())
+
     def common_reads(self) -> Optional[list]:
-        """Each metric's declared reads when every metric declares them (at any positions), else ``None``."""
-        reads = [logit_reads(fn) for fn in self.metrics.values()]
+        """The declared reads of each metric that reads the logits, in order, when every such metric declares
+        them (at any positions), else ``None``; ``[]`` when no metric reads the logits."""
+        reads = [logit_reads(fn) for fn in self.metrics.values() if reads_logits(fn)]
         return None if any(r is None for r in reads) else reads
 
     def _checked(self, name: str, out: Any, device: torch.device) -> Tensor:
@@ -108,27 +120,37 @@ class MetricSet:
         check_metric_output(out, name, self.per_example, self.batch, self.reduce)
         return out.detach().to(device=device, dtype=torch.float32)
 
-    def evaluate_selected(self, selections: List[Tensor]) -> Float[Tensor, "n_metrics ..."]:
-        """Every metric from the logits it reads (``metric.from_selected``), ``[n_metrics, batch?]``."""
-        return torch.stack(
-            [self._checked(name, fn.from_selected(sel), sel.device) for (name, fn), sel in zip(self.metrics.items(), selections)]
-        )
+    def evaluate_selected(
+        self, selections: List[Tensor], acts: Optional[Mapping[str, Tensor]] = None, device: Optional[torch.device] = None
+    ) -> Float[Tensor, "n_metrics ..."]:
+        """Every metric from the logits it reads (``metric.from_selected``; ``selections`` holds one entry per
+        metric of :meth:`common_reads`), and metrics that read no logits from ``acts``: ``[n_metrics, batch?]``
+        on ``device`` (default: the selections')."""
+        if device is None:
+            device = selections[0].device
+        selected = iter(selections)
+        return torch.stack([
+            self._checked(name, fn.from_selected(next(selected)) if reads_logits(fn) else self._value(fn, None, acts), device)
+            for name, fn in self.metrics.items()
+        ])
 
-    def _value(self, fn: Any, logits: Tensor, acts: Optional[Mapping[str, Tensor]]) -> Any:
+    def _value(self, fn: Any, logits: Optional[Tensor], acts: Optional[Mapping[str, Tensor]]) -> Any:
         if not activation_reads(fn):
             return fn(logits)
         if acts is None:
             raise ValueError("this backend cannot capture the activations a metric reads")  # a plan bug, not bad input
-        return fn.from_activations(logits, acts)
+        return fn.from_activations(logits if reads_logits(fn) else None, acts)
 
     def evaluate(
-        self, logits: Float[Tensor, "batch pos d_vocab"], acts: Optional[Mapping[str, Tensor]] = None
+        self, logits: Optional[Float[Tensor, "batch pos d_vocab"]], acts: Optional[Mapping[str, Tensor]] = None,
+        device: Optional[torch.device] = None,
     ) -> Float[Tensor, "n_metrics ..."]:
         """Every metric on one cell's logits (and ``acts``: its activations, for metrics that read them),
-        stacked to ``[n_metrics, batch?]``."""
-        return torch.stack(
-            [self._checked(name, self._value(fn, logits, acts), logits.device) for name, fn in self.metrics.items()]
-        )
+        stacked to ``[n_metrics, batch?]`` on ``device`` (default: the logits'). ``logits`` may be ``None``
+        when no metric reads them (:attr:`needs_logits`)."""
+        if device is None:
+            device = logits.device
+        return torch.stack([self._checked(name, self._value(fn, logits, acts), device) for name, fn in self.metrics.items()])
 
     def evaluate_cells(
         self, logits: Float[Tensor, "cells_x_batch pos d_vocab"], acts: Optional[Mapping[str, Tensor]] = None

@@ -8,11 +8,17 @@ residual: only the logits they read when they all declare their reads
 read position is unembedded at its token columns only), else each cell's full logits. No-op
 cells, and cells whose patch cannot reach any position the metrics read, get the corrupted
 baseline; read positions before a patch's first change hold the corrupted logits.
+
+Metrics that read activations get each cell's from three places: the rows the forward recomputed
+(``record``), the hooks its patch changed inside the patched layer before the cell joined
+(``cells.cell_resid``'s ``record``), and the corrupted trace everywhere else. Metrics that declare
+they read no logits (``reads_logits = False``) cost no unembedding at all.
 """
 
 from __future__ import annotations
 
 import re
+from collections import defaultdict
 from typing import Any, Dict, List, Optional, Tuple
 
 import torch
@@ -33,8 +39,11 @@ def run_native_cells(
     """Write every cell's ``[n_metrics, batch?]`` values into ``values[cell]``."""
     native, trace = engine
     batch, n_pos = trace.logits.shape[:2]
-    # metrics that read activations: each cell's from the corrupted trace and the recomputed rows
+    device = trace.logits.device
+    # metrics that read activations: each cell's from the corrupted trace, its patched layer and the recomputed rows
     sites = {name: native_site(name, native.n_layers) for name in metrics.activation_names}
+    if any(site is None for site in sites.values()):  # the plan's native_activation_reason sends these to hooks
+        raise ValueError(f"the native backend does not record {[n for n, s in sites.items() if s is None]}")
     baseline = metrics.evaluate(trace.logits, {n: _trace_value(trace, *site) for n, site in sites.items()} if sites else None)
     for cell in work.no_ops:
         values[cell] = baseline
@@ -47,15 +56,18 @@ def run_native_cells(
                 values[member.cell] = metrics.evaluate(work.logits_of(member.cell))
             bar.update(len(members))
         return
-    reads = metrics.common_reads()
+    reads = metrics.common_reads()  # None: full logits; []: no metric reads the logits
     positions = None if reads is None else [_positions(r, n_pos) for r in reads]
-    last_read = None if positions is None else max(max(p) for p in positions)
+    last_read = max(max(p) for p in positions) if positions else None
     # bytes_per_row counts one read row of logits; metrics reading whole rows at several positions need more
     full_rows = 0 if positions is None else sum(len(p) for r, p in zip(reads, positions) if r.tokens is None)
     extra_row_bytes = max(0, full_rows - 1) * 2 * int(native.W_U.shape[1]) * dtype_bytes
+    # an activation read in the last block (or of the final residual) needs every position there
+    every_position = any(layer >= native.n_layers - 1 for layer, _ in sites.values())
+    wanted = set(sites.values())
     workspace = native_backend.LogitsWorkspace()
     for start, members in work.groups.items():
-        if last_read is not None and last_read < start:  # the metrics read no position the patch can reach
+        if not sites and last_read is not None and last_read < start:  # the metrics read nothing the patch can reach
             for member in members:
                 values[member.cell] = baseline
             bar.update(len(members))
@@ -63,28 +75,44 @@ def run_native_cells(
         row_bytes = native_backend.bytes_per_row(native, n_pos, start, reads is None, dtype_bytes) + extra_row_bytes
         resid_of = work.group_resid(start)
         # the last block computes the span of read positions the patch can reach, nothing else
-        first_read = None if positions is None else max(start, min(min(p) for p in positions))
-        read = None if positions is None else slice(first_read - start, last_read - start + 1)
+        first_read, read = start, None
+        if positions and not every_position and last_read >= start:
+            first_read = max(start, min(min(p) for p in positions))
+            read = slice(first_read - start, last_read - start + 1)
 
         def run(chunk: Chunk, start=start, members=members, resid_of=resid_of, read=read, first_read=first_read) -> None:
-            recorded: Dict[Tuple[int, str], Tensor] = {}
-            wanted = set(sites.values())
+            recorded: Dict[Tuple[int, str], Tensor] = {}  # the forward's rows at each site
+            in_layer: Dict[int, Dict[Tuple[int, str], Tensor]] = defaultdict(dict)  # each cell's patched layer
 
             def record(layer: int, kind: str, value: Tensor) -> None:
                 if (layer, kind) in wanted:
                     recorded[(layer, kind)] = value
 
+            def resid(cell: int) -> Tensor:
+                def keep(layer: int, kind: str, value: Tensor) -> None:
+                    if (layer, kind) in wanted:
+                        in_layer[cell][(layer, kind)] = value
+
+                return resid_of(cell, keep)
+
             x, order = native_backend.forward_from_entries(
-                native, trace, start, members[chunk.start : chunk.stop], resid_of, read, record if sites else None
+                native, trace, start, members[chunk.start : chunk.stop], resid if sites else resid_of, read,
+                record if sites else None,
             )
+
+            def acts(i: int, cell: int) -> Optional[Dict[str, Tensor]]:
+                if not sites:
+                    return None
+                return {n: _cell_value(trace, site, recorded, in_layer.get(cell, {}), i, batch, start) for n, site in sites.items()}
+
             if reads is None:
                 for i, (cell, logits) in enumerate(zip(order, native_backend.cell_logits(native, trace, x, start, workspace))):
-                    acts = {n: _cell_value(trace, site, recorded, i, batch, start) for n, site in sites.items()}
-                    values[cell] = metrics.evaluate(logits, acts if sites else None)
+                    values[cell] = metrics.evaluate(logits, acts(i, cell))
             else:
                 selections = [_selected(native, trace, x, r, p, start, first_read, len(order)) for r, p in zip(reads, positions)]
                 for i, cell in enumerate(order):
-                    values[cell] = metrics.evaluate_selected([sel[i * batch : (i + 1) * batch] for sel in selections])
+                    values[cell] = metrics.evaluate_selected([sel[i * batch : (i + 1) * batch] for sel in selections],
+                                                             acts(i, cell), device)
             bar.update(len(order))
 
         run_with_oom_retry(make_chunks(len(members), budget.cells_per_chunk(row_bytes, batch)), run)
@@ -121,7 +149,9 @@ def _selected(
 
 
 # ---- activations a metric reads, as the native forward provides them ---------------------------
-_BLOCK_HOOK = re.compile(r"blocks\.(\d+)\.(?:hook_(resid_pre|attn_out|resid_mid|mlp_out|resid_post)|attn\.hook_(pattern|z))")
+_BLOCK_HOOK = re.compile(
+    r"blocks\.(\d+)\.(?:hook_(resid_pre|attn_out|resid_mid|mlp_out|resid_post)|attn\.hook_(pattern|z)|mlp\.hook_(post))"
+)
 
 
 def native_site(name: str, n_layers: int) -> Optional[Tuple[int, str]]:
@@ -131,7 +161,7 @@ def native_site(name: str, n_layers: int) -> Optional[Tuple[int, str]]:
     match = _BLOCK_HOOK.fullmatch(name)
     if match is None or int(match.group(1)) >= n_layers:
         return None
-    return (int(match.group(1)), match.group(2) or match.group(3))
+    return (int(match.group(1)), match.group(2) or match.group(3) or match.group(4))
 
 
 def _trace_value(trace: Any, layer: int, kind: str) -> Tensor:
@@ -140,19 +170,28 @@ def _trace_value(trace: Any, layer: int, kind: str) -> Tensor:
         return trace.resid_final
     if kind == "resid_post":
         return trace.resid_pre[layer + 1]
-    return getattr(trace, kind)[layer]
+    value = getattr(trace, kind)[layer]
+    if value is None:  # mlp.hook_post of a mixture of experts: native_activation_reason refuses it
+        raise ValueError(f"the native backend has no {kind} in layer {layer}")
+    return value
 
 
-def _cell_value(trace: Any, site: Tuple[int, str], recorded: Dict[Tuple[int, str], Tensor], i: int, batch: int,
-                start: int) -> Tensor:
+def _cell_value(
+    trace: Any, site: Tuple[int, str], recorded: Dict[Tuple[int, str], Tensor], in_layer: Dict[Tuple[int, str], Tensor],
+    i: int, batch: int, start: int,
+) -> Tensor:
     """Row block ``i``'s activation at ``site``: the corrupted run's, with positions ``start..`` replaced by the
-    recomputed rows where the cell had joined the forward there (before its entry nothing differs)."""
+    recomputed rows where the cell had joined the forward there, else by what its patch computed in the patched
+    layer (``in_layer``: the cell's own rows of hooks before its entry); anywhere else nothing differs."""
     value = _trace_value(trace, *site)
     rows = recorded.get(site)
-    if rows is None or (i + 1) * batch > rows.shape[0]:
+    if rows is not None and (i + 1) * batch <= rows.shape[0]:
+        block = rows[i * batch : (i + 1) * batch]
+    elif site in in_layer:
+        block = in_layer[site]
+    else:
         return value
     out = value.clone()
-    block = rows[i * batch : (i + 1) * batch]
     if site[1] == "pattern":  # [batch, head, dest, src]: the recomputed destinations
         out[:, :, start:] = block
     else:

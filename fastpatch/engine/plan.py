@@ -108,7 +108,9 @@ class NativeWork:
 
     ``groups`` maps a first changed position ``start`` to its cells, sorted by entry point;
     ``group_resid(start)`` returns ``cell -> [batch, pos - start, d_model]``, the residual a cell
-    of that group enters the forward with. ``no_ops`` change nothing: their value is the
+    of that group enters the forward with (an activation plan's also takes ``record``, which receives the
+    hooks of the patched layer for metrics that read activations: ``native.cells.cell_resid``).
+    ``no_ops`` change nothing: their value is the
     corrupted baseline. ``logits_of``, when set, gives each grouped cell's full
     ``[batch, pos, d_vocab]`` logits directly (no forward from an entry residual).
     """

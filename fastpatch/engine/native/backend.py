@@ -20,6 +20,7 @@ from torch import Tensor
 from fastpatch.engine.native.cells import (
     ATTN,
     MLP,
+    LayerRecord,
     NativeCell,
     cell_resid,
     changed_positions,
@@ -79,14 +80,15 @@ def group_cells(
 def sweep_resid(
     native: NativeModel, trace: Trace, sweeps: List[Sweep], locations: Sequence[CellLocation], clean: Mapping[str, Tensor],
     start: int,
-) -> Callable[[int], Tensor]:
-    """``cell -> [batch, pos - start, d_model]`` entry residual of an activation plan's cells."""
+) -> Callable[..., Tensor]:
+    """``(cell, record=None) -> [batch, pos - start, d_model]`` entry residual of an activation plan's cells;
+    ``record`` receives the hooks of the patched layer the patch changes before the entry (``cell_resid``)."""
 
-    def resid(cell: int) -> Tensor:
+    def resid(cell: int, record: LayerRecord = None) -> Tensor:
         sweep = sweeps[locations[cell].sweep]
         index = sweep.indices[locations[cell].row].tolist()
         clean_act = clean[sweep.hook_name(index[0])]
-        return cell_resid(native, trace, sweep.activation_name, index, sweep.patch_setter, clean_act, start)
+        return cell_resid(native, trace, sweep.activation_name, index, sweep.patch_setter, clean_act, start, record)
 
     return resid
 
@@ -111,9 +113,11 @@ def forward_from_entries(
     (counted from ``start``) likewise gives ``[rows, len(slice), d_model]``.
 
     ``record(layer, kind, value)``, when given, receives the rows computed so far (the first cells of
-    the returned order) at positions ``start..``: ``resid_pre``, ``pattern``, ``z``, ``attn_out``,
-    ``resid_mid`` (sequential blocks), ``mlp_out``, ``resid_post`` of each layer, and ``final``
-    (layer ``n_layers``: the final norm's input), in the hook layouts.
+    the returned order) at positions ``start..`` (in the last block: the positions computed there):
+    ``resid_pre``, ``pattern``, ``z``, ``attn_out``, ``resid_mid`` (sequential blocks), ``post``
+    (``mlp.hook_post``; not for a mixture of experts), ``mlp_out``, ``resid_post`` of each layer, and
+    ``final`` (layer ``n_layers``: the final norm's input), in the hook layouts. What a cell's rows hold
+    before they join (the patched layer's hooks) is the entry residual's business (``cells.cell_resid``).
     """
     by_entry: Dict[Tuple[int, int], List[int]] = defaultdict(list)
     for cell, block, stage in cells:
@@ -129,6 +133,9 @@ def forward_from_entries(
         order.extend(joining)
         new = torch.cat([resid_of(cell)[:, positions] for cell in joining], dim=0)
         return new if x is None else torch.cat([x, new], dim=0)
+
+    def keep_post(layer: int) -> Optional[Callable[[Tensor], None]]:
+        return None if record is None else lambda post: record(layer, "post", post)
 
     everything = slice(None)
     read = read_index if isinstance(read_index, slice) else everything
@@ -155,7 +162,7 @@ def forward_from_entries(
                 record(l, "z", z)
                 record(l, "attn_out", attn_out)
             if native.parallel:
-                mlp_out = native.mlp(l, x)
+                mlp_out = native.mlp(l, x, keep_post(l))
                 x = x + attn_out + mlp_out
                 if record is not None:
                     record(l, "mlp_out", mlp_out)
@@ -166,7 +173,7 @@ def forward_from_entries(
                 record(l, "resid_mid", x)
         x = join(x, (l, MLP), queries)
         if x is not None:
-            mlp_out = native.mlp(l, x)
+            mlp_out = native.mlp(l, x, keep_post(l))
             x = x + mlp_out
             if record is not None:
                 record(l, "mlp_out", mlp_out)

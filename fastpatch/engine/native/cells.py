@@ -95,6 +95,10 @@ def first_changed_positions(changed: Bool[Tensor, "cells pos"]) -> List[Optional
     return [int(f) if any_ else None for f, any_ in zip(first.tolist(), changed.any(dim=1).tolist())]
 
 
+# What a cell records of the layer it patches: ``record(layer, kind, value)`` (see ``cell_resid``).
+LayerRecord = Optional[Callable[[int, str, Tensor], None]]
+
+
 def cell_resid(
     native: NativeModel,
     trace: Trace,
@@ -103,40 +107,65 @@ def cell_resid(
     patch_setter: Callable,
     clean: Tensor,
     start: int,
+    record: LayerRecord = None,
 ) -> Tensor:
-    """The residual ``[batch, pos - start, d_model]`` the cell's rows enter the model with (see the table)."""
+    """The residual ``[batch, pos - start, d_model]`` the cell's rows enter the model with (see the table).
+
+    ``record(layer, kind, value)``, when given, receives the hooks of the patched layer that the patch
+    changes and that come before the entry point, at positions ``start..`` in the hook layouts (the
+    kinds of ``backend.forward_from_entries``' record, and ``post`` for ``mlp.hook_post``): the patched
+    activation itself and what the layer computes from it, e.g. for a z patch ``z``, ``attn_out`` and
+    ``resid_mid`` (or ``resid_post`` in a parallel block). Hooks upstream of the patch are unchanged:
+    the corrupted run's. A resid_pre patch records nothing here: its rows enter before the layer.
+    """
     layer = index[0]
+    keep = (lambda kind, value: None) if record is None else (lambda kind, value: record(layer, kind, value))
     patched, _ = _patched(native, trace, activation_name, index, patch_setter, clean)
     if activation_name == "resid_pre":
         return patched[:, start:]
     if activation_name == "resid_mid":  # the bridge's hook_resid_mid is ln2.hook_in: the MLP input only
-        return trace.resid_mid[layer][:, start:] + native.mlp(layer, patched[:, start:])
+        keep("resid_mid", patched[:, start:])
+        mlp_out = native.mlp(layer, patched[:, start:], None if record is None else lambda post: keep("post", post))
+        keep("mlp_out", mlp_out)
+        return _kept(keep, "resid_post", trace.resid_mid[layer][:, start:] + mlp_out)
     if activation_name == "mlp_out":
+        keep("mlp_out", patched[:, start:])
         if native.parallel:
-            return trace.resid_pre[layer][:, start:] + trace.attn_out[layer][:, start:] + patched[:, start:]
-        return trace.resid_mid[layer][:, start:] + patched[:, start:]
+            return _kept(keep, "resid_post", trace.resid_pre[layer][:, start:] + trace.attn_out[layer][:, start:] + patched[:, start:])
+        return _kept(keep, "resid_post", trace.resid_mid[layer][:, start:] + patched[:, start:])
     if activation_name == "attn_out":
         attn_out = patched[:, start:]
     else:
-        attn_out = native.attn_out(layer, _patched_z(native, trace, activation_name, layer, patched, start))
+        attn_out = native.attn_out(layer, _patched_z(native, trace, activation_name, layer, patched, start, keep))
+    keep("attn_out", attn_out)
     resid_pre = trace.resid_pre[layer][:, start:]
     if native.parallel:
-        return resid_pre + attn_out + trace.mlp_out[layer][:, start:]
-    return resid_pre + attn_out
+        return _kept(keep, "resid_post", resid_pre + attn_out + trace.mlp_out[layer][:, start:])
+    return _kept(keep, "resid_mid", resid_pre + attn_out)
 
 
-def _patched_z(native: NativeModel, trace: Trace, name: str, layer: int, patched: Tensor, start: int) -> Tensor:
-    """Head outputs ``[batch, pos - start, n_heads, d_head]`` of block ``layer`` with a q/k/v/pattern/z patch."""
+def _kept(keep: Callable[[str, Tensor], None], kind: str, value: Tensor) -> Tensor:
+    keep(kind, value)
+    return value
+
+
+def _patched_z(
+    native: NativeModel, trace: Trace, name: str, layer: int, patched: Tensor, start: int, keep: Callable[[str, Tensor], None]
+) -> Tensor:
+    """Head outputs ``[batch, pos - start, n_heads, d_head]`` of block ``layer`` with a q/k/v/pattern/z patch
+    (given to ``keep`` as ``z``, with the pattern at destinations ``start..`` as ``pattern``)."""
     if name == "z":
-        return patched[:, start:]
+        return _kept(keep, "z", patched[:, start:])
     if name == "pattern":
+        pattern = _kept(keep, "pattern", patched[:, :, start:])
         v = trace.v[layer]
         group = native.n_heads // v.shape[2]
         if group > 1:
             v = v.repeat_interleave(group, dim=2)
-        return torch.einsum("bhqk,bkhe->bqhe", patched[:, :, start:], v)
+        return _kept(keep, "z", torch.einsum("bhqk,bkhe->bqhe", pattern, v))
     q = patched if name == "q" else trace.q[layer]
     k_rot = native.rotate_k(layer, patched, 0) if name == "k" else trace.k_rot[layer]
     v = patched if name == "v" else trace.v[layer]
-    _, z = native.attend(native.rotate_q(layer, q[:, start:], start), k_rot, v, start, layer)
-    return z
+    pattern, z = native.attend(native.rotate_q(layer, q[:, start:], start), k_rot, v, start, layer)
+    keep("pattern", pattern)
+    return _kept(keep, "z", z)
