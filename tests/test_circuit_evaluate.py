@@ -279,6 +279,11 @@ def test_backend_fallback():
     with pytest.raises(ValueError, match="take the rewrite after the norm"):
         evaluate(model, clean, corrupted, metric, full[None], backend="native")
     assert hook_count(model) == 0
+    # an MLP sharing the attention's norm has no input hook: no backend defines that reader, both refuse up front
+    phi = zoo.arch("phi")
+    for backend in BACKENDS:
+        with pytest.raises(ValueError, match="has no blocks.0.ln2.hook_in"):
+            evaluate(phi, clean, corrupted, metric, full_circuit(phi)[None], backend=backend)
 
 
 @pytest.mark.parametrize("backend", BACKENDS)

@@ -160,7 +160,8 @@ def evaluate(
 
     Raises:
         ValueError: bad tokens, circuits (shape, dtype, an edge that does not exist), ablation, reduce,
-            backend or metric output; a model in training mode.
+            backend or metric output; a model in training mode; a model whose MLP or final norm input has
+            no hook point (an MLP sharing the attention's norm, as Phi, Falcon and GPT-J; OLMo 2).
     """
     require_eval_mode(model, operation="circuits.evaluate()")
     check_tokens(model, clean_tokens, "clean_tokens")
@@ -188,6 +189,8 @@ def evaluate(
     dtype_bytes = torch.finfo(getattr(model.cfg, "dtype", torch.float32) or torch.float32).bits // 8
     budget = ChunkBudget.from_options(chunk_size, memory_budget, device)
     plan = CircuitPlan(model, clean_tokens, circuits, caches, budget, dtype_bytes)
+    if plan.missing_readers is not None:  # no backend defines these readers: refused before any fallback warning
+        raise ValueError(plan.missing_readers)
     # the hook backend's chunks: its forward and this plan's per-row buffers (the native one sizes its own)
     per_row = forward_bytes_per_row(model.cfg, int(n_pos), dtype_bytes) + bytes_per_row(
         model.cfg, int(n_pos), len(plan.layout.writers), dtype_bytes

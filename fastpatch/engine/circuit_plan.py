@@ -121,6 +121,18 @@ class CircuitPlan(PatchPlan):
         after_norm = post_norm_qkv_forks(model, sorted({r.layer for r in self.layout.readers if r.component in _QKV}))
         if after_norm:  # the hook form's fork rewrites the input after ln1 there (BLOOM): only hooks give its values
             self.native_unsupported = f"Q/K/V readers in blocks {after_norm} take the rewrite after the norm"
+        # an MLP or the logits without an input hook of their own (an MLP sharing the attention's norm: Phi, Falcon;
+        # no pre-MLP norm: OLMo 2): the hook form cannot rewrite that reader, and nothing checks a native value there
+        hook_dict = getattr(model, "hook_dict", None) or {}
+        absent = [name for name in self._reader_groups if not name.endswith("_input") and name not in hook_dict]
+        self.missing_readers: Optional[str] = None
+        if absent:
+            self.missing_readers = (
+                f"circuit evaluation rewrites each MLP's and the final norm's input at its hook point, and this model "
+                f"has no {absent[0]}{f' (and {len(absent) - 1} more)' if len(absent) > 1 else ''}: its MLP reads the "
+                "attention's norm or has no norm of its own, which the reader semantics do not cover yet"
+            )
+            self.native_unsupported = self.missing_readers
 
     def table(self, values: Float[Tensor, "cells ..."]) -> Float[Tensor, "ablation circuit ..."]:
         """The cells' values as ``[n_ablations, n_circuits, ...]`` in the order of the circuits given."""
@@ -140,6 +152,8 @@ class CircuitPlan(PatchPlan):
         return self._cells
 
     def prepare(self, engine: Optional[NativeEngine] = None) -> None:
+        if self.missing_readers is not None:
+            raise ValueError(self.missing_readers)
         layers = sorted({r.layer for r in self.layout.readers if r.component in _QKV})
         try:
             for component in _QKV if engine is None else ():  # the native forward needs no fork
