@@ -1,4 +1,4 @@
-"""Ablation sources as ``source=`` of integrated gradients and GradDrop (node sweeps: tests/test_sources.py;
+"""Ablation sources as ``source=`` of integrated gradients, GradDrop and AtP* (node sweeps: tests/test_sources.py;
 edges: tests/test_attribution_edges.py; stop-gradient variants: tests/test_attribution_stop_gradient.py).
 
 References written here without the library's zero probes, on the GPT-2, GPT-NeoX and LLaMA zoo
@@ -9,7 +9,9 @@ models with a zero, mean and resample source respectively:
   plus ``a[l, p] * (source - corrupted)`` at each cell; the estimate is ``d metric / d a`` at 0;
 - ``get_attr_patch_graddrop``: for each dropped layer, ``x.detach()`` on its attention and MLP outputs,
   the gradient at each layer's ``hook_mlp_out`` read through a differentiable ``clone()``, contracted
-  with ``source - corrupted`` and averaged over the ``L - 1`` drops.
+  with ``source - corrupted`` and averaged over the ``L - 1`` drops;
+- AtP*'s query estimate: each layer's pattern recomputed by the model with the source's queries in
+  that layer, minus the corrupted pattern, times the pattern's gradient at the corrupted run.
 """
 
 from __future__ import annotations
@@ -98,3 +100,32 @@ def test_graddrop_with_a_source_equals_a_plain_loop(case):
     assert_close(ours, ref)
     plain = fa.get_attr_patch_mlp_out(model, None, case.corrupted, metric, source=case.source)
     assert float((ours[:-1] - plain[:-1]).abs().max()) > 1e-2 * float(plain.abs().max())  # the drops matter
+
+
+def test_atpstar_with_a_source_equals_the_exact_pattern_loop(case):
+    """AtP*'s query estimate: layer ``l``'s pattern recomputed by the model with the source's queries
+    in that layer, ``(pattern - corrupted pattern) . d metric / d pattern`` at the corrupted run."""
+    model, metric = case.model, case.scalar
+    L = model.cfg.n_layers
+    names = [f"blocks.{l}.attn.hook_pattern" for l in range(L)]
+    outs = {}
+
+    def keep(act, hook):
+        outs[hook.name] = act.clone()
+        return outs[hook.name]
+
+    with torch.enable_grad(), model.hooks(fwd_hooks=[(n, keep) for n in names]):
+        grads = torch.autograd.grad(metric(model(case.corrupted)), [outs[n] for n in names])
+    ref = []
+    for l, g in enumerate(grads):
+        seen = {}
+        hooks = [(f"blocks.{l}.attn.hook_q", lambda act, hook: case.source[hook.name].expand_as(act)),
+                 (names[l], lambda act, hook: seen.setdefault("pattern", act.detach().clone()))]
+        with torch.no_grad(), model.hooks(fwd_hooks=hooks):
+            model(case.corrupted)
+        ref.append(((seen["pattern"] - case.corrupted_cache[names[l]]) * g).sum((0, 2, 3)))
+    ref = torch.stack(ref)
+    ours = fa.get_attr_patch_attn_head_q_all_pos_atpstar(model, None, case.corrupted, metric, source=case.source)
+    assert fastpatch.hook_count(model) == 0
+    assert_varies(ref, "AtP* with a source")
+    assert_close(ours, ref)
