@@ -286,6 +286,31 @@ def test_backend_fallback():
             evaluate(phi, clean, corrupted, metric, full_circuit(phi)[None], backend=backend)
 
 
+@pytest.mark.slow
+@pytest.mark.parametrize("name", ["gemma2", "qwen3", "mixtral", "opt"])
+def test_native_on_other_architectures(name):
+    """The native plan equals the plain loop on soft caps, sliding windows and post-norms (Gemma 2), QK-norm
+    (Qwen3), a mixture of experts (Mixtral) and a model without the per-head Q/K/V fork (OPT, hooks refuse)."""
+    import fastpatch
+
+    model = zoo.arch(name)
+    clean, corrupted = zoo.prompt_pair()
+    circuits = _circuits(full_circuit(model), (0.3, 0.7), seed=0)
+
+    def metric(logits):
+        return logits[:, -1].log_softmax(-1)[:, :5].sum(-1)
+
+    ours = evaluate(model, clean, corrupted, metric, circuits, ablation=["corrupted", "zero"], reduce="none", seed=SEED)
+    assert fastpatch.last_run_stats()["backend"] == "native"
+    names = ["hook_embed"] + [f"blocks.{l}.{h}" for l in range(model.cfg.n_layers) for h in ("attn.hook_z", "hook_mlp_out")]
+    with torch.no_grad():
+        _, corrupted_acts = model.run_with_cache(corrupted, names_filter=lambda n: n in names)
+    for a, acts in enumerate([{n: corrupted_acts[n] for n in names}, {n: torch.zeros_like(corrupted_acts[n]) for n in names}]):
+        ref = plain_loop(model, clean, metric, circuits, acts, *_names(model))
+        assert_varies(ref, f"{name} circuits")
+        assert_close(ours[a], ref)
+
+
 @pytest.mark.parametrize("backend", BACKENDS)
 def test_chunking_does_not_change_values(case, backend):
     if case.name != "gpt2":
