@@ -26,8 +26,10 @@ no position before a cell's first changed one. CPU figures are ratios.
 
 Examples::
 
-    python bench/circuit_curves.py --threads 1 --repeats 3   # -> bench/results/cpu-circuit-curves-induction.json
-    python bench/circuit_curves.py --small      # smoke test
+    python bench/circuit_curves.py --repeats 3     # -> bench/results/cpu-circuit-curves-induction.json
+    python bench/circuit_curves.py --threads 1 --repeats 3 --out bench/results/cpu-circuit-curves-induction-1thread.json
+    python bench/circuit_curves.py --device cuda --repeats 3   # -> bench/results/cuda-circuit-curves-induction.json
+    python bench/circuit_curves.py --small         # smoke test
 """
 
 from __future__ import annotations
