@@ -455,6 +455,8 @@ def test_edges_with_an_ablation_source_equal_autograd(name, kind):
     assert fastpatch.hook_count(case.model) == 0
     assert_varies(ref[ours.valid], f"{kind} edge scores")
     assert_close(ours.scores, ref)
+    per_position = get_attr_patch_edges(case.model, None, case.corrupted, case.scalar, source=source, per_position=True)
+    assert_close(per_position.scores.sum(-1), ref)
 
 
 @pytest.mark.parametrize("name", ["gpt2", "neox", "llama"])
