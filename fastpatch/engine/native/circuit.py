@@ -149,14 +149,18 @@ class NativeCircuits:
             return F.layer_norm(x, (x.shape[-1],), L.ln1_w, L.ln1_b, native.eps)
         return native.normalize(x, L.ln1_w, L.ln1_b)
 
-    def _correction(self, off: Tensor, diff: Tensor, key: Tuple[str, int]) -> Tensor:
-        """``[cells, readers, batch, pos, d_model]``: each reader's masked sum of (this run - ablated) writes."""
+    def _rewritten(self, x: Tensor, off: Tensor, diff: Tensor, key: Tuple[str, int]) -> Tensor:
+        """``[cells, readers, batch, pos, d_model]``: the residual ``x`` (``[cells * batch, pos, d_model]``) minus
+        each reader's masked sum of (this run - ablated) writes: the readers' inputs."""
         n, n_read, readers = off.shape[0], self.n_read[key], self.readers[key]
         lost = off[:, :n_read, readers]  # [cells, writers read, readers(, pos)]
+        x = x.view(n, 1, *diff.shape[2:])
         if self.plan.per_position:
-            return torch.einsum("cwbpd,cwrp->crbpd", diff[:, :n_read], lost)
-        out = torch.bmm(lost.transpose(1, 2), diff[:, :n_read].reshape(n, n_read, -1))
-        return out.view(n, len(readers), *diff.shape[2:])
+            return x - torch.einsum("cwbpd,cwrp->crbpd", diff[:, :n_read], lost)
+        # x minus the sum, in that order (as the hook form): a nearly empty circuit under zero ablation leaves a
+        # reader almost nothing, and a fused multiply-add would round that difference differently
+        correction = torch.bmm(lost.transpose(1, 2), diff[:, :n_read].reshape(n, n_read, -1))
+        return x - correction.view(n, len(readers), *diff.shape[2:])
 
     def _forward(self, start: int, cells: Sequence[int]) -> List[Tensor]:
         """Each cell's logits at positions ``start..`` (``[batch, pos - start, d_vocab]``), one pass for all."""
@@ -180,7 +184,7 @@ class NativeCircuits:
 
         for l, L in enumerate(native.layers):
             # each reader head's own input, normalised and projected by that head's weights alone
-            inputs = x.view(n, 1, batch, n_new, -1) - self._correction(off, diff, ("qkv", l))
+            inputs = self._rewritten(x, off, diff, ("qkv", l))
             h = self._ln1(l, inputs).view(n, -1, batch * n_new, native.d_model)  # [cells, q/k/v heads, rows, d_model]
             out = torch.matmul(h, self.weights[l]).view(n, -1, batch, n_new, native.d_head)  # no copy of h: W broadcasts
             if self.biases[l] is not None:
@@ -194,11 +198,11 @@ class NativeCircuits:
             diff[:, first : first + native.n_heads] = heads.permute(0, 3, 1, 2, 4) - ablated[ablation, first : first + native.n_heads]
             attn_out = native.attn_out(l, z)
             base = x if native.parallel else x + attn_out
-            mlp_in = base - self._correction(off, diff, ("mlp_in", l)).reshape(base.shape)
+            mlp_in = self._rewritten(base, off, diff, ("mlp_in", l)).view(base.shape)
             mlp_out = native.mlp(l, mlp_in)
             w = self.mlp_writer[l]
             diff[:, w] = mlp_out.view(n, batch, n_new, -1) - ablated[ablation, w]
             x = x + attn_out + mlp_out if native.parallel else base + mlp_out
-        final = x - self._correction(off, diff, ("logits", native.n_layers)).reshape(x.shape)
+        final = self._rewritten(x, off, diff, ("logits", native.n_layers)).view(x.shape)
         logits = native.unembed(native.final_norm(final))
         return list(logits.view(n, batch, n_new, -1).unbind(0))
