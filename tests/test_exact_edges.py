@@ -30,6 +30,7 @@ from fastpatch import patching as fp
 from fastpatch._tl_private import split_qkv_input
 from fastpatch.attribution import get_attr_patch_edges
 from fastpatch.circuits import exact_edges
+from fastpatch.sources import mean_ablation, zero_ablation
 
 MODELS = ["gpt2", "neox", "llama"]
 BACKENDS = ("native", "hooks")
@@ -282,7 +283,7 @@ def test_grouped_kv_edge_attribution_matches_fork_gradients():
 def test_noising_direction_matches_plain_loop(case):
     if case.name != "llama":
         pytest.skip("one model: the direction only swaps the runs")
-    ours = exact_edges(case.model, case.clean, case.corrupted, case.scalar, direction="noise")
+    ours = exact_edges(case.model, case.clean, case.corrupted, case.scalar, direction="noising")
     cells = [(w, r, None) for w, r in sample(ours.valid, 5)]
     values = plain_loop(case.model, case.clean, case.corrupted_cache, case.clean_cache, case.scalar, ours, cells)
     with torch.no_grad():
@@ -290,6 +291,30 @@ def test_noising_direction_matches_plain_loop(case):
     ref = torch.tensor([values[c] - baseline for c in cells])
     assert_varies(ref)
     assert_close(torch.stack([ours.scores[w, r] for w, r, _ in cells]).cpu(), ref)
+    with pytest.warns(FutureWarning, match="now spelled 'noising'"):  # the first release's spelling
+        old = exact_edges(case.model, case.clean, case.corrupted, case.scalar, direction="noise")
+    assert torch.equal(old.scores, ours.scores)
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_ablation_source_matches_plain_loop(case, backend):
+    """A mean ablation (per position: values differ by position) patched into the corrupted run; on
+    LLaMA also a zero ablation into the clean run (noising with a source)."""
+    model = case.model
+    runs = [("denoising", case.corrupted, case.corrupted_cache, mean_ablation(model, case.clean))]
+    if case.name == "llama":
+        runs.append(("noising", case.clean, case.clean_cache, zero_ablation(model, case.clean)))
+    for direction, base, base_cache, source in runs:
+        tokens = (None, base) if direction == "denoising" else (base, None)
+        ours = exact_edges(model, *tokens, case.scalar, direction=direction, source=source, backend=backend)
+        cells = [(w, r, None) for w, r in sample(ours.valid, 7)]
+        values = plain_loop(model, base, source, base_cache, case.scalar, ours, cells)
+        with torch.no_grad():
+            baseline = float(case.scalar(model(base)))
+        ref = torch.tensor([values[c] - baseline for c in cells])
+        assert_varies(ref)
+        assert_close(torch.stack([ours.scores[w, r] for w, r, _ in cells]).cpu(), ref)
+        assert ours.baseline == pytest.approx(baseline, rel=1e-5, abs=1e-6)
 
 
 def test_per_position_edges(case, exact):
@@ -329,6 +354,10 @@ def test_bad_arguments_and_state():
         exact_edges(model, clean, corrupted, metric, direction="sideways")
     with pytest.raises(ValueError, match="same shape"):
         exact_edges(model, clean, corrupted[:, :-1], metric)
+    with pytest.raises(ValueError, match="not both"):
+        exact_edges(model, clean, corrupted, metric, source=zero_ablation(model, clean))
+    with pytest.raises(ValueError, match="has no activation 'blocks.0.attn.hook_z'"):
+        exact_edges(model, None, corrupted, metric, source=zero_ablation(model, clean, names_filter="hook_embed"))
     with pytest.raises(ValueError, match="per_position"):
         exact_edges(model, clean, corrupted, metric, per_position=1)
     with pytest.raises(ValueError, match="0-d|scalar"):
