@@ -12,6 +12,8 @@ naming the reason and give TransformerLens's values; ``"native"`` raises that re
 
 from __future__ import annotations
 
+import copy
+import dataclasses
 import warnings
 
 import pytest
@@ -24,6 +26,7 @@ import fastpatch
 from fastpatch import attribution as fa
 from fastpatch import patching as fp
 from fastpatch.engine.native import UnsupportedModel
+from fastpatch.engine.native.model import NativeModel
 from fastpatch.metrics import LogitDiff
 
 NATIVE = ["bloom", "falcon", "gemma", "gemma2", "gemma3", "gptj", "mistral", "mixtral", "olmo", "olmo2", "opt", "phi",
@@ -206,3 +209,26 @@ def test_direct_path_refuses_readers_without_a_qkv_fork_on_hooks():
             ref[1, head] = case.scalar(model.run_with_hooks(case.corrupted, fwd_hooks=[("blocks.1.attn.hook_q", patch)]))
     assert_varies(ref[1])
     assert_close(ours, ref)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])  # float64: the matmul-per-expert path
+@pytest.mark.parametrize("n_tokens", [40, 3])  # every expert used / some experts without a token
+def test_mixture_of_experts_equals_the_hugging_face_block(dtype, n_tokens):
+    """The native MoE (pairs sorted by expert, one grouped matmul) on random inputs equals the model's
+    own Hugging Face block with its eager loop over the experts."""
+    model = zoo.ARCH_ZOO["mixtral"]()
+    moe = NativeModel(model).layers[0].moe
+    moe = dataclasses.replace(moe, **{f: getattr(moe, f).to(dtype) for f in ("router", "W_gate", "W_in", "W_out")})
+    block = copy.deepcopy(model.blocks[0].mlp.original_component).to(dtype)
+    if hasattr(getattr(block.experts, "config", None), "_experts_implementation"):
+        block.experts.config._experts_implementation = "eager"  # the reference: Hugging Face's loop over experts
+    h = torch.randn(1, n_tokens, model.cfg.d_model, generator=torch.Generator().manual_seed(n_tokens), dtype=dtype)
+    with torch.no_grad():
+        ref = block(h)
+        ref = ref[0] if isinstance(ref, tuple) else ref
+        chosen = (h.reshape(n_tokens, -1) @ moe.router).topk(moe.top_k, dim=-1).indices
+        ours = NativeModel.experts(None, moe, h)
+    # 40 tokens reach every expert; 3 tokens leave one without any (an empty group)
+    assert (len(chosen.unique()) == moe.router.shape[1]) == (n_tokens == 40)
+    assert_varies(ref)
+    assert_close(ours, ref, rtol=1e-5 if dtype == torch.float32 else 1e-12)

@@ -160,6 +160,31 @@ class Trace:
         return out
 
 
+def _matmul(x: Tensor, w: Tensor, b: Optional[Tensor] = None) -> Tensor:
+    """``x @ w (+ b)`` for ``x`` ``[..., k]``, ``w`` ``[k, n]``: one 2-D GEMM over all leading
+    axes. A strided ``x`` (e.g. positions sliced from a longer run) is copied once rather than
+    left to ``matmul``, which would broadcast ``w`` into a batched GEMM over the first axis."""
+    flat = x.reshape(-1, x.shape[-1])
+    out = flat @ w if b is None else torch.addmm(b, flat, w)
+    return out.view(*x.shape[:-1], w.shape[-1])
+
+
+def _grouped_matmul(x: Tensor, w: Tensor, ends: Tensor) -> Tensor:
+    """``[rows, k] -> [rows, n]``: rows ``ends[g-1]:ends[g]`` of ``x`` times ``w[g]`` (``w``
+    ``[groups, k, n]``, ``ends`` the cumulative group sizes on ``x``'s device). One grouped GEMM
+    where torch has it for the dtype (no host read on CPU); else one host read of ``ends`` and a
+    matmul per non-empty group."""
+    if hasattr(F, "grouped_mm") and x.dtype in (torch.float32, torch.float16, torch.bfloat16):
+        return F.grouped_mm(x, w, offs=ends.to(torch.int32))
+    out = x.new_empty(x.shape[0], w.shape[-1])
+    begin = 0
+    for g, end in enumerate(ends.tolist()):
+        if end > begin:
+            torch.matmul(x[begin:end], w[g], out=out[begin:end])
+        begin = end
+    return out
+
+
 def _weight(module: Any, name: str) -> Optional[Tensor]:
     value = getattr(module, name, None)
     return value.detach() if isinstance(value, Tensor) else None
@@ -429,9 +454,7 @@ class NativeModel:
     def qkv(self, layer: int, x_norm: Tensor):
         """q ``[..., n_heads, d_head]``, k and v ``[..., n_kv_heads, d_head]`` (before rotary)."""
         L = self.layers[layer]
-        fused = x_norm @ L.W_QKV
-        if L.b_QKV is not None:
-            fused = fused + L.b_QKV
+        fused = _matmul(x_norm, L.W_QKV, L.b_QKV)
         nq, nkv = self.n_heads * self.d_head, self.n_kv_heads * self.d_head
         q, k, v = fused.split([nq, nkv, nkv], dim=-1)
         lead = x_norm.shape[:-1]
@@ -451,23 +474,25 @@ class NativeModel:
         q_rot ``[rows, nq, heads, d_head]``; k_rot, v ``[rows, nk, kv_heads, d_head]``.
         Returns pattern ``[rows, heads, nq, nk]`` and z ``[rows, nq, heads, d_head]``.
         """
-        group = q_rot.shape[2] // k_rot.shape[2]
-        if group > 1:
-            k_rot = k_rot.repeat_interleave(group, dim=2)
-            v = v.repeat_interleave(group, dim=2)
-        scores = torch.einsum("rqhe,rkhe->rhqk", q_rot, k_rot) / self.attn_scale
-        if self.alibi is not None:  # slope * key position: softmax makes it slope * (key - query) distance
-            scores = scores + self.alibi[heads, None, : k_rot.shape[1]]
-        if self.attn_cap > 0:
-            scores = torch.tanh(scores / self.attn_cap) * self.attn_cap
-        nq, nk = q_rot.shape[1], k_rot.shape[1]
+        rows, nq, n_heads, d_head = q_rot.shape
+        nk, n_kv = k_rot.shape[1], k_rot.shape[2]
+        group = n_heads // n_kv
         if layer is None and any(L.window is not None and L.window < nk for L in self.layers):
             raise UnsupportedModel("attention on a sliding-window model needs its layer")
+        # GQA without repeating keys and values: the `group` query heads of one K/V head share its
+        # matmul as extra rows ([rows, kv_heads, group * nq, d_head]); head h reads K/V head h // group
+        q = q_rot.reshape(rows, nq, n_kv, group, d_head).permute(0, 2, 3, 1, 4).reshape(rows, n_kv, group * nq, d_head)
+        scores = torch.matmul(q, k_rot.permute(0, 2, 3, 1)).view(rows, n_heads, nq, nk)  # fresh: edited in place
+        scores.div_(self.attn_scale)
+        if self.alibi is not None:  # slope * key position: softmax makes it slope * (key - query) distance
+            scores.add_(self.alibi[heads, None, :nk])
+        if self.attn_cap > 0:
+            scores.div_(self.attn_cap).tanh_().mul_(self.attn_cap)
         window = None if layer is None else self.layers[layer].window
         hidden = self.future_mask(nq, nk, q_start, q_rot.device, window if window is not None and window < nk else None)
-        pattern = scores.masked_fill(hidden, float("-inf")).softmax(dim=-1)
-        z = torch.einsum("rhqk,rkhe->rqhe", pattern, v)
-        return pattern, z
+        pattern = scores.masked_fill_(hidden, float("-inf")).softmax(dim=-1)
+        z = torch.matmul(pattern.view(rows, n_kv, group * nq, nk), v.permute(0, 2, 1, 3))
+        return pattern, z.view(rows, n_heads, nq, d_head).transpose(1, 2)
 
     def future_mask(self, nq: int, nk: int, q_start: int, device: torch.device, window: Optional[int] = None) -> Tensor:
         """``[nq, nk]``, True where key position ``k`` is hidden from query position ``q = q_start + i``:
@@ -493,8 +518,7 @@ class NativeModel:
     def attn_out(self, layer: int, z: Tensor) -> Tensor:
         """``[..., n_heads, d_head] -> [..., d_model]``: heads' outputs through W_O, summed."""
         L = self.layers[layer]
-        out = z.reshape(*z.shape[:-2], -1) @ L.W_O_flat
-        out = out if L.b_O is None else out + L.b_O
+        out = _matmul(z.reshape(*z.shape[:-2], -1), L.W_O_flat, L.b_O)
         return self._post_norm(out, L.ln1_post_w, L.ln1_post_b)
 
     def linearised_norm_delta(self, x: Tensor, delta: Tensor, w: Tensor) -> Tensor:
@@ -513,18 +537,11 @@ class NativeModel:
         L = self.layers[layer]
         if L.moe is not None:
             return self._post_norm(self.experts(L.moe, h), L.ln2_post_w, L.ln2_post_b)
-        pre = h @ L.W_in
-        if L.b_in is not None:
-            pre = pre + L.b_in
-        if self.gated:
-            gate = h @ L.W_gate
-            post = self.act(gate if L.b_gate is None else gate + L.b_gate) * pre
-        else:
-            post = self.act(pre)
+        pre = _matmul(h, L.W_in, L.b_in)
+        post = self.act(_matmul(h, L.W_gate, L.b_gate)).mul_(pre) if self.gated else self.act(pre)
         if keep_post is not None:
             keep_post(post)
-        out = post @ L.W_out
-        out = out if L.b_out is None else out + L.b_out
+        out = _matmul(post, L.W_out, L.b_out)
         return self._post_norm(out, L.ln2_post_w, L.ln2_post_b)
 
     def experts(self, moe: MoE, h: Tensor) -> Tensor:
@@ -537,20 +554,24 @@ class NativeModel:
         probs = (flat @ moe.router).float().softmax(dim=-1)
         weights, chosen = probs.topk(moe.top_k, dim=-1)
         weights = weights / weights.sum(dim=-1, keepdim=True)
-        out = torch.zeros_like(flat)
-        for e in range(moe.router.shape[1]):
-            tokens, slot = torch.where(chosen == e)
-            x = flat[tokens]
-            y = (F.silu(x @ moe.W_gate[e]) * (x @ moe.W_in[e])) @ moe.W_out[e]
-            out.index_add_(0, tokens, (y * weights[tokens, slot, None]).to(out.dtype))
-        return out.view_as(h)
+        # Every (token, expert) pair sorted by expert once per call: each expert's tokens are one
+        # contiguous block, and all experts run as one grouped matmul (no host read per expert).
+        # Within an expert the pairs stay in token order, and each token's top_k contributions are
+        # added in expert order, as Hugging Face's loop over experts adds them.
+        expert = chosen.reshape(-1)
+        order = expert.argsort(stable=True)
+        tokens = order // moe.top_k
+        ends = torch.bincount(expert, minlength=moe.router.shape[1]).cumsum(0)
+        x = flat[tokens]
+        hidden = F.silu(_grouped_matmul(x, moe.W_gate, ends)).mul_(_grouped_matmul(x, moe.W_in, ends))
+        y = _grouped_matmul(hidden, moe.W_out, ends) * weights.reshape(-1)[order, None]
+        return torch.zeros_like(flat).index_add_(0, tokens, y.to(flat.dtype)).view_as(h)
 
     def final_norm(self, x: Tensor) -> Tensor:
         return self.normalize(x, self.lnf_w, self.lnf_b)
 
     def unembed(self, x_norm: Tensor) -> Tensor:
-        out = x_norm @ self.W_U
-        return self.cap_logits(out if self.b_U is None else out + self.b_U)
+        return self.cap_logits(_matmul(x_norm, self.W_U, self.b_U))
 
     def cap_logits(self, logits: Tensor) -> Tensor:
         """The output soft cap ``cap * tanh(logits / cap)`` (Gemma 2), in place; identity without one."""
