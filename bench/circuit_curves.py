@@ -29,6 +29,7 @@ Examples::
     python bench/circuit_curves.py --repeats 3     # -> bench/results/cpu-circuit-curves-induction.json
     python bench/circuit_curves.py --threads 1 --repeats 3 --out bench/results/cpu-circuit-curves-induction-1thread.json
     python bench/circuit_curves.py --device cuda --repeats 3   # -> bench/results/cuda-circuit-curves-induction.json
+    python bench/circuit_curves.py --shared-prefix 16 --repeats 3  # IOI-like: pairs share 17 positions (BOS + 16)
     python bench/circuit_curves.py --small         # smoke test
 """
 
@@ -84,6 +85,8 @@ def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0], formatter_class=argparse.ArgumentDefaultsHelpFormatter)
     p.add_argument("--prompts", type=int, default=16, help="induction prompt pairs")
     p.add_argument("--half-len", type=int, default=8, help="tokens of each half of an induction prompt")
+    p.add_argument("--shared-prefix", type=int, default=0,
+                   help="random tokens after BOS shared by each clean/corrupted pair (an IOI-like common prefix)")
     p.add_argument("--n-random", type=int, default=1, help="random baseline circuits per size")
     p.add_argument("--repeats", type=int, default=1, help="timing rounds per side (best kept)")
     p.add_argument("--threads", type=int, default=None, help="torch.set_num_threads (default: torch's choice)")
@@ -104,7 +107,12 @@ def run(args: argparse.Namespace, command: Optional[str] = None) -> Dict[str, An
 
     device = torch.device(args.device)
     model = load_induction_model(device)
-    clean, corrupted, answer, wrong = (t.to(device) for t in induction_prompts(args.prompts, args.half_len, seed=0))
+    clean, corrupted, answer, wrong = induction_prompts(args.prompts, args.half_len, seed=0)
+    if args.shared_prefix:  # the same context after BOS in both prompts of a pair: where they agree, before the halves
+        context = torch.randint(1, int(model.cfg.d_vocab), (args.prompts, args.shared_prefix),
+                                generator=torch.Generator().manual_seed(1))
+        clean, corrupted = (torch.cat([t[:, :1], context, t[:, 1:]], dim=1) for t in (clean, corrupted))
+    clean, corrupted, answer, wrong = (t.to(device) for t in (clean, corrupted, answer, wrong))
     metric = LogitDiff(answer, wrong)
     scores = get_attr_patch_edges(model, clean, corrupted, metric)
     sizes = MIB_SIZES[::3] if args.small else MIB_SIZES
@@ -182,6 +190,7 @@ def run(args: argparse.Namespace, command: Optional[str] = None) -> Dict[str, An
         "config": {
             "model": "fastpatch.models.load_induction_model (shipped, 2 layers, d_model 64, 4 heads)",
             "prompts": args.prompts, "positions": int(n_pos), "metric": "LogitDiff at the last position (batch mean)",
+            "shared_prefix": int((clean == corrupted).all(0).int().argmin()),  # positions every pair agrees on first
             "scores": "get_attr_patch_edges (EAP), not timed", "sizes": list(sizes), "ablations": ABLATIONS,
             "n_random": args.n_random, "edges": int(scores.valid.sum()),
             "loop": "MIB's procedure: per ablation the full, the empty and each size's top-n and random circuits, "
@@ -231,7 +240,8 @@ def main(argv: Optional[Sequence[str]] = None) -> Dict[str, Any]:
     if args.threads is not None:
         torch.set_num_threads(args.threads)
     if args.out is None:
-        args.out = RESULTS_DIR / f"{args.device}-circuit-curves-induction{'-small' if args.small else ''}.json"
+        prefix = f"-prefix{args.shared_prefix}" if args.shared_prefix else ""
+        args.out = RESULTS_DIR / f"{args.device}-circuit-curves-induction{prefix}{'-small' if args.small else ''}.json"
     command = "python bench/circuit_curves.py " + " ".join(shlex.quote(a) for a in (argv if argv is not None else sys.argv[1:]))
     record = run(args, command.strip())
     print(format_table(record))
