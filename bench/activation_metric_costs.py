@@ -1,14 +1,17 @@
 """Cost of metrics on internal activations: the same sweep with an activation metric vs a logit metric.
 
 Times, in one process and on one random-init GPT-2, each sweep with the logit-difference metric
-and with activation metrics of :mod:`fastpatch.metrics` (a head's attention, a head's direct
-logit attribution, a neuron, a read of the final residual), and prints ``activation / logit``
-time ratios against the logit metric on the default backend (what a user sees when swapping the
-metric) and on the hook backend. The native backend computes activation metrics where it records
-the hooks they read in layers the sweep does not recompute inside a patch (``ActivationPlan.
-native_activation_reason``); otherwise the sweep runs on the hook backend (recorded per run as
-``backend``). Values are checked against TransformerLens in ``tests/test_activation_metrics.py``.
-Writes a JSON record under ``bench/results/``.
+(a plain callable, which gets the full logits, and the declared ``fastpatch.metrics.LogitDiff``,
+which has the native backend unembed two columns at one position) and with activation metrics of
+:mod:`fastpatch.metrics` (a head's attention, a head's direct logit attribution, a neuron, a read of
+the final residual), and prints ``activation / logit`` time ratios against each logit metric on the
+default backend (what a user sees when swapping the metric) and against the plain one on the hook
+backend. The native backend records every hook these metrics read (the residual stream, patterns,
+z, ``mlp.hook_post``, block outputs), inside patched layers too, and computes no logits for metrics
+that declare ``reads_logits=False``; the backend each run used is recorded (``backend``). Each
+round times every configuration once, interleaved, and the best of ``--repeats`` rounds is kept,
+so a change in the machine's load hits every configuration alike. Values are checked against
+TransformerLens in ``tests/test_activation_metrics.py``. Writes a JSON record under ``bench/results/``.
 
     python -m bench.activation_metric_costs            # GPT-2-small-shaped, 8 prompts x 15 tokens, CPU
     python -m bench.activation_metric_costs --small    # seconds
@@ -31,7 +34,7 @@ import fastpatch  # noqa: E402
 from bench import compare_transformer_lens as cli  # noqa: E402
 from bench.models import gpt2_small_shaped, ioi_like_tokens, logit_diff_metric  # noqa: E402
 from fastpatch import patching as fp  # noqa: E402
-from fastpatch.metrics import ActivationMetric, AttentionTo, HeadDLA, NeuronValue  # noqa: E402
+from fastpatch.metrics import ActivationMetric, AttentionTo, HeadDLA, LogitDiff, NeuronValue  # noqa: E402
 
 SWEEPS = ("get_act_patch_attn_head_out_all_pos", "get_act_patch_resid_pre")
 RESULTS = Path(__file__).parent / "results"
@@ -41,10 +44,12 @@ def _metrics(model: Any, pair: Any, n_pos: int) -> Dict[str, Any]:
     last = model.cfg.n_layers - 1
     return {
         "logit_diff": logit_diff_metric(pair.answer, pair.wrong),
+        "logit_diff_declared": LogitDiff(pair.answer, pair.wrong),
         "attention": AttentionTo(last, 0, n_pos - 1, 1),
         "head_dla": HeadDLA(model, last, 0, pair.answer, pair.wrong),
         "neuron": NeuronValue(last, 0),
-        "final_resid": ActivationMetric(["ln_final.hook_in"], lambda logits, acts: acts["ln_final.hook_in"][:, -1].norm(dim=-1).mean()),
+        "final_resid": ActivationMetric(["ln_final.hook_in"], lambda logits, acts: acts["ln_final.hook_in"][:, -1].norm(dim=-1).mean(),
+                                        reads_logits=False),
     }
 
 
@@ -74,36 +79,36 @@ def main(argv=None) -> Dict[str, Any]:
         "threads": torch.get_num_threads(), "versions": cli.versions(), "git": cli.git_state(),
         "load_average_before": cli._load_average(), "runs": [],
     }
+    names = ("attention", "head_dla", "neuron", "final_resid")
     for sweep in SWEEPS:
         fn = getattr(fp, sweep)
-
+        configs = {"logit_diff/auto": ("logit_diff", "auto"), "logit_diff_declared/auto": ("logit_diff_declared", "auto"),
+                   "logit_diff/hooks": ("logit_diff", "hooks"), **{name: (name, "auto") for name in names}}
+        runs = {key: (lambda m=metrics[metric], b=backend: fn(model, corrupted, clean_cache, m, backend=b, progress=False))
+                for key, (metric, backend) in configs.items()}
         backends: Dict[str, str] = {}
-
-        def timed(name: str, metric: Any, backend: str) -> float:
-            def run() -> Any:
-                return fn(model, corrupted, clean_cache, metric, backend=backend, progress=False)
-
-            with warnings.catch_warnings():
-                warnings.simplefilter("ignore")  # the fallback to hooks says why once per call
+        seconds = {key: float("inf") for key in configs}
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")  # the fallback to hooks says why once per call
+            for key, run in runs.items():
                 run()  # warm-up (the native model build and parity check are per call, so they are timed too)
-                backends[name] = fastpatch.last_run_stats()["backend"]
-                return cli.best_time(run, args.repeats, device)[0]
-
-        seconds = {"logit_diff/auto": timed("logit_diff/auto", metrics["logit_diff"], "auto"),
-                   "logit_diff/hooks": timed("logit_diff/hooks", metrics["logit_diff"], "hooks")}
-        names = ("attention", "head_dla", "neuron", "final_resid")
-        for name in names:
-            seconds[name] = timed(name, metrics[name], "auto")
+                backends[key] = fastpatch.last_run_stats()["backend"]
+            for _ in range(args.repeats):  # interleaved rounds: a change in load hits every configuration alike
+                for key, run in runs.items():
+                    seconds[key] = min(seconds[key], cli.best_time(run, 1, device)[0])
         ratios = {
             name: {"vs_logit_hooks": seconds[name] / seconds["logit_diff/hooks"],
-                   "vs_logit_auto": seconds[name] / seconds["logit_diff/auto"]}
+                   "vs_logit_auto": seconds[name] / seconds["logit_diff/auto"],
+                   "vs_declared_auto": seconds[name] / seconds["logit_diff_declared/auto"]}
             for name in names
         }
         record["runs"].append({"sweep": sweep, "seconds": seconds, "backend": backends, "ratios": ratios})
-        print(f"{cli.short_name(sweep):<16} logit diff: auto {seconds['logit_diff/auto']:.3f}s, "
-              f"hooks {seconds['logit_diff/hooks']:.3f}s; "
-              + "  ".join(f"{n} ({backends[n]}) {r['vs_logit_auto']:.2f}x auto / {r['vs_logit_hooks']:.2f}x hooks"
-                          for n, r in ratios.items()))
+        print(f"{cli.short_name(sweep):<16} logit diff: auto {seconds['logit_diff/auto']:.3f}s "
+              f"({backends['logit_diff/auto']}), declared {seconds['logit_diff_declared/auto']:.3f}s, "
+              f"hooks {seconds['logit_diff/hooks']:.3f}s")
+        for name, r in ratios.items():
+            print(f"    {name:<12} ({backends[name]}) {r['vs_logit_auto']:.2f}x logit diff, {r['vs_declared_auto']:.2f}x declared, "
+                  f"{r['vs_logit_hooks']:.2f}x hooks")
     record["load_average_after"] = cli._load_average()
     name = f"{args.device}-activation-metric-costs-{args.layers}L{args.d_model}d-{time.strftime('%Y%m%d')}.json"
     cli.write_record(args.out or RESULTS / name, record)
