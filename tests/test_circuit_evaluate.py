@@ -569,9 +569,12 @@ def test_acdc_equals_sequential_search(small_gpt2):
     full = full_circuit(model)
     threshold = 0.05  # decisions here are >= 5e-3 away from it (fp noise is ~1e-7)
     ours = acdc(model, clean, corrupted, threshold)
+    import fastpatch
 
-    def value(circuit):
-        return float(evaluate(model, clean, corrupted, metric, circuit[None])[0])
+    assert fastpatch.last_run_stats()["backend"] == "native"
+
+    def value(circuit):  # one hooked forward per candidate; the batched search runs on the default (native) backend
+        return float(evaluate(model, clean, corrupted, metric, circuit[None], backend="hooks")[0])
 
     current, m = full.clone(), value(full)
     for r in reversed(range(full.shape[1])):
