@@ -88,6 +88,7 @@ def main(argv=None) -> Dict[str, Any]:
                 for key, (metric, backend) in configs.items()}
         backends: Dict[str, str] = {}
         seconds = {key: float("inf") for key in configs}
+        cpu_seconds = {key: float("nan") for key in configs}  # this process's CPU seconds in the best run
         with warnings.catch_warnings():
             warnings.simplefilter("ignore")  # the fallback to hooks says why once per call
             for key, run in runs.items():
@@ -95,14 +96,21 @@ def main(argv=None) -> Dict[str, Any]:
                 backends[key] = fastpatch.last_run_stats()["backend"]
             for _ in range(args.repeats):  # interleaved rounds: a change in load hits every configuration alike
                 for key, run in runs.items():
-                    seconds[key] = min(seconds[key], cli.best_time(run, 1, device)[0])
+                    wall, cpu, _ = cli.best_time(run, 1, device)
+                    if wall < seconds[key]:
+                        seconds[key], cpu_seconds[key] = wall, cpu
         ratios = {
             name: {"vs_logit_hooks": seconds[name] / seconds["logit_diff/hooks"],
                    "vs_logit_auto": seconds[name] / seconds["logit_diff/auto"],
                    "vs_declared_auto": seconds[name] / seconds["logit_diff_declared/auto"]}
             for name in names
         }
-        record["runs"].append({"sweep": sweep, "seconds": seconds, "backend": backends, "ratios": ratios})
+        # CPU seconds well below wall * threads: the process was not getting its cores (another load)
+        cpu_ratios = {name: {"vs_logit_auto": cpu_seconds[name] / cpu_seconds["logit_diff/auto"],
+                             "vs_declared_auto": cpu_seconds[name] / cpu_seconds["logit_diff_declared/auto"]}
+                      for name in names}
+        record["runs"].append({"sweep": sweep, "seconds": seconds, "cpu_seconds": cpu_seconds, "backend": backends,
+                               "ratios": ratios, "cpu_ratios": cpu_ratios})
         print(f"{cli.short_name(sweep):<16} logit diff: auto {seconds['logit_diff/auto']:.3f}s "
               f"({backends['logit_diff/auto']}), declared {seconds['logit_diff_declared/auto']:.3f}s, "
               f"hooks {seconds['logit_diff/hooks']:.3f}s")
