@@ -178,6 +178,10 @@ ARCH_CONFIGS: Dict[str, tuple] = {
     "olmo2": ("Olmo2Config", "Olmo2ForCausalLM", dict(_GQA)),
     "stablelm": ("StableLmConfig", "StableLmForCausalLM", dict(_GQA)),
     "mixtral": ("MixtralConfig", "MixtralForCausalLM", dict(_GQA, num_local_experts=4, num_experts_per_tok=2)),
+    # the bridge's cfg.use_qk_norm=True (RMS QK-norm); dense blocks only (GLM's routed experts are not Mixtral's)
+    "glm4_moe": ("Glm4MoeConfig", "Glm4MoeForCausalLM",
+                 dict(_GQA, use_qk_norm=True, n_routed_experts=4, num_experts_per_tok=2, moe_intermediate_size=32,
+                      first_k_dense_replace=2)),
     "gptj": ("GPTJConfig", "GPTJForCausalLM",
              dict(n_layer=2, n_embd=48, n_head=4, rotary_dim=6, n_positions=N_CTX, vocab_size=VOCAB,
                   initializer_range=0.15, bos_token_id=0, eos_token_id=0)),
