@@ -29,8 +29,8 @@ from fastpatch.engine.native import UnsupportedModel
 from fastpatch.engine.native.model import NativeModel
 from fastpatch.metrics import LogitDiff
 
-NATIVE = ["bloom", "falcon", "gemma", "gemma2", "gemma3", "gptj", "mistral", "mixtral", "olmo", "olmo2", "opt", "phi",
-          "phi3", "qwen2", "qwen3", "stablelm"]
+NATIVE = ["bloom", "falcon", "gemma", "gemma2", "gemma3", "glm4_moe", "gptj", "mistral", "mixtral", "olmo", "olmo2", "opt",
+          "phi", "phi3", "qwen2", "qwen3", "stablelm"]
 # one family per native feature runs by default; the families whose features these cover run under -m slow
 COVERED = {"falcon", "gemma", "mistral", "phi", "phi3", "qwen2", "stablelm"}  # gptj: shared norm; gemma2/3: Gemma's
 # hooks only, and the reason the fallback names
@@ -232,3 +232,12 @@ def test_mixture_of_experts_equals_the_hugging_face_block(dtype, n_tokens):
     assert (len(chosen.unique()) == moe.router.shape[1]) == (n_tokens == 40)
     assert_varies(ref)
     assert_close(ours, ref, rtol=1e-5 if dtype == torch.float32 else 1e-12)
+
+
+def test_a_cfg_stating_qk_norm_is_no_refusal():
+    """GLM-4-MoE's bridge states ``cfg.use_qk_norm=True``: the native forward reads the norm from the
+    attention's q_norm / k_norm (test_sweeps_match_transformer_lens_on_both_backends checks the values)."""
+    model = zoo.ARCH_ZOO["glm4_moe"]()
+    native = NativeModel(model)
+    assert model.cfg.use_qk_norm
+    assert all(L.q_norm_w is not None and L.k_norm_w is not None for L in native.layers)

@@ -44,8 +44,8 @@ _ACTIVATIONS: Dict[str, Callable[[Tensor], Tensor]] = {
 }
 
 # Config features with a non-default value that the native forward does not implement.
+# (cfg.use_qk_norm is not one: QK-norm is read from the attention's q_norm / k_norm modules.)
 _UNSUPPORTED_FLAGS = {
-    "use_qk_norm": False,
     "use_normalization_before_and_after": False,
     "post_embedding_ln": False,
     "attn_only": False,
