@@ -193,11 +193,15 @@ ARCH_CONFIGS: Dict[str, tuple] = {
                     parallel_attn=True, alibi=False, multi_query=True, vocab_size=VOCAB, initializer_range=0.15)),
     "bloom": ("BloomConfig", "BloomForCausalLM",
               dict(n_layer=2, hidden_size=48, n_head=4, vocab_size=VOCAB, initializer_range=0.15)),
-    # hooks only: DeepSeek-V2's multi-head latent attention (no W_Q), and Jamba, whose block 0 is a Mamba mixer
+    # hooks only: DeepSeek-V2's multi-head latent attention (no W_Q), Gemma 4 and Jamba, whose block 0 is a Mamba mixer
     "deepseek_v2": ("DeepseekV2Config", "DeepseekV2ForCausalLM",
                     dict(_GQA, kv_lora_rank=16, q_lora_rank=None, qk_rope_head_dim=4, qk_nope_head_dim=8, v_head_dim=8,
                          n_routed_experts=4, n_shared_experts=1, moe_intermediate_size=32, num_experts_per_tok=2,
                          first_k_dense_replace=2)),
+    # Gemma 4's per-layer head sizes (the global layer's heads are twice as wide): the bridge's W_Q refuses them
+    "gemma4": ("Gemma4TextConfig", "Gemma4ForCausalLM",
+               dict(_GQA, head_dim=12, **_SLIDING, vocab_size_per_layer_input=VOCAB, hidden_size_per_layer_input=8,
+                    per_layer_config={"01": {"head_dim": 24}})),
     "jamba": ("JambaConfig", "JambaForCausalLM",
               dict(_GQA, attn_layer_period=2, attn_layer_offset=1, expert_layer_period=100, expert_layer_offset=99,
                    num_experts=1, mamba_d_state=4, mamba_expand=2)),
