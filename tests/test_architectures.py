@@ -36,6 +36,7 @@ COVERED = {"falcon", "gemma", "mistral", "phi", "phi3", "qwen2", "stablelm"}  # 
 # hooks only, and the reason the fallback names
 HOOKS_ONLY = {
     "deepseek_v2": "NotImplementedError: W_Q is not available on MLA",
+    "gemma4": "PerLayerGeometryError: Cannot split",  # a ValueError subclass from the bridge's W_Q
     "jamba": "'none' positions",
 }
 BACKENDS = ("native", "hooks")
