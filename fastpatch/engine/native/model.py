@@ -393,10 +393,12 @@ class NativeModel:
         if act not in ("SiLUActivation", "SiLU"):
             raise UnsupportedModel(f"blocks.{index}.mlp: expert activation {act}")
         d_mlp = gate_up.shape[1] // 2
+        # views of the model's own weights, not copies (hundreds of MB per call on a large model):
+        # the matmuls read the transposed layouts as they are
         gate_up = gate_up.detach().transpose(1, 2)  # [experts, d_model, 2 d_mlp]: gate, then up
         return MoE(
-            router=router.weight.detach().T.contiguous(), W_gate=gate_up[..., :d_mlp].contiguous(),
-            W_in=gate_up[..., d_mlp:].contiguous(), W_out=down.detach().transpose(1, 2).contiguous(), top_k=int(hf.top_k),
+            router=router.weight.detach().T, W_gate=gate_up[..., :d_mlp], W_in=gate_up[..., d_mlp:],
+            W_out=down.detach().transpose(1, 2), top_k=int(hf.top_k),
         )
 
     # ---- pieces -------------------------------------------------------------------------------
