@@ -569,6 +569,7 @@ class NormalizedEffect:
         self._denominator = denom
         self.activation_reads = tuple(getattr(metric, "activation_reads", ()) or ())
         self.reads_logits = bool(getattr(metric, "reads_logits", True))
+        self.activation_positions = getattr(metric, "activation_positions", None)
         if self.activation_reads:
             self.per_prompt = bool(getattr(metric, "per_prompt", per_prompt_values))
 
@@ -624,8 +625,12 @@ class ActivationMetric:
     the cell's patch, as a caching hook added after the patching hook sees it), and returns a 0-d
     value (``[batch]`` with ``per_prompt``). With ``reads_logits=False`` the metric declares that
     ``fn`` ignores its first argument: it is given ``None``, and the native backend computes no logits
-    for it (the stock metrics below do this). ``fastpatch.patching`` gives each cell its own rows: the
-    hook backend captures the named activations of its batched forward; the native backend records
+    for it. With ``positions`` it declares the sequence positions at which ``fn`` reads the activations
+    (an attention pattern's destination positions): the native backend then computes the last block
+    at those positions only (as for the logits a metric reads) and the last block's other recomputed
+    positions hold NaN, so a read of them cannot pass for a value. The stock metrics below declare
+    both. ``fastpatch.patching`` gives each cell its own rows: the hook backend captures the named
+    activations of its batched forward; the native backend records
     the residual stream (``hook_resid_pre/mid/post``, ``ln_final.hook_in``), ``attn.hook_pattern``,
     ``attn.hook_z``, ``mlp.hook_post`` and the block outputs (``hook_attn_out``, ``hook_mlp_out``) of
     what it recomputes, inside a patched layer too (hooks upstream of the patch hold the corrupted
@@ -645,6 +650,7 @@ class ActivationMetric:
         fn: Callable[[Optional[Float[Tensor, "batch pos d_vocab"]], Acts], MetricValue],
         per_prompt: bool = False,
         reads_logits: bool = True,
+        positions: Optional[Sequence[int]] = None,
     ):
         if isinstance(hook_names, str):
             hook_names = [hook_names]
@@ -657,6 +663,11 @@ class ActivationMetric:
         self.fn = fn
         self.per_prompt = bool(per_prompt)
         self.reads_logits = bool(reads_logits)
+        if positions is not None:
+            positions = tuple(_as_position(p) for p in ([positions] if isinstance(positions, int) else positions))
+            if not positions:
+                raise ValueError("positions must name at least one sequence position (or be None: any)")
+        self.activation_positions: Optional[Tuple[int, ...]] = positions
 
     def from_activations(self, logits: Optional[Float[Tensor, "batch pos d_vocab"]], acts: Acts) -> MetricValue:
         """The metric of one run: ``fn(logits, acts)``, ``acts`` holding every name in ``activation_reads``
@@ -689,7 +700,7 @@ class AttentionTo(ActivationMetric):
         layer, head, dest, src = (_as_position(v) for v in (layer, head, dest, src))
         name = f"blocks.{layer}.attn.hook_pattern"
         super().__init__([name], lambda logits, acts: _reduce(acts[name][:, head, dest, src], per_prompt), per_prompt,
-                         reads_logits=False)
+                         reads_logits=False, positions=[dest])
         self.layer, self.head, self.dest, self.src = layer, head, dest, src
 
     def __repr__(self) -> str:
@@ -704,7 +715,7 @@ class NeuronValue(ActivationMetric):
         layer, neuron, position = (_as_position(v) for v in (layer, neuron, position))
         name = f"blocks.{layer}.mlp.hook_post"
         super().__init__([name], lambda logits, acts: _reduce(acts[name][:, position, neuron], per_prompt), per_prompt,
-                         reads_logits=False)
+                         reads_logits=False, positions=[position])
         self.layer, self.neuron, self.position = layer, neuron, position
 
     def __repr__(self) -> str:
@@ -770,7 +781,7 @@ class HeadDLA(ActivationMetric):
             scale = (resid.pow(2).mean(-1) + eps).sqrt()
             return _reduce((write * direction.to(write.device)).sum(-1) / scale, per_prompt)
 
-        super().__init__([z_name, resid_name], dla, per_prompt, reads_logits=False)
+        super().__init__([z_name, resid_name], dla, per_prompt, reads_logits=False, positions=[position])
         self.layer, self.head, self.position = layer, head, position
 
     def __repr__(self) -> str:

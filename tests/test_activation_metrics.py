@@ -104,6 +104,7 @@ def _activation_metrics(case):
     resid = f"blocks.{last - 1}.hook_resid_post"
     return {
         "attention": AttentionTo(last, 0, 4, 1, per_prompt=True),
+        "attention_mid": AttentionTo(last, 1, 3, 2, per_prompt=True),  # with LogitDiff: the last block at 3..4
         "neuron": NeuronValue(last, 5, per_prompt=True),
         "dla": HeadDLA(model, last, 1, answer, wrong, per_prompt=True),
         "custom": ActivationMetric(  # an activation and the logits together
@@ -169,16 +170,26 @@ def test_activation_metrics_equal_a_transformer_lens_loop_with_caching_hooks(cas
                                                baseline=True, progress=False, chunk_size=2, backend=backend)
             assert fastpatch.last_run_stats()["backend"] == ("native" if backend == "auto" else "hooks")
             _assert_close_per_metric(ours.values, ref)
-        # no metric reading full logits: the native backend unembeds only LogitDiff's two columns, the rest none
-        declared = [i for i, name in enumerate(metrics) if name in ("attention", "neuron", "dla", "logit_diff")]
+        # no metric reading full logits or undeclared positions: the native backend unembeds only LogitDiff's two
+        # columns, and computes the last block at the positions the metrics declare
+        kept = ("attention", "attention_mid", "neuron", "dla", "logit_diff")
+        declared = [i for i, name in enumerate(metrics) if name in kept]
         only = fp.generic_activation_patch(model, case.corrupted, case.clean_cache, {n: metrics[n] for n in metrics
-                                           if n in ("attention", "neuron", "dla", "logit_diff")}, setter, activation_name,
+                                           if n in kept}, setter, activation_name,
                                            index_df=cells, reduce="none", progress=False, chunk_size=3).values
         assert fastpatch.last_run_stats()["backend"] == "native"
         _assert_close_per_metric(only, ref[declared])
     with torch.no_grad():
         logits, cache = model.run_with_cache(case.corrupted)
     _assert_close_per_metric(ours.baseline, torch.stack([_value(m, logits, cache) for m in metrics.values()]))
+    # a metric reading the last block where it declared it would not gets NaN there, never a plausible number
+    post = f"blocks.{model.cfg.n_layers - 1}.mlp.hook_post"
+    liar = ActivationMetric([post], lambda logits, acts: acts[post][:, -1, 0], per_prompt=True, reads_logits=False,
+                            positions=[3])
+    lied = fp.generic_activation_patch(*args[:3], liar, tl.layer_pos_patch_setter, "resid_pre", index_df=resid,
+                                       reduce="none", progress=False).values
+    assert fastpatch.last_run_stats()["backend"] == "native"
+    assert torch.isnan(lied[:2]).all()  # the cells changing position 3 (the last one's patch starts at 4: all computed)
     unrecorded = ActivationMetric(["blocks.1.attn.hook_q"], lambda logits, acts: acts["blocks.1.attn.hook_q"].sum())
     with pytest.raises(ValueError, match="does not record"):
         fp.generic_activation_patch(*args[:3], unrecorded, tl.layer_pos_patch_setter, "resid_pre", index_df=resid,

@@ -10,8 +10,10 @@ position stacked in that order, ``[batch, n_positions, k or d_vocab]``. A metric
 activations of the patched run declares ``activation_reads`` (hook names) and computes
 ``from_activations(logits, acts)``; the hook backend captures those activations per cell
 (:func:`activation_reads`). One that also declares ``reads_logits = False`` is given ``None`` for
-the logits, so a backend need not compute them (:func:`reads_logits`). ``fastpatch.metrics`` implements that protocol; the engine never
-imports it.
+the logits, so a backend need not compute them (:func:`reads_logits`); one that declares
+``activation_positions`` (sequence positions) reads its activations at those positions only (an
+attention pattern's destinations), so a backend may leave the others uncomputed (as NaN).
+``fastpatch.metrics`` implements that protocol; the engine never imports it.
 """
 
 from __future__ import annotations
@@ -103,6 +105,18 @@ class MetricSet:
     def activation_names(self) -> List[str]:
         """Every hook name some metric reads activations of, in first-use order."""
         return list(dict.fromkeys(n for fn in self.metrics.values() for n in activation_reads(fn)))
+
+    def activation_positions(self) -> Optional[List[int]]:
+        """Every position at which the metrics that read activations read them, when each declares its
+        ``activation_positions``, else ``None`` (as given: negative positions count from the end)."""
+        out: List[int] = []
+        for fn in self.metrics.values():
+            if activation_reads(fn):
+                positions = getattr(fn, "activation_positions", None)
+                if positions is None:
+                    return None
+                out.extend(positions)
+        return out
 
     @property
     def needs_logits(self) -> bool:

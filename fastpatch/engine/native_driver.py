@@ -19,7 +19,7 @@ from __future__ import annotations
 
 import re
 from collections import defaultdict
-from typing import Any, Dict, List, Optional, Tuple
+from typing import Any, Dict, List, Optional, Sequence, Tuple
 
 import torch
 from torch import Tensor
@@ -62,8 +62,14 @@ def run_native_cells(
     # bytes_per_row counts one read row of logits; metrics reading whole rows at several positions need more
     full_rows = 0 if positions is None else sum(len(p) for r, p in zip(reads, positions) if r.tokens is None)
     extra_row_bytes = max(0, full_rows - 1) * 2 * int(native.W_U.shape[1]) * dtype_bytes
-    # an activation read in the last block (or of the final residual) needs every position there
-    every_position = any(layer >= native.n_layers - 1 for layer, _ in sites.values())
+    # positions the last block computes: those of the logits the metrics read and, for activations read in the
+    # last block (or of the final residual), the positions their metrics declare; every position when either is
+    # undeclared (``None``)
+    last_sites = {site for site in sites.values() if _in_last_block(site, native.n_layers)}
+    act_positions = metrics.activation_positions() if last_sites else []
+    span: Optional[List[int]] = None
+    if positions is not None and act_positions is not None:
+        span = sorted({p for ps in positions for p in ps} | set(_positions_in_range(act_positions, n_pos, "activations")))
     wanted = set(sites.values())
     workspace = native_backend.LogitsWorkspace()
     for start, members in work.groups.items():
@@ -76,9 +82,9 @@ def run_native_cells(
         resid_of = work.group_resid(start)
         # the last block computes the span of read positions the patch can reach, nothing else
         first_read, read = start, None
-        if positions and not every_position and last_read >= start:
-            first_read = max(start, min(min(p) for p in positions))
-            read = slice(first_read - start, last_read - start + 1)
+        if span and span[-1] >= start:
+            first_read = max(start, span[0])
+            read = slice(first_read - start, span[-1] - start + 1)
 
         def run(chunk: Chunk, start=start, members=members, resid_of=resid_of, read=read, first_read=first_read) -> None:
             recorded: Dict[Tuple[int, str], Tensor] = {}  # the forward's rows at each site
@@ -103,7 +109,8 @@ def run_native_cells(
             def acts(i: int, cell: int) -> Optional[Dict[str, Tensor]]:
                 if not sites:
                     return None
-                return {n: _cell_value(trace, site, recorded, in_layer.get(cell, {}), i, batch, start) for n, site in sites.items()}
+                return {n: _cell_value(trace, site, recorded, in_layer.get(cell, {}), i, batch, start,
+                                       first_read if site in last_sites else start) for n, site in sites.items()}
 
             if reads is None:
                 for i, (cell, logits) in enumerate(zip(order, native_backend.cell_logits(native, trace, x, start, workspace))):
@@ -120,12 +127,22 @@ def run_native_cells(
 
 def _positions(reads: Any, n_pos: int) -> List[int]:
     """A declared read's positions counted from 0, checked against the run's ``n_pos`` positions."""
+    return _positions_in_range(read_positions(reads), n_pos, "logits")
+
+
+def _positions_in_range(positions: Sequence[int], n_pos: int, what: str) -> List[int]:
     out = []
-    for position in read_positions(reads):
+    for position in positions:
         if not -n_pos <= position < n_pos:
-            raise ValueError(f"a metric reads position {position}, out of range for {n_pos} positions")
+            raise ValueError(f"a metric reads {what} at position {position}, out of range for {n_pos} positions")
         out.append(position % n_pos)
     return out
+
+
+def _in_last_block(site: Tuple[int, str], n_layers: int) -> bool:
+    """Whether the last block computes ``site`` at its read positions only (all but its input, ``resid_pre``)."""
+    layer, kind = site
+    return layer == n_layers or (layer == n_layers - 1 and kind != "resid_pre")
 
 
 def _selected(
@@ -178,22 +195,25 @@ def _trace_value(trace: Any, layer: int, kind: str) -> Tensor:
 
 def _cell_value(
     trace: Any, site: Tuple[int, str], recorded: Dict[Tuple[int, str], Tensor], in_layer: Dict[Tuple[int, str], Tensor],
-    i: int, batch: int, start: int,
+    i: int, batch: int, start: int, first: int,
 ) -> Tensor:
     """Row block ``i``'s activation at ``site``: the corrupted run's, with positions ``start..`` replaced by the
-    recomputed rows where the cell had joined the forward there, else by what its patch computed in the patched
-    layer (``in_layer``: the cell's own rows of hooks before its entry); anywhere else nothing differs."""
+    recomputed rows where the cell had joined the forward there (which begin at position ``first``: in the last
+    block, the first position it computed; positions from ``start`` it did not compute are NaN), else by what its
+    patch computed in the patched layer (``in_layer``: the cell's own rows of hooks before its entry); anywhere
+    else nothing differs."""
     value = _trace_value(trace, *site)
     rows = recorded.get(site)
     if rows is not None and (i + 1) * batch <= rows.shape[0]:
         block = rows[i * batch : (i + 1) * batch]
     elif site in in_layer:
-        block = in_layer[site]
+        block, first = in_layer[site], start
     else:
         return value
     out = value.clone()
-    if site[1] == "pattern":  # [batch, head, dest, src]: the recomputed destinations
-        out[:, :, start:] = block
-    else:
-        out[:, start:] = block
+    dest = out if site[1] != "pattern" else out.transpose(1, 2)  # pattern [batch, head, dest, src]: destinations
+    block = block if site[1] != "pattern" else block.transpose(1, 2)
+    if first > start or first + block.shape[1] < dest.shape[1]:
+        dest[:, start:] = float("nan")  # positions the last block did not compute: no metric declared it reads them
+    dest[:, first : first + block.shape[1]] = block
     return out
