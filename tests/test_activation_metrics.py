@@ -172,7 +172,7 @@ def test_activation_metrics_equal_a_transformer_lens_loop_with_caching_hooks(cas
             _assert_close_per_metric(ours.values, ref)
         # no metric reading full logits or undeclared positions: the native backend unembeds only LogitDiff's two
         # columns, and computes the last block at the positions the metrics declare
-        kept = ("attention", "attention_mid", "neuron", "dla", "logit_diff")
+        kept = ("attention", "attention_mid", "neuron", "dla", "logit_diff", "normalized")
         declared = [i for i, name in enumerate(metrics) if name in kept]
         only = fp.generic_activation_patch(model, case.corrupted, case.clean_cache, {n: metrics[n] for n in metrics
                                            if n in kept}, setter, activation_name,
