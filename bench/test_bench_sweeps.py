@@ -96,3 +96,17 @@ def test_cli_small_writes_result(tmp_path: Path) -> None:
             assert key in row
         assert row["agree"] is True, row
         assert row["ratio"] == pytest.approx(row["tl_seconds"] / row["fastpatch_seconds"])
+
+
+def test_cli_threads_sets_torch_threads_for_the_run_only(tmp_path: Path) -> None:
+    """``--threads 1`` runs both libraries on one torch thread (recorded), records the CPU-second ratio,
+    and leaves the caller's thread count as it was."""
+    before = torch.get_num_threads()
+    out = tmp_path / "result.json"
+    record = cli.main(["--small", "--sweeps", "get_act_patch_resid_pre", "--metrics", "logitdiff", "--threads", "1",
+                       "--out", str(out)])
+    assert torch.get_num_threads() == before
+    assert record["torch_threads"] == 1
+    (row,) = record["results"]
+    assert row["agree"] is True
+    assert row["cpu_ratio"] == pytest.approx(row["tl_cpu_seconds"] / row["fastpatch_cpu_seconds"])
