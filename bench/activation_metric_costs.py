@@ -49,7 +49,7 @@ def _metrics(model: Any, pair: Any, n_pos: int) -> Dict[str, Any]:
         "head_dla": HeadDLA(model, last, 0, pair.answer, pair.wrong),
         "neuron": NeuronValue(last, 0),
         "final_resid": ActivationMetric(["ln_final.hook_in"], lambda logits, acts: acts["ln_final.hook_in"][:, -1].norm(dim=-1).mean(),
-                                        reads_logits=False),
+                                        reads_logits=False, positions=[-1]),
     }
 
 
