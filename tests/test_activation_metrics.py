@@ -336,3 +336,17 @@ def test_every_transformer_lens_setter_is_batched_with_its_values():
             expected = setter(corrupted.clone(), [0] + indices[c].tolist(), clean)
             assert torch.equal(ours[c * batch : (c + 1) * batch], expected), (name, indices[c].tolist())
             assert not torch.equal(expected, corrupted), name  # the patch changed something
+
+
+@pytest.mark.slow  # building the Mixtral-shaped zoo model takes seconds
+def test_a_neuron_of_a_mixture_of_experts_runs_on_the_hook_backend():
+    """A mixture of experts has no single mlp.hook_post the native forward computes: refused natively, with why."""
+    model = zoo.ARCH_ZOO["mixtral"]()
+    clean, corrupted = (t % model.cfg.d_vocab for t in zoo.prompt_pair(2, 5, 2))
+    with torch.no_grad():
+        _, clean_cache = model.run_with_cache(clean)
+    with pytest.raises(ValueError, match="mlp.hook_post, which a mixture of experts"):
+        fp.get_act_patch_resid_pre(model, corrupted, clean_cache, NeuronValue(1, 3), progress=False, backend="native")
+    with pytest.warns(UserWarning, match="mixture of experts"):
+        fp.get_act_patch_resid_pre(model, corrupted, clean_cache, NeuronValue(1, 3), progress=False)
+    assert fastpatch.last_run_stats()["backend"] == "hooks"
