@@ -26,7 +26,7 @@ import fastpatch
 from fastpatch import attribution as fa
 from fastpatch import patching as fp
 from fastpatch.engine.native import UnsupportedModel
-from fastpatch.engine.native.model import NativeModel
+from fastpatch.engine.native.model import NativeModel, ParityError
 from fastpatch.metrics import LogitDiff
 
 NATIVE = ["bloom", "falcon", "gemma", "gemma2", "gemma3", "glm4_moe", "gptj", "mistral", "mixtral", "olmo", "olmo2", "opt",
@@ -242,3 +242,12 @@ def test_a_cfg_stating_qk_norm_is_no_refusal():
     native = NativeModel(model)
     assert model.cfg.use_qk_norm
     assert all(L.q_norm_w is not None and L.k_norm_w is not None for L in native.layers)
+
+
+def test_parity_check_of_the_last_position_logits_catches_a_missing_logit_cap(monkeypatch):
+    """The parity run unembeds the last position only; a feature acting after the last block (here
+    Gemma 2's output soft cap, left out) still shows there, named as the logits."""
+    case = _case("gemma2")
+    monkeypatch.setattr(NativeModel, "cap_logits", lambda self, logits: logits)
+    with pytest.raises(ParityError, match="disagrees with the model at logits"):
+        NativeModel.checked(case.model, case.corrupted)

@@ -136,7 +136,8 @@ class Trace:
     # [batch, pos, d_mlp] mlp.hook_post (act(gate) * up for gated MLPs); None for a mixture of experts
     post: List[Optional[Tensor]] = field(default_factory=list)
     resid_final: Optional[Tensor] = None  # resid_post of the last block
-    logits: Optional[Tensor] = None
+    logits: Optional[Tensor] = None  # [batch, pos, d_vocab]: the positions ``logit_positions``
+    logit_positions: slice = field(default_factory=lambda: slice(None))
     # shape (without batch) of every hook point that fired in the model's own run (the parity
     # run of ``NativeModel.checked``): the plans validate their hooks with it instead of a probe forward
     hook_shapes: Dict[str, tuple] = field(default_factory=dict)
@@ -582,9 +583,10 @@ class NativeModel:
         return logits
 
     # ---- whole runs ---------------------------------------------------------------------------
-    def trace(self, tokens: Int[Tensor, "batch pos"]) -> Trace:
-        """The full forward of ``tokens`` with every activation kept."""
-        t = Trace()
+    def trace(self, tokens: Int[Tensor, "batch pos"], logit_positions: slice = slice(None)) -> Trace:
+        """The full forward of ``tokens`` with every activation kept; logits at ``logit_positions``
+        only (all by default)."""
+        t = Trace(logit_positions=logit_positions)
         x = self.W_E[tokens]
         if self.embed_scale is not None:
             x = x * self.embed_scale
@@ -610,7 +612,7 @@ class NativeModel:
                 mlp_out = self.mlp(l, mid, keep_post)
                 x = mid + mlp_out
             t.mlp_out.append(mlp_out)
-        t.logits = self.unembed(self.final_norm(x))
+        t.logits = self.unembed(self.final_norm(x[:, logit_positions]))
         return t
 
     def check_parity(self, logits: Tensor, cache: Any, trace: Trace) -> None:
@@ -627,7 +629,7 @@ class NativeModel:
         checks = {}
         for name, value in trace.hook_values(self.parallel).items():
             if name == "logits":
-                checks[name] = (value, logits)
+                checks[name] = (value, logits[:, trace.logit_positions])
             elif name in cache:  # a hook the model lacks is checked through the later ones
                 checks[name] = (value, cache[name])
         # Shapes are known on the host: only the tensors before the first shape mismatch are read.
@@ -666,7 +668,10 @@ class NativeModel:
                         raise UnsupportedModel("rotary model without hook_cos/hook_sin: rotary angles unknown")
                     cos, sin = cache[f"blocks.{l}.attn.hook_cos"], cache[f"blocks.{l}.attn.hook_sin"]
                     native.rotary.append((cos.reshape(-1, cos.shape[-2], cos.shape[-1])[0], sin.reshape(-1, sin.shape[-2], sin.shape[-1])[0]))
-            trace = native.trace(tokens)
+            # Logits at the last position only: the final norm, unembedding and soft cap act on each
+            # position alone, and their input at every position is checked through the last block's
+            # hooks; the full-vocabulary unembedding of every position is the check's largest matmul.
+            trace = native.trace(tokens, logit_positions=slice(-1, None))
         native.check_parity(logits, cache, trace)
         own = native.trace_from_cache(cache, logits, trace)
         own.hook_shapes = fired_hook_shapes(model, cache)
