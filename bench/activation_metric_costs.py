@@ -59,7 +59,22 @@ def main(argv=None) -> Dict[str, Any]:
     cli.add_shape_arguments(p, big, batch_help="prompts per sweep")
     p.add_argument("--repeats", type=int, default=3, help="time each sweep N times and keep the best")
     p.add_argument("--out", type=Path, default=None, help="JSON record path (default under bench/results/)")
+    p.add_argument("--threads", type=int, default=None,
+                   help="torch CPU threads for the run (default: torch's own; restored after); 1 makes the CPU-second "
+                        "ratios robust to other load on a shared machine")
     args = p.parse_args(argv)
+    if args.threads is not None and args.threads < 1:
+        raise SystemExit(f"--threads must be at least 1, got {args.threads}")
+    threads = torch.get_num_threads()
+    if args.threads is not None:
+        torch.set_num_threads(args.threads)
+    try:
+        return _run(args)
+    finally:
+        torch.set_num_threads(threads)
+
+
+def _run(args: argparse.Namespace) -> Dict[str, Any]:
     if args.small:
         for key, value in cli.SHAPES["small"].items():
             setattr(args, key, value)

@@ -7,6 +7,7 @@ from __future__ import annotations
 import json
 
 import pytest
+import torch
 
 from bench import activation_metric_costs
 
@@ -15,8 +16,10 @@ pytestmark = pytest.mark.slow  # a smoke run of a benchmark script: `.ci/run` ru
 
 def test_activation_metric_costs_small(tmp_path) -> None:
     out = tmp_path / "record.json"
-    record = activation_metric_costs.main(["--small", "--repeats", "1", "--out", str(out)])
+    threads = torch.get_num_threads()
+    record = activation_metric_costs.main(["--small", "--repeats", "1", "--threads", "1", "--out", str(out)])
     assert json.loads(out.read_text()) == json.loads(json.dumps(record))
+    assert record["threads"] == 1 and torch.get_num_threads() == threads  # run on one thread, the caller's restored
     assert [run["sweep"] for run in record["runs"]] == list(activation_metric_costs.SWEEPS)
     names = ("attention", "head_dla", "neuron", "final_resid")
     for run in record["runs"]:
