@@ -2,8 +2,8 @@
 
 One row per timed comparison with TransformerLens: the records of ``compare_transformer_lens.py``
 (activation patching sweeps) and ``compare_attribution.py`` (edge attribution, sweep
-``attr_patch_edges``). Other records (``attribution_quality.py``'s rank correlations) have no
-timings and are skipped.
+``attr_patch_edges``), named by their ``benchmark`` field. Other records (rank correlations, cost
+ratios within fastpatch, kernel resources) are not TransformerLens comparisons and are skipped.
 
     python bench/results_table.py           # print the table
     python bench/results_table.py --write   # replace the table between the markers in both READMEs
@@ -28,11 +28,12 @@ def table() -> str:
     ]
     for path in sorted((ROOT / "bench" / "results").glob("*.json")):
         record = json.loads(path.read_text())
-        if record.get("benchmark", "compare_transformer_lens") not in TIMED:
+        if record.get("benchmark") not in TIMED:
             continue
         cfg = record["config"]
         model = cfg["model"]
-        shape = f"{model['n_layers']}L d{model['d_model']} {model['n_heads']}H V{model['d_vocab']}, {cfg['batch']}x{cfg['positions']} tok"
+        family = model["architecture"].split(" ")[0].removesuffix("LMHeadModel").removesuffix("ForCausalLM")
+        shape = f"{family} {model['n_layers']}L d{model['d_model']} {model['n_heads']}H V{model['d_vocab']}, {cfg['batch']}x{cfg['positions']} tok"
         threads = record.get("torch_threads")
         if threads is not None and record.get("cpu_count") is not None and threads != record["cpu_count"]:
             shape += f", {threads} thread{'s' if threads != 1 else ''}"  # only where not the default
