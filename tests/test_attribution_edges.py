@@ -38,6 +38,8 @@ What is checked, and against what:
 
 from __future__ import annotations
 
+import functools
+
 import pytest
 import torch
 import zoo
@@ -52,6 +54,16 @@ from fastpatch.sources import mean_ablation, resample_ablation, zero_ablation
 
 MODELS = ["gpt2", "neox", "native"]
 _KIND = {"q_input": "q", "k_input": "k", "v_input": "v"}
+
+
+def _keep_first_call(resid, l):
+    """A hook keeping block ``l``'s ``ln1`` input from the block's own call (the references' ``ln1`` re-fires
+    it on stacked inputs)."""
+
+    def hook(act, hook):
+        resid.setdefault(l, act)
+
+    return hook
 
 
 def _metric(logits):
@@ -139,12 +151,7 @@ def _reader_node_scores(model, clean_tokens, corrupted_tokens, metric) -> torch.
     a_mlp = torch.zeros(L, requires_grad=True)
     a_logits = torch.zeros((), requires_grad=True)
     resid = {}
-
-    def keep(l):
-        def hook(act, hook):
-            resid.setdefault(l, act)  # the block's own call (ln1 below re-fires it on stacked inputs)
-
-        return hook
+    keep = functools.partial(_keep_first_call, resid)
 
     def shift_qkv(l, c):
         W = getattr(model.blocks[l].attn, "W_" + "QKV"[c])  # [H, d_model, d_head]
@@ -413,12 +420,7 @@ def _edge_autograd(model, tokens, metric, source) -> torch.Tensor:
         start += 1
     alpha = torch.zeros(writes.shape[0], start + 1, requires_grad=True)
     resid = {}
-
-    def keep(l):
-        def hook(act, hook):
-            resid.setdefault(l, act)  # the block's own call (ln1 below re-fires it on stacked inputs)
-
-        return hook
+    keep = functools.partial(_keep_first_call, resid)
 
     def shift_qkv(l, c):
         W = getattr(model.blocks[l].attn, "W_" + c.upper())  # [heads, d_model, d_head]
