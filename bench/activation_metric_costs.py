@@ -32,7 +32,7 @@ import torch  # noqa: E402
 
 import fastpatch  # noqa: E402
 from bench import compare_transformer_lens as cli  # noqa: E402
-from bench.models import gpt2_small_shaped, ioi_like_tokens, logit_diff_metric  # noqa: E402
+from bench.models import logit_diff_metric, shaped_model, shaped_prompts  # noqa: E402
 from fastpatch import patching as fp  # noqa: E402
 from fastpatch.metrics import ActivationMetric, AttentionTo, HeadDLA, LogitDiff, NeuronValue  # noqa: E402
 
@@ -55,7 +55,7 @@ def _metrics(model: Any, pair: Any, n_pos: int) -> Dict[str, Any]:
 
 def main(argv=None) -> Dict[str, Any]:
     big = cli.SHAPES["gpt2-small"]
-    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0], formatter_class=cli._HelpFormatter)
+    p = cli.new_parser(__doc__.split("\n\n")[0])
     cli.add_shape_arguments(p, big, batch_help="prompts per sweep")
     p.add_argument("--repeats", type=int, default=3, help="time each sweep N times and keep the best")
     p.add_argument("--out", type=Path, default=None, help="JSON record path (default under bench/results/)")
@@ -63,27 +63,16 @@ def main(argv=None) -> Dict[str, Any]:
                    help="torch CPU threads for the run (default: torch's own; restored after); 1 makes the CPU-second "
                         "ratios robust to other load on a shared machine")
     args = p.parse_args(argv)
-    if args.threads is not None and args.threads < 1:
-        raise SystemExit(f"--threads must be at least 1, got {args.threads}")
-    threads = torch.get_num_threads()
-    if args.threads is not None:
-        torch.set_num_threads(args.threads)
-    try:
+    with cli.torch_threads(args.threads):
         return _run(args)
-    finally:
-        torch.set_num_threads(threads)
 
 
 def _run(args: argparse.Namespace) -> Dict[str, Any]:
-    if args.small:
-        for key, value in cli.SHAPES["small"].items():
-            setattr(args, key, value)
-    if args.corrupt_from is None:
-        args.corrupt_from = 10 if args.positions > 10 else args.positions // 2
+    cli.resolve_shape(args)
     device = torch.device(args.device)
-    model = gpt2_small_shaped(0, args.layers, args.d_model, args.heads, args.vocab).to(device)
-    pair = ioi_like_tokens(args.vocab, args.batch, args.positions, corrupt_from=args.corrupt_from, seed=0)
-    clean, corrupted = pair.clean.to(device), pair.corrupted.to(device)
+    model = shaped_model(args, device, seed=0)
+    pair = shaped_prompts(args, device, seed=0)
+    clean, corrupted = pair.clean, pair.corrupted
     with torch.no_grad():
         _, clean_cache = model.run_with_cache(clean)
     metrics = _metrics(model, pair, args.positions)

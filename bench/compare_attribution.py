@@ -37,7 +37,6 @@ import torch
 
 from bench.compare_transformer_lens import (
     RESULTS_DIR,
-    _HelpFormatter,
     _load_average,
     _quiet_tqdm,
     _sync,
@@ -45,17 +44,22 @@ from bench.compare_transformer_lens import (
     best_time,
     compare,
     device_name,
+    format_rows,
     machine_record,
+    new_parser,
+    resolve_shape,
+    torch_threads,
     write_record,
 )
-from bench.models import gpt2_small_shaped, ioi_like_tokens, logit_diff_metric
+from bench.compare_transformer_lens import SHAPES as COMPARE_SHAPES
+from bench.models import logit_diff_metric, shaped_model, shaped_prompts
 
 SWEEPS = ("get_attr_patch_edges",)
 TL_CALL = 'transformer_lens attribution_patch(model, clean, corrupted, metric, EdgeAttributionConfig(granularity="edge"))'
 
 SHAPES: Dict[str, Dict[str, int]] = {
     "default": dict(layers=4, d_model=128, heads=8, vocab=50257, batch=16, positions=15),
-    "small": dict(layers=2, d_model=64, heads=4, vocab=211, batch=4, positions=8),
+    "small": COMPARE_SHAPES["small"],  # what --small sets (resolve_shape)
 }
 
 _QKV_KINDS = {"q_input": "q", "k_input": "k", "v_input": "v"}
@@ -110,13 +114,10 @@ def tl_edges_on_our_grid(ours: Any, edge_scores: Dict[Tuple[Any, Any], float]) -
 def build_parser() -> argparse.ArgumentParser:
     """The command line; ``--help`` documents every option."""
     d = SHAPES["default"]
-    p = argparse.ArgumentParser(
-        description=(
-            "Time TransformerLens's attribution_patch(..., EdgeAttributionConfig(granularity='edge')) "
-            "against fastpatch.attribution.get_attr_patch_edges on one random-init GPT-2, check that "
-            "the edge scores agree, print a table and write a JSON result under bench/results/."
-        ),
-        formatter_class=_HelpFormatter,
+    p = new_parser(
+        "Time TransformerLens's attribution_patch(..., EdgeAttributionConfig(granularity='edge')) "
+        "against fastpatch.attribution.get_attr_patch_edges on one random-init GPT-2, check that "
+        "the edge scores agree, print a table and write a JSON result under bench/results/."
     )
     add_shape_arguments(p, d, batch_help="prompt pairs")
     p.add_argument("--repeats", type=int, default=5,
@@ -134,19 +135,9 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def _resolve(args: argparse.Namespace) -> argparse.Namespace:
-    if args.small:
-        for key, value in SHAPES["small"].items():
-            setattr(args, key, value)
-    if args.corrupt_from is None:
-        args.corrupt_from = 10 if args.positions > 10 else args.positions // 2
+    resolve_shape(args)
     if args.repeats < 1:
         raise SystemExit("--repeats must be at least 1")
-    if args.threads is not None:
-        if args.threads < 1:
-            raise SystemExit("--threads must be at least 1")
-        torch.set_num_threads(args.threads)
-    if args.device == "cuda" and not torch.cuda.is_available():
-        raise SystemExit("--device cuda, but torch sees no CUDA device")
     if args.out is None:
         args.out = RESULTS_DIR / f"{args.device}-edge-attribution-b{args.batch}{'-small' if args.small else ''}.json"
     return args
@@ -162,15 +153,13 @@ def run(args: argparse.Namespace, command: Optional[str] = None) -> Dict[str, An
     from fastpatch.attribution import get_attr_patch_edges
 
     device = torch.device(args.device)
-    model = gpt2_small_shaped(args.seed, args.layers, args.d_model, args.heads, args.vocab)
-    if device.type != "cpu":
-        model = model.to(device, print_details=False)
-    pair = ioi_like_tokens(args.vocab, args.batch, args.positions, args.corrupt_from, args.seed)
-    clean, corrupted = pair.clean.to(device), pair.corrupted.to(device)
+    model = shaped_model(args, device)
+    pair = shaped_prompts(args, device)
+    clean, corrupted = pair.clean, pair.corrupted
     # TransformerLens calls the metric on ONE prompt's logits at a time, so the metric cannot index
     # a per-prompt answer: every prompt uses the first prompt's answer / wrong ids ([1] tensors
     # broadcast over any batch). For fastpatch it is the batch mean of the same per-prompt value.
-    answer, wrong = pair.answer[:1].to(device), pair.wrong[:1].to(device)
+    answer, wrong = pair.answer[:1], pair.wrong[:1]
     metric = logit_diff_metric(answer, wrong)
     config = EdgeAttributionConfig(granularity="edge")
 
@@ -284,13 +273,11 @@ def run(args: argparse.Namespace, command: Optional[str] = None) -> Dict[str, An
 def format_table(record: Dict[str, Any]) -> str:
     """A plain-text table of one result record."""
     header = f"{'sweep':<22}{'edges':>8}{'TL s':>10}{'fastpatch s':>13}{'ratio':>9}{'max |diff|':>12}{'max |TL|':>11}  agree"
-    lines = [header, "-" * len(header)]
-    for r in record["results"]:
-        lines.append(
-            f"{r['sweep']:<22}{r['cells']:>8}{r['tl_seconds']:>10.3f}{r['fastpatch_seconds']:>13.4f}"
-            f"{r['ratio']:>8.1f}x{r['max_abs_diff']:>12.2e}{r['max_abs_value']:>11.2e}  {'yes' if r['agree'] else 'NO'}"
-        )
-    return "\n".join(lines)
+    return format_rows(header, [
+        f"{r['sweep']:<22}{r['cells']:>8}{r['tl_seconds']:>10.3f}{r['fastpatch_seconds']:>13.4f}"
+        f"{r['ratio']:>8.1f}x{r['max_abs_diff']:>12.2e}{r['max_abs_value']:>11.2e}  {'yes' if r['agree'] else 'NO'}"
+        for r in record["results"]
+    ])
 
 
 def main(argv: Optional[Sequence[str]] = None) -> Dict[str, Any]:
@@ -301,7 +288,8 @@ def main(argv: Optional[Sequence[str]] = None) -> Dict[str, Any]:
     cfg = f"{args.layers} layers, d_model {args.d_model}, {args.heads} heads, vocab {args.vocab}"
     print(f"device {args.device} ({device_name(torch.device(args.device))}); model: {cfg}; "
           f"{args.batch} prompts x {args.positions} tokens; {args.repeats} interleaved rounds", flush=True)
-    record = run(args, command)
+    with torch_threads(args.threads):
+        record = run(args, command)
     print(format_table(record))
     r = record["results"][0]
     print(f"edge sets equal: {r['edge_sets_equal']}; values agree within rtol={args.rtol:g}, "

@@ -40,7 +40,7 @@ if __package__ in (None, ""):  # run as a script: make `bench` and `fastpatch` i
 
 import torch  # noqa: E402  (after the TQDM_DISABLE default and the script-mode sys.path entry)
 
-from bench.models import ARCHITECTURES, ioi_like_tokens, logit_diff_metric  # noqa: E402
+from bench.models import ARCHITECTURES, logit_diff_metric, shaped_model, shaped_prompts  # noqa: E402
 
 REPO_ROOT = Path(__file__).resolve().parent.parent
 RESULTS_DIR = REPO_ROOT / "bench" / "results"
@@ -238,16 +238,54 @@ def add_shape_arguments(p: argparse.ArgumentParser, shape: dict, batch_help: str
     p.add_argument("--device", choices=("cpu", "cuda"), default="cpu", help="where both libraries run")
 
 
+def resolve_shape(args: argparse.Namespace, middle: bool = False) -> None:
+    """Apply ``--small`` (``SHAPES["small"]``) and the default ``--corrupt-from`` to the options of
+    :func:`add_shape_arguments`, and refuse ``--device cuda`` where torch sees no CUDA device.
+
+    The default corrupted position is 10 (where IOI's second subject stands), or the middle of
+    prompts of 10 tokens or fewer; ``middle``: always the middle.
+    """
+    if args.small:
+        for key, value in SHAPES["small"].items():
+            setattr(args, key, value)
+    if args.corrupt_from is None:
+        args.corrupt_from = 10 if args.positions > 10 and not middle else args.positions // 2
+    if args.device == "cuda" and not torch.cuda.is_available():
+        raise SystemExit("--device cuda, but torch sees no CUDA device")
+
+
+@contextlib.contextmanager
+def torch_threads(threads: Optional[int]) -> Iterator[None]:
+    """``torch.set_num_threads(threads)`` inside the block (``None``: torch's own choice), the caller's
+    count restored after, even when the block raises (e.g. the smoke tests run ``main`` in-process)."""
+    if threads is not None and threads < 1:
+        raise SystemExit(f"--threads must be at least 1, got {threads}")
+    before = torch.get_num_threads()
+    if threads is not None:
+        torch.set_num_threads(threads)
+    try:
+        yield
+    finally:
+        torch.set_num_threads(before)
+
+
+def new_parser(description: str) -> argparse.ArgumentParser:
+    """A benchmark script's parser: ``description`` and help showing the defaults (:class:`_HelpFormatter`)."""
+    return argparse.ArgumentParser(description=description, formatter_class=_HelpFormatter)
+
+
+def format_rows(header: str, lines: Sequence[str]) -> str:
+    """A plain-text table: ``header``, a rule as wide, then ``lines``."""
+    return "\n".join([header, "-" * len(header), *lines])
+
+
 def build_parser() -> argparse.ArgumentParser:
     """The command line; ``--help`` documents every option."""
     big = SHAPES["gpt2-small"]
-    p = argparse.ArgumentParser(
-        description=(
-            "Time transformer_lens.patching against fastpatch.patching on one random-init GPT-2 "
-            "(GPT-2 small's shape by default), check that the values agree, print a table and "
-            "write a JSON result under bench/results/."
-        ),
-        formatter_class=_HelpFormatter,
+    p = new_parser(
+        "Time transformer_lens.patching against fastpatch.patching on one random-init GPT-2 "
+        "(GPT-2 small's shape by default), check that the values agree, print a table and "
+        "write a JSON result under bench/results/."
     )
     p.add_argument("--sweeps", nargs="+", default=list(DEFAULT_SWEEPS), metavar="FN",
                    help=f"sweep functions to time ('all' for every one); choices: {', '.join(SWEEPS)}")
@@ -278,22 +316,14 @@ def build_parser() -> argparse.ArgumentParser:
 
 def _resolve(args: argparse.Namespace) -> argparse.Namespace:
     """Apply ``--small``, expand ``--sweeps all`` and validate the sweep names."""
-    if args.small:
-        for key, value in SHAPES["small"].items():
-            setattr(args, key, value)
+    resolve_shape(args)
     if args.sweeps == ["all"]:
         args.sweeps = list(SWEEPS)
     unknown = [s for s in args.sweeps if s not in SWEEPS]
     if unknown:
         raise SystemExit(f"unknown sweep(s) {unknown}; choose from {list(SWEEPS)} or 'all'")
-    if args.corrupt_from is None:
-        args.corrupt_from = 10 if args.positions > 10 else args.positions // 2
     if not isinstance(args.fastpatch_kwargs, dict):
         raise SystemExit("--fastpatch-kwargs must be a JSON object")
-    if args.threads is not None and args.threads < 1:
-        raise SystemExit(f"--threads must be at least 1, got {args.threads}")
-    if args.device == "cuda" and not torch.cuda.is_available():
-        raise SystemExit("--device cuda, but torch sees no CUDA device")
     if args.out is None:
         sweep_set = "+".join(short_name(s) for s in args.sweeps)
         if set(args.sweeps) == set(SWEEPS):
@@ -351,15 +381,12 @@ def run(args: argparse.Namespace) -> Dict[str, Any]:
 
     device = torch.device(args.device)
     build, description = ARCHITECTURES[args.arch]
-    model = build(args.seed, args.layers, args.d_model, args.heads, args.vocab)
-    if device.type != "cpu":
-        model = model.to(device, print_details=False)
-    pair = ioi_like_tokens(args.vocab, args.batch, args.positions, args.corrupt_from, args.seed)
-    clean, corrupted = pair.clean.to(device), pair.corrupted.to(device)
+    model = shaped_model(args, device, build=build)
+    clean, corrupted, answer, wrong = shaped_prompts(args, device)
     from fastpatch.metrics import LogitDiff
 
-    metric = logit_diff_metric(pair.answer.to(device), pair.wrong.to(device))
-    metric_objects = {"plain": metric, "logitdiff": LogitDiff(pair.answer.to(device), pair.wrong.to(device))}
+    metric = logit_diff_metric(answer, wrong)
+    metric_objects = {"plain": metric, "logitdiff": LogitDiff(answer, wrong)}
     fp_kwargs = {"progress": False, **args.fastpatch_kwargs}
 
     grad = torch.enable_grad() if args.grad else torch.no_grad()
@@ -416,7 +443,7 @@ def format_table(record: Dict[str, Any]) -> str:
     """A plain-text table of one result record."""
     header = (f"{'sweep':<26}{'metric':>10}{'cells':>7}{'TL s':>10}{'fastpatch s':>13}{'ratio':>9}"
               f"{'LB GFLOP':>10}{'GFLOP/s':>9}{'max |diff|':>12}  agree")
-    lines = [header, "-" * len(header)]
+    lines = []
     for r in record["results"]:
         lines.append(
             f"{short_name(r['sweep']):<26}{r['metric']:>10}{r['cells']:>7}{r['tl_seconds']:>10.2f}"
@@ -426,7 +453,7 @@ def format_table(record: Dict[str, Any]) -> str:
             + f"{r['max_abs_diff']:>12.2e}"
             f"  {'yes' if r['agree'] else 'NO'}"
         )
-    return "\n".join(lines)
+    return format_rows(header, lines)
 
 
 def main(argv: Optional[Sequence[str]] = None) -> Dict[str, Any]:
@@ -435,13 +462,8 @@ def main(argv: Optional[Sequence[str]] = None) -> Dict[str, Any]:
     cfg = f"{args.layers} layers, d_model {args.d_model}, {args.heads} heads, vocab {args.vocab}"
     print(f"device {args.device} ({device_name(torch.device(args.device))}); model: {cfg}; "
           f"{args.batch} prompts x {args.positions} tokens; best of {args.repeats}", flush=True)
-    threads = torch.get_num_threads()
-    if args.threads is not None:
-        torch.set_num_threads(args.threads)
-    try:
+    with torch_threads(args.threads):
         record = run(args)
-    finally:  # a caller's process (e.g. the smoke test) keeps its thread count
-        torch.set_num_threads(threads)
     print(format_table(record))
     print(f"values agree within rtol={args.rtol:g}, atol={args.atol:g}: "
           f"{all(r['agree'] for r in record['results'])}")

@@ -46,20 +46,23 @@ import torch
 
 from bench.compare_transformer_lens import (
     RESULTS_DIR,
-    _HelpFormatter,
     _load_average,
     _sync,
     add_shape_arguments,
     best_time,
     compare,
     machine_record,
+    new_parser,
+    resolve_shape,
+    torch_threads,
     write_record,
 )
-from bench.models import gpt2_small_shaped, ioi_like_tokens, logit_diff_metric
+from bench.compare_transformer_lens import SHAPES as COMPARE_SHAPES
+from bench.models import logit_diff_metric, shaped_model, shaped_prompts
 
 SHAPES: Dict[str, Dict[str, int]] = {
     "default": dict(layers=4, d_model=512, heads=8, vocab=50257, batch=16, positions=16),
-    "small": dict(layers=2, d_model=64, heads=4, vocab=211, batch=4, positions=8),
+    "small": COMPARE_SHAPES["small"],  # what --small sets (resolve_shape)
 }
 TARGETS = {"logitdiff": 10.0, "plain": 4.0}  # issue 16: at least 10x with LogitDiff, 4x with a plain callable
 
@@ -130,10 +133,9 @@ def plain_loop(model: Any, clean_tokens, corrupted_tokens, metric: Callable, edg
 
 def build_parser() -> argparse.ArgumentParser:
     d = SHAPES["default"]
-    p = argparse.ArgumentParser(
-        description="Time fastpatch.circuits.exact_edges against a plain loop of one hooked forward per edge, "
-        "check the values agree, print the ratios and write a JSON result under bench/results/.",
-        formatter_class=_HelpFormatter,
+    p = new_parser(
+        "Time fastpatch.circuits.exact_edges against a plain loop of one hooked forward per edge, "
+        "check the values agree, print the ratios and write a JSON result under bench/results/."
     )
     add_shape_arguments(p, d, batch_help="prompt pairs")
     p.add_argument("--loop-sample", type=int, default=64,
@@ -149,17 +151,9 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def _resolve(args: argparse.Namespace) -> argparse.Namespace:
-    if args.small:
-        for key, value in SHAPES["small"].items():
-            setattr(args, key, value)
-    if args.corrupt_from is None:
-        args.corrupt_from = args.positions // 2  # corrupted from the middle of the prompt
+    resolve_shape(args, middle=True)  # corrupted from the middle of the prompt
     if args.repeats < 1 or args.loop_sample < 0:
         raise SystemExit("--repeats must be at least 1 and --loop-sample at least 0")
-    if args.threads is not None:
-        torch.set_num_threads(args.threads)
-    if args.device == "cuda" and not torch.cuda.is_available():
-        raise SystemExit("--device cuda, but torch sees no CUDA device")
     if args.out is None:
         small = "-small" if args.small else ""
         args.out = RESULTS_DIR / f"{args.device}-exact-edges-{args.layers}L{args.heads}H{small}.json"
@@ -174,12 +168,8 @@ def run(args: argparse.Namespace, command: Optional[str] = None) -> Dict[str, An
     from fastpatch.metrics import LogitDiff
 
     device = torch.device(args.device)
-    model = gpt2_small_shaped(args.seed, args.layers, args.d_model, args.heads, args.vocab)
-    if device.type != "cpu":
-        model = model.to(device, print_details=False)
-    pair = ioi_like_tokens(args.vocab, args.batch, args.positions, args.corrupt_from, args.seed)
-    clean, corrupted = pair.clean.to(device), pair.corrupted.to(device)
-    answer, wrong = pair.answer.to(device), pair.wrong.to(device)
+    model = shaped_model(args, device)
+    clean, corrupted, answer, wrong = shaped_prompts(args, device)
     metrics = {"plain": logit_diff_metric(answer, wrong), "logitdiff": LogitDiff(answer, wrong)}
 
     exact_edges(model, clean[:2], corrupted[:2], logit_diff_metric(answer[:2], wrong[:2]))  # warm-up
@@ -252,7 +242,8 @@ def format_table(record: Dict[str, Any]) -> str:
 def main(argv: Optional[Sequence[str]] = None) -> Dict[str, Any]:
     args = _resolve(build_parser().parse_args(argv))
     command = "python bench/exact_edges.py " + " ".join(shlex.quote(a) for a in (argv if argv is not None else sys.argv[1:]))
-    record = run(args, command.strip())
+    with torch_threads(args.threads):
+        record = run(args, command.strip())
     print(format_table(record))
     write_record(args.out, record)
     if not all(row["agree"] for row in record["results"]):

@@ -583,7 +583,7 @@ def run(args: argparse.Namespace) -> Dict[str, Any]:
 def format_table(record: Dict[str, Any]) -> str:
     header = (f"{'sweep':<26}{'metric':>10}{'fp launches':>12}{'fp syncs':>9}{'TL launches':>13}{'TL syncs':>9}"
               f"{'fp floor ms':>12}{'TL floor ms':>12}{'LB bf16 ms':>11}{'LB fp32 ms':>11}  fp / TL dominated by (bf16, fp32)")
-    lines = [header, "-" * len(header)]
+    lines = []
     for r in record["results"]:
         ours, theirs = r["fastpatch"], r.get("transformer_lens")
         bf16, fp32 = ours["flop_ms_h100_bf16_tensor_dense"], ours["flop_ms_h100_fp32_non_tensor"]
@@ -601,17 +601,15 @@ def format_table(record: Dict[str, Any]) -> str:
             + (f"{'-':>11}{'-':>11}" if bf16 is None else f"{bf16:>11.3f}{fp32:>11.2f}")
             + f"  {dom(ours)} / {dom(theirs)}"
         )
-    return "\n".join(lines)
+    return compare.format_rows(header, lines)
 
 
 def main(argv: Optional[Sequence[str]] = None) -> Dict[str, Any]:
     args = build_parser().parse_args(argv)
     args.argv = None if argv is None else list(argv)
-    if args.small:
-        for key, value in compare.SHAPES["small"].items():
-            setattr(args, key, value)
     if args.device != "cpu":
         raise SystemExit("launch counts are taken on the CPU (the counts do not depend on the device)")
+    compare.resolve_shape(args)
     if args.sweeps == ["all"]:
         args.sweeps = list(compare.SWEEPS)
     unknown = [s for s in args.sweeps if s not in compare.SWEEPS]

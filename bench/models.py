@@ -8,7 +8,7 @@ nonzero and a value comparison means something.
 
 from __future__ import annotations
 
-from typing import Callable, NamedTuple
+from typing import Any, Callable, NamedTuple, Optional
 
 import torch
 from jaxtyping import Float, Int
@@ -88,6 +88,24 @@ ARCHITECTURES = {
     "gemma2": (gemma2_shaped, "Gemma2ForCausalLM (random init, initializer_range 0.05, sliding window 8)"),
     "mixtral": (mixtral_shaped, "MixtralForCausalLM (random init, initializer_range 0.05, 8 experts, top 2)"),
 }
+
+
+def shaped_model(args: Any, device: torch.device, seed: Optional[int] = None,
+                 build: Callable[..., torch.nn.Module] = gpt2_small_shaped) -> torch.nn.Module:
+    """``build`` at a benchmark script's ``--layers/--d-model/--heads/--vocab`` shape, seeded with
+    ``seed`` (default ``args.seed``), moved to ``device``."""
+    model = build(args.seed if seed is None else seed, args.layers, args.d_model, args.heads, args.vocab)
+    return model if device.type == "cpu" else model.to(device, print_details=False)
+
+
+def shaped_prompts(args: Any, device: torch.device, seed: Optional[int] = None,
+                   corrupt_from: Optional[int] = None) -> PromptPair:
+    """:func:`ioi_like_tokens` at a benchmark script's ``--vocab/--batch/--positions/--corrupt-from``
+    (``corrupt_from`` overrides the last), seeded with ``seed`` (default ``args.seed``), on ``device``."""
+    pair = ioi_like_tokens(args.vocab, args.batch, args.positions,
+                           args.corrupt_from if corrupt_from is None else corrupt_from,
+                           args.seed if seed is None else seed)
+    return PromptPair(*(t.to(device) for t in pair))
 
 
 class PromptPair(NamedTuple):

@@ -23,7 +23,6 @@ record under ``bench/results/``.
 
 from __future__ import annotations
 
-import argparse
 import os
 import time
 from functools import partial
@@ -35,7 +34,7 @@ os.environ.setdefault("TQDM_DISABLE", "1")
 import torch  # noqa: E402
 
 from bench import compare_transformer_lens as cli  # noqa: E402
-from bench.models import gpt2_small_shaped, ioi_like_tokens, logit_diff_metric  # noqa: E402
+from bench.models import logit_diff_metric, shaped_model, shaped_prompts  # noqa: E402
 from fastpatch import last_run_stats  # noqa: E402
 from fastpatch import patching as fp  # noqa: E402
 from fastpatch.sources import mean_ablation, resample_ablation, zero_ablation  # noqa: E402
@@ -79,19 +78,15 @@ def _per_work(seconds: float, work: Dict[str, Any], clean_seconds: float, clean_
 
 def main(argv=None) -> Dict[str, Any]:
     big = cli.SHAPES["gpt2-small"]
-    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0], formatter_class=cli._HelpFormatter)
+    p = cli.new_parser(__doc__.split("\n\n")[0])
     cli.add_shape_arguments(p, big, batch_help="prompts per sweep")
     p.add_argument("--repeats", type=int, default=3, help="time each sweep N times and keep the best")
     p.add_argument("--backend", default="auto", choices=("auto", "native", "hooks"))
     p.add_argument("--out", type=Path, default=None, help="JSON record path (default under bench/results/)")
     args = p.parse_args(argv)
-    if args.small:
-        for key, value in cli.SHAPES["small"].items():
-            setattr(args, key, value)
-    if args.corrupt_from is None:
-        args.corrupt_from = 10 if args.positions > 10 else args.positions // 2
+    cli.resolve_shape(args)
     device = torch.device(args.device)
-    model = gpt2_small_shaped(0, args.layers, args.d_model, args.heads, args.vocab).to(device)
+    model = shaped_model(args, device, seed=0)
     record: Dict[str, Any] = {
         "what": "ablation source / clean cache sweep time (fastpatch.sources), one process, with each run's work",
         "reading": READING,
@@ -101,8 +96,8 @@ def main(argv=None) -> Dict[str, Any]:
         "load_average_before": cli._load_average(), "runs": [],
     }
     for prefix in (args.corrupt_from, 1):
-        pair = ioi_like_tokens(args.vocab, args.batch, args.positions, corrupt_from=max(prefix, 4), seed=0)
-        clean, corrupted = pair.clean.to(device), pair.corrupted.to(device)
+        pair = shaped_prompts(args, device, seed=0, corrupt_from=max(prefix, 4))
+        clean, corrupted = pair.clean, pair.corrupted
         if prefix == 1:  # no shared prefix: redraw every position after BOS
             corrupted[:, 1:] = (clean[:, 1:] % (args.vocab - 1)) + 1
         metric = logit_diff_metric(pair.answer, pair.wrong)

@@ -18,7 +18,7 @@ from transformer_lens.tools.analysis.attribution_patching import EdgeAttribution
 
 from bench import attribution_quality as quality
 from bench import compare_attribution as cli
-from bench.models import gpt2_small_shaped, ioi_like_tokens, logit_diff_metric
+from bench.models import logit_diff_metric
 from fastpatch.attribution import get_attr_patch_edges
 
 SMALL = cli.SHAPES["small"]
@@ -27,10 +27,9 @@ pytestmark = pytest.mark.slow  # smoke runs of the benchmarks: `.ci/run` runs th
 
 
 @pytest.fixture(scope="module")
-def setup() -> Dict[str, Any]:
+def setup(small_model_and_pair) -> Dict[str, Any]:
     """Small model, prompts, a TransformerLens-compatible metric and TransformerLens's edges (once)."""
-    model = gpt2_small_shaped(0, SMALL["layers"], SMALL["d_model"], SMALL["heads"], SMALL["vocab"])
-    pair = ioi_like_tokens(SMALL["vocab"], SMALL["batch"], SMALL["positions"], corrupt_from=4)
+    model, pair = small_model_and_pair
     metric = logit_diff_metric(pair.answer[:1], pair.wrong[:1])  # fixed ids: TL calls it per prompt
     reference = attribution_patch(model, pair.clean, pair.corrupted, metric, EdgeAttributionConfig(granularity="edge"))
     return {"model": model, "clean": pair.clean, "corrupted": pair.corrupted, "metric": metric,

@@ -15,7 +15,7 @@ import torch
 from transformer_lens import patching as tl
 
 from bench import compare_transformer_lens as cli
-from bench.models import gpt2_small_shaped, ioi_like_tokens, logit_diff_metric
+from bench.models import logit_diff_metric
 from fastpatch import patching as fp
 
 SMALL = cli.SHAPES["small"]
@@ -24,10 +24,9 @@ pytestmark = pytest.mark.slow  # smoke runs of the benchmarks: `.ci/run` runs th
 
 
 @pytest.fixture(scope="module")
-def setup() -> Dict[str, Any]:
+def setup(small_model_and_pair) -> Dict[str, Any]:
     """Small model, prompts, clean cache, metric, and TransformerLens's reference values (once)."""
-    model = gpt2_small_shaped(0, SMALL["layers"], SMALL["d_model"], SMALL["heads"], SMALL["vocab"])
-    pair = ioi_like_tokens(SMALL["vocab"], SMALL["batch"], SMALL["positions"], corrupt_from=4)
+    model, pair = small_model_and_pair
     metric = logit_diff_metric(pair.answer, pair.wrong)
     with torch.no_grad():
         _, cache = model.run_with_cache(pair.clean)
