@@ -19,7 +19,7 @@ from typing import Any, Callable, Dict, List, NamedTuple, Optional
 
 import torch
 import torch.nn.functional as F
-from jaxtyping import Int
+from jaxtyping import Float, Int
 from torch import Tensor
 
 from fastpatch.ops.norms import linearised_norm_delta, normalize
@@ -129,6 +129,8 @@ class Trace:
     v: List[Tensor] = field(default_factory=list)
     k_rot: List[Tensor] = field(default_factory=list)  # keys as attention sees them
     pattern: List[Tensor] = field(default_factory=list)  # [batch, n_heads, dest, src]
+    # layer -> [batch, n_heads, dest, src] pre-softmax scores, computed only when a score patch needs them
+    attn_scores: Dict[int, Tensor] = field(default_factory=dict)
     z: List[Tensor] = field(default_factory=list)  # [batch, pos, n_heads, d_head]
     attn_out: List[Tensor] = field(default_factory=list)
     resid_mid: List[Tensor] = field(default_factory=list)  # sequential blocks only
@@ -477,6 +479,28 @@ class NativeModel:
         q_rot ``[rows, nq, heads, d_head]``; k_rot, v ``[rows, nk, kv_heads, d_head]``.
         Returns pattern ``[rows, heads, nq, nk]`` and z ``[rows, nq, heads, d_head]``.
         """
+        pattern = self.scores(q_rot, k_rot, q_start, layer, heads).softmax(dim=-1)
+        return pattern, self.mix_values(pattern, v)
+
+    def mix_values(
+        self, pattern: Float[Tensor, "rows heads nq nk"], v: Float[Tensor, "rows nk kv_heads d_head"]
+    ) -> Float[Tensor, "rows nq heads d_head"]:
+        """z ``[rows, nq, heads, d_head]`` of pattern ``[rows, heads, nq, nk]`` over v ``[rows, nk, kv_heads, d_head]``."""
+        rows, n_heads, nq, nk = pattern.shape
+        n_kv, d_head = v.shape[2], v.shape[3]
+        z = torch.matmul(pattern.view(rows, n_kv, (n_heads // n_kv) * nq, nk), v.permute(0, 2, 1, 3))
+        return z.view(rows, n_heads, nq, d_head).transpose(1, 2)
+
+    def scores(
+        self,
+        q_rot: Float[Tensor, "rows nq heads d_head"],
+        k_rot: Float[Tensor, "rows nk kv_heads d_head"],
+        q_start: int,
+        layer: Optional[int] = None,
+        heads: slice = slice(None),
+    ) -> Float[Tensor, "rows heads nq nk"]:
+        """Pre-softmax scores ``[rows, heads, nq, nk]`` as the bridge's ``hook_attn_scores`` holds them: scaled,
+        ALiBi added, soft-capped, then hidden keys (causal mask, sliding window) set to -inf (see ``attend``)."""
         rows, nq, n_heads, d_head = q_rot.shape
         nk, n_kv = k_rot.shape[1], k_rot.shape[2]
         group = n_heads // n_kv
@@ -493,9 +517,7 @@ class NativeModel:
             scores.div_(self.attn_cap).tanh_().mul_(self.attn_cap)
         window = None if layer is None else self.layers[layer].window
         hidden = self.future_mask(nq, nk, q_start, q_rot.device, window if window is not None and window < nk else None)
-        pattern = scores.masked_fill_(hidden, float("-inf")).softmax(dim=-1)
-        z = torch.matmul(pattern.view(rows, n_kv, group * nq, nk), v.permute(0, 2, 1, 3))
-        return pattern, z.view(rows, n_heads, nq, d_head).transpose(1, 2)
+        return scores.masked_fill_(hidden, float("-inf"))
 
     def future_mask(self, nq: int, nk: int, q_start: int, device: torch.device, window: Optional[int] = None) -> Tensor:
         """``[nq, nk]``, True where key position ``k`` is hidden from query position ``q = q_start + i``:
