@@ -14,8 +14,11 @@ import zoo
 from helpers import assert_close, assert_varies
 from transformer_lens import patching as tl
 
+import fastpatch
 from fastpatch import attribution as fa
 from fastpatch import patching as fp
+from fastpatch.engine.native.cells import corrupted_scores
+from fastpatch.engine.native.model import NativeModel
 from fastpatch.sources import zero_ablation
 
 MODELS = ("gpt2", "neox", "llama")
@@ -37,14 +40,67 @@ def test_score_sweeps_equal_transformer_lens(name, sweep, setter, axes):
                                       reduce="mean")
     assert_varies(ref, f"scores {sweep}")
     ours = getattr(fp, f"get_act_patch_attn_head_scores_{sweep}")
-    # auto: the native backend refuses scores, with its reason, and the hook backend runs (by_pos: hooks only)
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore")
-        for backend in ("hooks", "auto") if sweep == "all_pos" else ("hooks",):
-            assert_close(ours(model, case.corrupted, case.clean_cache, metric, reduce="mean", backend=backend,
-                              progress=False), ref)
-    with pytest.raises(ValueError, match=r"does not patch \['attn_scores'\]"):
-        ours(model, case.corrupted, case.clean_cache, metric, reduce="mean", backend="native", progress=False)
+    for backend in ("native", "hooks", "auto"):
+        with warnings.catch_warnings():
+            warnings.simplefilter("error")  # auto must not fall back
+            got = ours(model, case.corrupted, case.clean_cache, metric, reduce="mean", backend=backend, progress=False)
+        assert fastpatch.last_run_stats()["backend"] == ("hooks" if backend == "hooks" else "native")
+        assert_close(got, ref)
+
+
+def test_single_and_ablated_score_patches_equal_transformer_lens():
+    """One (dest, src) score per cell: the rest of the row keeps the corrupted run's scores, so the native
+    backend's corrupted scores (mask included) must be the model's; and whole heads from a zero-ablation source."""
+    case = _case("gpt2")
+    model, metric = case.model, case.per_example
+    ref = tl.generic_activation_patch(model, case.corrupted, case.clean_cache, metric,
+                                      tl.layer_head_dest_src_pos_pattern_patch_setter, "attn_scores",
+                                      ["layer", "head_index", "dest_pos", "src_pos"], reduce="mean")
+    assert_varies(ref, "single scores")
+    got = fp.get_act_patch_attn_head_scores_dest_src_pos(model, case.corrupted, case.clean_cache, metric, reduce="mean",
+                                                         backend="native", progress=False)
+    assert fastpatch.last_run_stats()["backend"] == "native"
+    assert_close(got, ref)
+    # a zero-ablation source (0 where visible, the mask's -inf kept): uniform attention over the visible keys
+    zero = zero_ablation(model, case.corrupted)
+    _, setter, axes = ALL_POS
+    ref = tl.generic_activation_patch(model, case.corrupted, zero, metric, setter, "attn_scores", axes, reduce="mean")
+    assert_varies(ref, "zero-ablated scores")
+    got = fp.get_act_patch_attn_head_scores_all_pos(model, case.corrupted, zero, metric, reduce="mean", backend="native",
+                                                    progress=False)
+    assert fastpatch.last_run_stats()["backend"] == "native"
+    assert_close(got, ref)
+
+
+@pytest.mark.parametrize("name", ["gemma2", "bloom"])
+def test_native_scores_are_the_hooks(name):
+    """The native corrupted scores sit where the bridge's hook_attn_scores does: after the scale, ALiBi (bloom)
+    and the soft cap (gemma2), with the causal mask and the sliding window (gemma2, layer 0) applied; the native
+    trace computes them only once a score patch asks. A native score sweep then equals TransformerLens's."""
+    clean, corrupted = zoo.prompt_pair(batch=2, n_pos=5, first_diff=1)
+    case = zoo.Case(name, zoo.ARCH_ZOO[name](), clean, corrupted)
+    model = case.model
+    with torch.no_grad():
+        _, cache = model.run_with_cache(case.corrupted)
+        engine = NativeModel.checked(model, case.corrupted)
+    assert engine.trace.attn_scores == {}
+    for layer in range(model.cfg.n_layers):
+        theirs = cache[SCORES.format(layer)]
+        ours = corrupted_scores(engine.native, engine.trace, layer)
+        hidden = torch.isneginf(ours)
+        assert hidden.any()
+        assert torch.equal(hidden, theirs <= torch.finfo(theirs.dtype).min)  # -inf, or finfo.min outside compatibility mode
+        assert_close(ours[~hidden], theirs[~hidden])
+        assert_varies(theirs[~hidden], f"{name} scores")
+    assert sorted(engine.trace.attn_scores) == list(range(model.cfg.n_layers))
+    _, setter, axes = ALL_POS
+    ref = tl.generic_activation_patch(model, case.corrupted, case.clean_cache, case.per_example, setter, "attn_scores",
+                                      axes, reduce="mean")
+    assert_varies(ref, f"{name} score sweep")
+    got = fp.get_act_patch_attn_head_scores_all_pos(model, case.corrupted, case.clean_cache, case.per_example,
+                                                    reduce="mean", backend="native", progress=False)
+    assert fastpatch.last_run_stats()["backend"] == "native"
+    assert_close(got, ref)
 
 
 def test_masked_scores_are_valid_but_nan_is_not():

@@ -18,6 +18,7 @@ cannot change is then skipped:
 | attn_out[l] | MLP of block l (parallel blocks: block l+1) | resid_pre + patched attn_out (+ mlp_out) |
 | z[l] | as attn_out | attn_out recomputed from patched z |
 | q/k/v/pattern[l] | as attn_out | attention of block l recomputed with the patch |
+| attn_scores[l] | as attn_out | as pattern, the pattern being the softmax of the patched scores |
 | mlp_out[l] | block l+1 | resid_mid + patched mlp_out |
 
 (*) In TransformerLens 4.3 bridges ``hook_resid_mid`` is an alias of ``ln2.hook_in``: a patch there
@@ -30,12 +31,12 @@ from __future__ import annotations
 from typing import Callable, List, NamedTuple, Optional, Tuple
 
 import torch
-from jaxtyping import Bool
+from jaxtyping import Bool, Float
 from torch import Tensor
 
 from fastpatch.engine.native.model import NativeModel, Trace
 
-SUPPORTED_ACTIVATIONS = ("resid_pre", "resid_mid", "attn_out", "mlp_out", "z", "q", "k", "v", "pattern")
+SUPPORTED_ACTIVATIONS = ("resid_pre", "resid_mid", "attn_out", "mlp_out", "z", "q", "k", "v", "pattern", "attn_scores")
 
 # Entry stages within a block: before its attention, or before its MLP (sequential blocks).
 ATTN, MLP = 0, 1
@@ -59,7 +60,17 @@ class NativeCell(NamedTuple):
 def _trace_activation(native: NativeModel, trace: Trace, name: str, layer: int) -> Tensor:
     if name == "resid_mid" and native.parallel:
         raise ValueError("parallel attention+MLP blocks have no resid_mid")
+    if name == "attn_scores":
+        return corrupted_scores(native, trace, layer)
     return getattr(trace, name)[layer]
+
+
+def corrupted_scores(native: NativeModel, trace: Trace, layer: int) -> Float[Tensor, "batch head dest src"]:
+    """The corrupted run's pre-softmax scores of ``layer`` (``hook_attn_scores``, -inf where masked), computed
+    from its queries and keys on first use and kept in the trace: only score patches need them."""
+    if layer not in trace.attn_scores:
+        trace.attn_scores[layer] = native.scores(native.rotate_q(layer, trace.q[layer], 0), trace.k_rot[layer], 0, layer)
+    return trace.attn_scores[layer]
 
 
 def entry_point(native: NativeModel, activation_name: str, layer: int) -> Entry:
@@ -84,7 +95,7 @@ def changed_positions(
     Kept on the device so that a whole plan's cells are read back to the host in one transfer
     (:func:`first_changed_positions`), not one synchronisation per cell."""
     patched, corrupted = _patched(native, trace, activation_name, index, patch_setter, clean)
-    pos_axis = 2 if activation_name == "pattern" else 1
+    pos_axis = 2 if activation_name in ("pattern", "attn_scores") else 1
     return (patched != corrupted).movedim(pos_axis, 0).reshape(patched.shape[pos_axis], -1).any(dim=1)
 
 
@@ -152,10 +163,14 @@ def _kept(keep: Callable[[str, Tensor], None], kind: str, value: Tensor) -> Tens
 def _patched_z(
     native: NativeModel, trace: Trace, name: str, layer: int, patched: Tensor, start: int, keep: Callable[[str, Tensor], None]
 ) -> Tensor:
-    """Head outputs ``[batch, pos - start, n_heads, d_head]`` of block ``layer`` with a q/k/v/pattern/z patch
-    (given to ``keep`` as ``z``, with the pattern at destinations ``start..`` as ``pattern``)."""
+    """Head outputs ``[batch, pos - start, n_heads, d_head]`` of block ``layer`` with a q/k/v/pattern/attn_scores/z
+    patch (given to ``keep`` as ``z``, with the pattern at destinations ``start..`` as ``pattern``)."""
     if name == "z":
         return _kept(keep, "z", patched[:, start:])
+    if name == "attn_scores":  # the bridge's softmax follows hook_attn_scores directly (mask, cap, ALiBi before it)
+        keep("attn_scores", patched[:, :, start:])
+        pattern = _kept(keep, "pattern", patched[:, :, start:].softmax(dim=-1))
+        return _kept(keep, "z", native.mix_values(pattern, trace.v[layer]))
     if name == "pattern":
         pattern = _kept(keep, "pattern", patched[:, :, start:])
         v = trace.v[layer]
