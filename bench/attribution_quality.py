@@ -73,12 +73,7 @@ import torch
 from jaxtyping import Float, Int
 from torch import Tensor
 
-from bench.compare_transformer_lens import (
-    RESULTS_DIR,
-    _HelpFormatter,
-    machine_record,
-    write_record,
-)
+from bench import compare_transformer_lens as cli
 from bench.models import logit_diff_metric
 from fastpatch.circuits import exact_edges
 
@@ -181,13 +176,10 @@ def agreement(estimate: torch.Tensor, exact: torch.Tensor, floor: float = 0.0, k
 
 
 def build_parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(
-        description=(
-            "Rank correlation (Spearman) and top-3 agreement between attribution estimates (plain, AtP*, "
-            "integrated gradients) and exact activation patching on fastpatch's trained induction model; "
-            "prints a table and writes a JSON result under bench/results/."
-        ),
-        formatter_class=_HelpFormatter,
+    p = cli.new_parser(
+        "Rank correlation (Spearman) and top-3 agreement between attribution estimates (plain, AtP*, "
+        "integrated gradients) and exact activation patching on fastpatch's trained induction model; "
+        "prints a table and writes a JSON result under bench/results/."
     )
     p.add_argument("--prompts", type=int, default=32, help="number of induction prompt pairs")
     p.add_argument("--half-len", type=int, default=16, help="length of the repeated sequence (prompt = 1 + 2 * half_len)")
@@ -271,7 +263,7 @@ def run(args: argparse.Namespace, command: Optional[str] = None) -> Dict[str, An
     return {
         "benchmark": "attribution_quality",
         "command": command,
-        **machine_record("cpu", torch.device("cpu")),
+        **cli.machine_record("cpu", torch.device("cpu")),
         "config": {
             "model": {"loader": "fastpatch.models.load_induction_model()", "architecture": info.get("architecture"),
                       "n_layers": int(model.cfg.n_layers), "d_model": int(model.cfg.d_model),
@@ -696,7 +688,7 @@ def faithfulness_main(args: argparse.Namespace, command: str) -> Dict[str, Any]:
     record = {
         "benchmark": "attribution_faithfulness",
         "command": command,
-        **machine_record("cpu", torch.device("cpu")),
+        **cli.machine_record("cpu", torch.device("cpu")),
         "config": {
             "ig_steps": args.ig_steps,
             "methods": {m: METHOD_LABELS[m] for m in FAITHFULNESS_METHODS},
@@ -726,7 +718,7 @@ def faithfulness_main(args: argparse.Namespace, command: str) -> Dict[str, Any]:
         "models": models,
     }
     print(faithfulness_markdown(record))
-    write_record(args.out or RESULTS_DIR / "cpu-faithfulness.json", record)
+    cli.write_record(args.out or cli.RESULTS_DIR / "cpu-faithfulness.json", record)
     if args.readme:
         write_readme_table(faithfulness_markdown(record))
     return record
@@ -772,13 +764,13 @@ def main(argv: Optional[Sequence[str]] = None) -> Dict[str, Any]:
     command = shlex.join(["python", "bench/attribution_quality.py", *argv])
     if args.faithfulness:
         return faithfulness_main(args, command)
-    args.out = args.out or RESULTS_DIR / "cpu-attribution-rank-correlation-induction.json"
+    args.out = args.out or cli.RESULTS_DIR / "cpu-attribution-rank-correlation-induction.json"
     print(f"induction model; induction_prompts({args.prompts}, {args.half_len}, seed={args.seed}); "
           f"ig_steps {args.ig_steps}", flush=True)
     record = run(args, command)
     print(f"clean metric {record['clean_metric']:.3f}, corrupted metric {record['corrupted_metric']:.3f}")
     print(format_table(record))
-    write_record(args.out, record)
+    cli.write_record(args.out, record)
     return record
 
 

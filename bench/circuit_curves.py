@@ -49,14 +49,7 @@ if __package__ in (None, ""):  # run as a script: make `bench` and `fastpatch` i
 
 import torch
 
-from bench.compare_transformer_lens import (
-    RESULTS_DIR,
-    _load_average,
-    best_time,
-    compare,
-    machine_record,
-    write_record,
-)
+from bench import compare_transformer_lens as cli
 
 ABLATIONS = ["corrupted", "zero", "mean"]
 TARGET = 2.0  # issue 17: at least 2x a loop of one forward per circuit on CPU
@@ -151,10 +144,10 @@ def run(args: argparse.Namespace, command: Optional[str] = None) -> Dict[str, An
     batch, n_pos = clean.shape
     # FLOPs per row and position computed (attending over every position), reader inputs' masked sums included
     per_position = forward_flops_per_row(cfg, n_pos, 1) + hook_flops_per_row(model, n_pos)
-    load_before = _load_average()
+    load_before = cli._load_average()
     sides: Dict[str, Dict[str, Any]] = {}
     for side, backend in (("fastpatch", "auto"), ("fastpatch_hooks", "hooks")):
-        seconds, cpu_seconds, result = best_time(lambda backend=backend: curve(backend), args.repeats, device)
+        seconds, cpu_seconds, result = cli.best_time(lambda backend=backend: curve(backend), args.repeats, device)
         stats = fastpatch.last_run_stats()
         native = stats["backend"] == "native"
         sides[side] = {
@@ -167,7 +160,7 @@ def run(args: argparse.Namespace, command: Optional[str] = None) -> Dict[str, An
             "values": result,
         }
     ours = sides["fastpatch"]["values"]
-    seconds, cpu_seconds, looped = best_time(lambda: loop(ours), args.repeats, device)
+    seconds, cpu_seconds, looped = cli.best_time(lambda: loop(ours), args.repeats, device)
     sides["loop"] = {
         "backend": "hooks", "seconds": seconds, "cpu_seconds": cpu_seconds, "passes": looped["runs"],
         "circuit_runs": looped["runs"], "rows": looped["runs"] * batch, "max_circuit_runs_per_pass": 1,
@@ -178,15 +171,15 @@ def run(args: argparse.Namespace, command: Optional[str] = None) -> Dict[str, An
     checks = {}
     for side in ("fastpatch", "fastpatch_hooks"):
         got = sides[side].pop("values")
-        checks[side] = compare(expected, torch.cat([got.values.flatten(), got.random_values.flatten()]), 1e-4,
+        checks[side] = cli.compare(expected, torch.cat([got.values.flatten(), got.random_values.flatten()]), 1e-4,
                                1e-5 * float(looped["values"].abs().max()))
     check = {**checks["fastpatch"], "agree": all(c["agree"] for c in checks.values()),
              "hooks_check": checks["fastpatch_hooks"]}
     ratio = sides["loop"]["seconds"] / sides["fastpatch"]["seconds"]
     return {
         "benchmark": "circuit_curves",
-        **machine_record(args.device, device),
-        "load_average": {"before": load_before, "after": _load_average()},
+        **cli.machine_record(args.device, device),
+        "load_average": {"before": load_before, "after": cli._load_average()},
         "config": {
             "model": "fastpatch.models.load_induction_model (shipped, 2 layers, d_model 64, 4 heads)",
             "prompts": args.prompts, "positions": int(n_pos), "metric": "LogitDiff at the last position (batch mean)",
@@ -237,15 +230,14 @@ def format_table(record: Dict[str, Any]) -> str:
 
 def main(argv: Optional[Sequence[str]] = None) -> Dict[str, Any]:
     args = build_parser().parse_args(argv)
-    if args.threads is not None:
-        torch.set_num_threads(args.threads)
     if args.out is None:
         prefix = f"-prefix{args.shared_prefix}" if args.shared_prefix else ""
-        args.out = RESULTS_DIR / f"{args.device}-circuit-curves-induction{prefix}{'-small' if args.small else ''}.json"
+        args.out = cli.RESULTS_DIR / f"{args.device}-circuit-curves-induction{prefix}{'-small' if args.small else ''}.json"
     command = "python bench/circuit_curves.py " + " ".join(shlex.quote(a) for a in (argv if argv is not None else sys.argv[1:]))
-    record = run(args, command.strip())
+    with cli.torch_threads(args.threads):
+        record = run(args, command.strip())
     print(format_table(record))
-    write_record(args.out, record)
+    cli.write_record(args.out, record)
     if not record["agree"]:
         raise SystemExit("the batched curve and the one-forward-per-circuit loop disagree")
     return record

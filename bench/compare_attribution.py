@@ -35,23 +35,7 @@ if __package__ in (None, ""):  # run as a script: make `bench` and `fastpatch` i
 
 import torch
 
-from bench.compare_transformer_lens import (
-    RESULTS_DIR,
-    _load_average,
-    _quiet_tqdm,
-    _sync,
-    add_shape_arguments,
-    best_time,
-    compare,
-    device_name,
-    format_rows,
-    machine_record,
-    new_parser,
-    resolve_shape,
-    torch_threads,
-    write_record,
-)
-from bench.compare_transformer_lens import SHAPES as COMPARE_SHAPES
+from bench import compare_transformer_lens as cli
 from bench.models import logit_diff_metric, shaped_model, shaped_prompts
 
 SWEEPS = ("get_attr_patch_edges",)
@@ -59,7 +43,7 @@ TL_CALL = 'transformer_lens attribution_patch(model, clean, corrupted, metric, E
 
 SHAPES: Dict[str, Dict[str, int]] = {
     "default": dict(layers=4, d_model=128, heads=8, vocab=50257, batch=16, positions=15),
-    "small": COMPARE_SHAPES["small"],  # what --small sets (resolve_shape)
+    "small": cli.SHAPES["small"],  # what --small sets (cli.resolve_shape)
 }
 
 _QKV_KINDS = {"q_input": "q", "k_input": "k", "v_input": "v"}
@@ -114,12 +98,12 @@ def tl_edges_on_our_grid(ours: Any, edge_scores: Dict[Tuple[Any, Any], float]) -
 def build_parser() -> argparse.ArgumentParser:
     """The command line; ``--help`` documents every option."""
     d = SHAPES["default"]
-    p = new_parser(
+    p = cli.new_parser(
         "Time TransformerLens's attribution_patch(..., EdgeAttributionConfig(granularity='edge')) "
         "against fastpatch.attribution.get_attr_patch_edges on one random-init GPT-2, check that "
         "the edge scores agree, print a table and write a JSON result under bench/results/."
     )
-    add_shape_arguments(p, d, batch_help="prompt pairs")
+    cli.add_shape_arguments(p, d, batch_help="prompt pairs")
     p.add_argument("--repeats", type=int, default=5,
                    help="timing rounds; each round runs TransformerLens once, then fastpatch once; the best "
                         "round of each library is kept")
@@ -135,11 +119,11 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def _resolve(args: argparse.Namespace) -> argparse.Namespace:
-    resolve_shape(args)
+    cli.resolve_shape(args)
     if args.repeats < 1:
         raise SystemExit("--repeats must be at least 1")
     if args.out is None:
-        args.out = RESULTS_DIR / f"{args.device}-edge-attribution-b{args.batch}{'-small' if args.small else ''}.json"
+        args.out = cli.RESULTS_DIR / f"{args.device}-edge-attribution-b{args.batch}{'-small' if args.small else ''}.json"
     return args
 
 
@@ -175,38 +159,38 @@ def run(args: argparse.Namespace, command: Optional[str] = None) -> Dict[str, An
 
     # Warm-up (allocator, autograd, hook machinery) on the first two prompts, then one full call of
     # each whose values are compared.
-    with _quiet_tqdm():
+    with cli._quiet_tqdm():
         attribution_patch(model, clean[:2], corrupted[:2], metric, config)
     get_attr_patch_edges(model, clean[:2], corrupted[:2], metric)
-    _sync(device)
+    cli._sync(device)
 
-    load_before = _load_average()
+    load_before = cli._load_average()
     tl_times: List[float] = []
     fp_times: List[float] = []
     tl_best = fp_best = (float("inf"), float("nan"))
     tl_out = fp_out = None
     caught: List[warnings.WarningMessage] = []
     for _ in range(args.repeats):  # interleaved: a load spike on the shared machine hits both
-        with _quiet_tqdm():
-            wall, cpu, tl_out = best_time(tl_call, 1, device)
+        with cli._quiet_tqdm():
+            wall, cpu, tl_out = cli.best_time(tl_call, 1, device)
         tl_times.append(wall)
         tl_best = min(tl_best, (wall, cpu))
         with warnings.catch_warnings(record=True) as round_caught:
             warnings.simplefilter("always")
-            wall, cpu, fp_out = best_time(fp_call, 1, device)
+            wall, cpu, fp_out = cli.best_time(fp_call, 1, device)
         caught += round_caught
         fp_times.append(wall)
         fp_best = min(fp_best, (wall, cpu))
     for message in sorted({str(w.message) for w in caught}):
         print(f"fastpatch warning (get_attr_patch_edges): {message}", file=sys.stderr)
-    load_after = _load_average()
+    load_after = cli._load_average()
 
     theirs, seen = tl_edges_on_our_grid(fp_out, tl_out.edge_scores)
     ours = fp_out.scores.detach().double().cpu()
     valid = fp_out.valid.cpu()
     scale = float(theirs.abs().max())
     atol = args.atol_scale * scale
-    check = compare(theirs, ours, args.rtol, atol)
+    check = cli.compare(theirs, ours, args.rtol, atol)
     edge_sets_equal = bool(torch.equal(seen, valid))
     values_agree = bool(check["agree"] and edge_sets_equal)
 
@@ -237,7 +221,7 @@ def run(args: argparse.Namespace, command: Optional[str] = None) -> Dict[str, An
     return {
         "benchmark": "compare_attribution",
         "command": command,
-        **machine_record(args.device, device),
+        **cli.machine_record(args.device, device),
         "load_average": {"before": load_before, "after": load_after},
         "config": {
             "model": {"architecture": "GPT2LMHeadModel (random init, initializer_range 0.05)",
@@ -273,7 +257,7 @@ def run(args: argparse.Namespace, command: Optional[str] = None) -> Dict[str, An
 def format_table(record: Dict[str, Any]) -> str:
     """A plain-text table of one result record."""
     header = f"{'sweep':<22}{'edges':>8}{'TL s':>10}{'fastpatch s':>13}{'ratio':>9}{'max |diff|':>12}{'max |TL|':>11}  agree"
-    return format_rows(header, [
+    return cli.format_rows(header, [
         f"{r['sweep']:<22}{r['cells']:>8}{r['tl_seconds']:>10.3f}{r['fastpatch_seconds']:>13.4f}"
         f"{r['ratio']:>8.1f}x{r['max_abs_diff']:>12.2e}{r['max_abs_value']:>11.2e}  {'yes' if r['agree'] else 'NO'}"
         for r in record["results"]
@@ -286,9 +270,9 @@ def main(argv: Optional[Sequence[str]] = None) -> Dict[str, Any]:
     args = _resolve(build_parser().parse_args(argv))
     command = shlex.join(["python", "bench/compare_attribution.py", *argv])
     cfg = f"{args.layers} layers, d_model {args.d_model}, {args.heads} heads, vocab {args.vocab}"
-    print(f"device {args.device} ({device_name(torch.device(args.device))}); model: {cfg}; "
+    print(f"device {args.device} ({cli.device_name(torch.device(args.device))}); model: {cfg}; "
           f"{args.batch} prompts x {args.positions} tokens; {args.repeats} interleaved rounds", flush=True)
-    with torch_threads(args.threads):
+    with cli.torch_threads(args.threads):
         record = run(args, command)
     print(format_table(record))
     r = record["results"][0]
@@ -296,7 +280,7 @@ def main(argv: Optional[Sequence[str]] = None) -> Dict[str, Any]:
           f"atol={r['atol']:.2e} ({args.atol_scale:g} x max |TL score|): {r['values_agree']}")
     print("rounds (s): TL " + " ".join(f"{t:.3f}" for t in r["tl_seconds_all"])
           + " | fastpatch " + " ".join(f"{t:.4f}" for t in r["fastpatch_seconds_all"]))
-    write_record(args.out, record)
+    cli.write_record(args.out, record)
     return record
 
 

@@ -44,25 +44,12 @@ if __package__ in (None, ""):  # run as a script: make `bench` and `fastpatch` i
 
 import torch
 
-from bench.compare_transformer_lens import (
-    RESULTS_DIR,
-    _load_average,
-    _sync,
-    add_shape_arguments,
-    best_time,
-    compare,
-    machine_record,
-    new_parser,
-    resolve_shape,
-    torch_threads,
-    write_record,
-)
-from bench.compare_transformer_lens import SHAPES as COMPARE_SHAPES
+from bench import compare_transformer_lens as cli
 from bench.models import logit_diff_metric, shaped_model, shaped_prompts
 
 SHAPES: Dict[str, Dict[str, int]] = {
     "default": dict(layers=4, d_model=512, heads=8, vocab=50257, batch=16, positions=16),
-    "small": COMPARE_SHAPES["small"],  # what --small sets (resolve_shape)
+    "small": cli.SHAPES["small"],  # what --small sets (cli.resolve_shape)
 }
 TARGETS = {"logitdiff": 10.0, "plain": 4.0}  # issue 16: at least 10x with LogitDiff, 4x with a plain callable
 
@@ -117,13 +104,13 @@ def plain_loop(model: Any, clean_tokens, corrupted_tokens, metric: Callable, edg
     out = {}
     device = corrupted_tokens.device
     for w, r in cells:
-        _sync(device)
+        cli._sync(device)
         start, start_cpu = time.perf_counter(), time.process_time()
         with torch.no_grad():
             delta = _write(model, clean, corrupted, edges.writer_names[w])
             hook = _reader_hook(model, corrupted, edges.reader_names[r], delta)
             value = float(metric(model.run_with_hooks(corrupted_tokens, fwd_hooks=[hook])))
-        _sync(device)
+        cli._sync(device)
         out[(w, r)] = (value, time.perf_counter() - start, time.process_time() - start_cpu)
     return out
 
@@ -133,11 +120,11 @@ def plain_loop(model: Any, clean_tokens, corrupted_tokens, metric: Callable, edg
 
 def build_parser() -> argparse.ArgumentParser:
     d = SHAPES["default"]
-    p = new_parser(
+    p = cli.new_parser(
         "Time fastpatch.circuits.exact_edges against a plain loop of one hooked forward per edge, "
         "check the values agree, print the ratios and write a JSON result under bench/results/."
     )
-    add_shape_arguments(p, d, batch_help="prompt pairs")
+    cli.add_shape_arguments(p, d, batch_help="prompt pairs")
     p.add_argument("--loop-sample", type=int, default=64,
                    help="edges the plain loop is timed on (a stratified sample; 0: every edge)")
     p.add_argument("--repeats", type=int, default=1, help="fastpatch timing rounds (best kept)")
@@ -151,12 +138,12 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def _resolve(args: argparse.Namespace) -> argparse.Namespace:
-    resolve_shape(args, middle=True)  # corrupted from the middle of the prompt
+    cli.resolve_shape(args, middle=True)  # corrupted from the middle of the prompt
     if args.repeats < 1 or args.loop_sample < 0:
         raise SystemExit("--repeats must be at least 1 and --loop-sample at least 0")
     if args.out is None:
         small = "-small" if args.small else ""
-        args.out = RESULTS_DIR / f"{args.device}-exact-edges-{args.layers}L{args.heads}H{small}.json"
+        args.out = cli.RESULTS_DIR / f"{args.device}-exact-edges-{args.layers}L{args.heads}H{small}.json"
     return args
 
 
@@ -173,10 +160,10 @@ def run(args: argparse.Namespace, command: Optional[str] = None) -> Dict[str, An
     metrics = {"plain": logit_diff_metric(answer, wrong), "logitdiff": LogitDiff(answer, wrong)}
 
     exact_edges(model, clean[:2], corrupted[:2], logit_diff_metric(answer[:2], wrong[:2]))  # warm-up
-    load_before = _load_average()
+    load_before = cli._load_average()
     rows: List[Dict[str, Any]] = []
     for name, metric in metrics.items():
-        fp_s, fp_cpu, edges = best_time(lambda metric=metric: exact_edges(model, clean, corrupted, metric),
+        fp_s, fp_cpu, edges = cli.best_time(lambda metric=metric: exact_edges(model, clean, corrupted, metric),
                                         args.repeats, device)
         valid = torch.nonzero(edges.valid).tolist()
         stride = 1 if args.loop_sample == 0 else max(1, len(valid) // args.loop_sample)
@@ -193,7 +180,7 @@ def run(args: argparse.Namespace, command: Optional[str] = None) -> Dict[str, An
         loop_cpu = sum(counts[k] * sum(v) / len(v) for k, v in cpu.items())
         ref = torch.tensor([loop[c][0] - edges.baseline for c in sample])
         ours = torch.stack([edges.scores[c] for c in sample]).cpu()
-        check = compare(ref, ours, args.rtol, args.atol_scale * float(ref.abs().max()))
+        check = cli.compare(ref, ours, args.rtol, args.atol_scale * float(ref.abs().max()))
         rows.append({
             "metric": name,
             "edges": len(valid),
@@ -212,8 +199,8 @@ def run(args: argparse.Namespace, command: Optional[str] = None) -> Dict[str, An
         })
     return {
         "benchmark": "exact_edges",
-        **machine_record(args.device, device),
-        "load_average": {"before": load_before, "after": _load_average()},
+        **cli.machine_record(args.device, device),
+        "load_average": {"before": load_before, "after": cli._load_average()},
         "config": {
             "model": {"architecture": "GPT2LMHeadModel (random init, initializer_range 0.05)", "n_layers": args.layers,
                       "d_model": args.d_model, "n_heads": args.heads, "d_vocab": args.vocab, "seed": args.seed},
@@ -242,10 +229,10 @@ def format_table(record: Dict[str, Any]) -> str:
 def main(argv: Optional[Sequence[str]] = None) -> Dict[str, Any]:
     args = _resolve(build_parser().parse_args(argv))
     command = "python bench/exact_edges.py " + " ".join(shlex.quote(a) for a in (argv if argv is not None else sys.argv[1:]))
-    with torch_threads(args.threads):
+    with cli.torch_threads(args.threads):
         record = run(args, command.strip())
     print(format_table(record))
-    write_record(args.out, record)
+    cli.write_record(args.out, record)
     if not all(row["agree"] for row in record["results"]):
         raise SystemExit("exact edges and the plain loop disagree")
     return record
