@@ -21,7 +21,6 @@ from __future__ import annotations
 
 import argparse
 import os
-import time
 import warnings
 from pathlib import Path
 from typing import Any, Dict
@@ -37,7 +36,6 @@ from fastpatch import patching as fp  # noqa: E402
 from fastpatch.metrics import ActivationMetric, AttentionTo, HeadDLA, LogitDiff, NeuronValue  # noqa: E402
 
 SWEEPS = ("get_act_patch_attn_head_out_all_pos", "get_act_patch_resid_pre")
-RESULTS = Path(__file__).parent / "results"
 
 
 def _metrics(model: Any, pair: Any, n_pos: int) -> Dict[str, Any]:
@@ -78,7 +76,7 @@ def _run(args: argparse.Namespace) -> Dict[str, Any]:
     metrics = _metrics(model, pair, args.positions)
     record: Dict[str, Any] = {
         "what": "activation metric / logit metric sweep time (fastpatch.metrics), one process",
-        "shape": {k: getattr(args, k) for k in ("layers", "d_model", "heads", "vocab", "batch", "positions")},
+        "shape": cli.shape_record(args),
         "corrupt_from": args.corrupt_from, "repeats": args.repeats, "device": cli.device_name(device),
         "threads": torch.get_num_threads(), "versions": cli.versions(), "git": cli.git_state(),
         "load_average_before": cli._load_average(), "runs": [],
@@ -91,18 +89,13 @@ def _run(args: argparse.Namespace) -> Dict[str, Any]:
         runs = {key: (lambda m=metrics[metric], b=backend: fn(model, corrupted, clean_cache, m, backend=b, progress=False))
                 for key, (metric, backend) in configs.items()}
         backends: Dict[str, str] = {}
-        seconds = {key: float("inf") for key in configs}
-        cpu_seconds = {key: float("nan") for key in configs}  # this process's CPU seconds in the best run
         with warnings.catch_warnings():
             warnings.simplefilter("ignore")  # the fallback to hooks says why once per call
             for key, run in runs.items():
                 run()  # warm-up (the native model build and parity check are per call, so they are timed too)
                 backends[key] = fastpatch.last_run_stats()["backend"]
-            for _ in range(args.repeats):  # interleaved rounds: a change in load hits every configuration alike
-                for key, run in runs.items():
-                    wall, cpu, _ = cli.best_time(run, 1, device)
-                    if wall < seconds[key]:
-                        seconds[key], cpu_seconds[key] = wall, cpu
+            # cpu_seconds: this process's CPU seconds in the best run
+            seconds, cpu_seconds = cli.interleaved_best(runs, args.repeats, device)
         ratios = {
             name: {"vs_logit_hooks": seconds[name] / seconds["logit_diff/hooks"],
                    "vs_logit_auto": seconds[name] / seconds["logit_diff/auto"],
@@ -122,8 +115,7 @@ def _run(args: argparse.Namespace) -> Dict[str, Any]:
             print(f"    {name:<12} ({backends[name]}) {r['vs_logit_auto']:.2f}x logit diff, {r['vs_declared_auto']:.2f}x declared, "
                   f"{r['vs_logit_hooks']:.2f}x hooks")
     record["load_average_after"] = cli._load_average()
-    name = f"{args.device}-activation-metric-costs-{args.layers}L{args.d_model}d-{time.strftime('%Y%m%d')}.json"
-    cli.write_record(args.out or RESULTS / name, record)
+    cli.write_record(args.out or cli.dated_result_path(args, "activation-metric-costs"), record)
     return record
 
 

@@ -187,6 +187,35 @@ def best_time(fn: Callable[[], Any], repeats: int, device: torch.device) -> Tupl
     return best, best_cpu, result
 
 
+def interleaved_best(
+    runs: Dict[str, Callable[[], Any]], repeats: int, device: torch.device,
+    after: Optional[Callable[[str], None]] = None,
+) -> Tuple[Dict[str, float], Dict[str, float]]:
+    """``(best wall seconds, this process's CPU seconds in that run)`` of each of ``runs`` by key, over
+    ``repeats`` interleaved rounds: each round runs every one once, so a change in the machine's load
+    hits all alike. ``after(key)`` is called after each run (e.g. to read ``fastpatch.last_run_stats()``)."""
+    seconds = {key: float("inf") for key in runs}
+    cpu_seconds = {key: float("nan") for key in runs}
+    for _ in range(repeats):
+        for key, run in runs.items():
+            wall, cpu, _ = best_time(run, 1, device)
+            if after is not None:
+                after(key)
+            if wall < seconds[key]:
+                seconds[key], cpu_seconds[key] = wall, cpu
+    return seconds, cpu_seconds
+
+
+def dated_result_path(args: argparse.Namespace, what: str) -> Path:
+    """``bench/results/<device>-<what>-<layers>L<d_model>d-<today>.json``: a dated record of a shape."""
+    return RESULTS_DIR / f"{args.device}-{what}-{args.layers}L{args.d_model}d-{time.strftime('%Y%m%d')}.json"
+
+
+def shape_record(args: argparse.Namespace) -> Dict[str, int]:
+    """The shape options of :func:`add_shape_arguments` as a record's ``shape`` field."""
+    return {k: getattr(args, k) for k in ("layers", "d_model", "heads", "vocab", "batch", "positions")}
+
+
 def as_tensor(result: Any) -> torch.Tensor:
     """The values of a sweep's return (a tensor, ``(tensor, index_df)`` or a ``PatchingResult``)."""
     if isinstance(result, tuple):

@@ -24,7 +24,6 @@ record under ``bench/results/``.
 from __future__ import annotations
 
 import os
-import time
 from functools import partial
 from pathlib import Path
 from typing import Any, Dict
@@ -40,7 +39,6 @@ from fastpatch import patching as fp  # noqa: E402
 from fastpatch.sources import mean_ablation, resample_ablation, zero_ablation  # noqa: E402
 
 SWEEPS = ("get_act_patch_attn_head_out_all_pos", "get_act_patch_resid_pre")
-RESULTS = Path(__file__).parent / "results"
 WORK = ("no_op_cells", "computed_cells", "row_positions", "row_position_blocks")
 READING = (
     "ratio_to_clean is wall time against the same sweep patched from a clean cache. Without a shared prefix "
@@ -90,7 +88,7 @@ def main(argv=None) -> Dict[str, Any]:
     record: Dict[str, Any] = {
         "what": "ablation source / clean cache sweep time (fastpatch.sources), one process, with each run's work",
         "reading": READING,
-        "shape": {k: getattr(args, k) for k in ("layers", "d_model", "heads", "vocab", "batch", "positions")},
+        "shape": cli.shape_record(args),
         "corrupt_from": args.corrupt_from, "backend": args.backend, "repeats": args.repeats,
         **cli.machine_record(args.device, device),
         "load_average_before": cli._load_average(), "runs": [],
@@ -108,16 +106,8 @@ def main(argv=None) -> Dict[str, Any]:
                     for kind, cache in sources.items()}
             for run in runs.values():
                 run()  # warm-up (native model build and parity check are per call, so they are timed too)
-            # interleaved: every repeat times each source once, so a change of machine load hits all alike
-            times = {kind: float("inf") for kind in runs}
-            cpu = dict(times)
-            work: Dict[str, Dict[str, Any]] = {}
-            for _ in range(args.repeats):
-                for kind, run in runs.items():
-                    wall, seconds, _ = cli.best_time(run, 1, device)
-                    work[kind] = _work()  # the same every repeat: the cells and their first changed positions
-                    if wall < times[kind]:
-                        times[kind], cpu[kind] = wall, seconds
+            work: Dict[str, Dict[str, Any]] = {}  # the same every repeat: the cells and their first changed positions
+            times, cpu = cli.interleaved_best(runs, args.repeats, device, after=lambda kind: work.update({kind: _work()}))
             ablations = [k for k in times if k != "clean"]
             ratios = {k: times[k] / times["clean"] for k in ablations}
             cpu_ratios = {k: cpu[k] / cpu["clean"] for k in ablations}
@@ -139,8 +129,7 @@ def main(argv=None) -> Dict[str, Any]:
                       f"{w['no_op_cells']} no-ops, {w['row_positions']} rows x positions, "
                       f"work (rows x positions x blocks) {_fmt(work_ratios[k])}, time per work {_fmt(per_work[k])}")
     record["load_average_after"] = cli._load_average()
-    name = f"{args.device}-source-costs-{args.layers}L{args.d_model}d-{time.strftime('%Y%m%d')}.json"
-    cli.write_record(args.out or RESULTS / name, record)
+    cli.write_record(args.out or cli.dated_result_path(args, "source-costs"), record)
     return record
 
 
