@@ -224,9 +224,7 @@ def run(args: argparse.Namespace, command: Optional[str] = None) -> Dict[str, An
         **cli.machine_record(args.device, device),
         "load_average": {"before": load_before, "after": load_after},
         "config": {
-            "model": {"architecture": "GPT2LMHeadModel (random init, initializer_range 0.05)",
-                      "n_layers": args.layers, "d_model": args.d_model, "n_heads": args.heads,
-                      "d_head": args.d_model // args.heads, "d_vocab": args.vocab, "seed": args.seed,
+            "model": {**cli.model_record(args), "d_head": args.d_model // args.heads,
                       "n_params": sum(p.numel() for p in model.parameters())},
             "batch": args.batch,
             "positions": args.positions,

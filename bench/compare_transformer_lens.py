@@ -216,6 +216,13 @@ def shape_record(args: argparse.Namespace) -> Dict[str, int]:
     return {k: getattr(args, k) for k in ("layers", "d_model", "heads", "vocab", "batch", "positions")}
 
 
+def model_record(args: argparse.Namespace, arch: str = "gpt2") -> Dict[str, Any]:
+    """A record's ``config["model"]``: the random-init architecture (``bench.models.ARCHITECTURES``) at
+    the shape and seed of the options (:func:`add_shape_arguments`, ``--seed``)."""
+    return {"architecture": ARCHITECTURES[arch][1], "n_layers": args.layers, "d_model": args.d_model,
+            "n_heads": args.heads, "d_vocab": args.vocab, "seed": args.seed}
+
+
 def as_tensor(result: Any) -> torch.Tensor:
     """The values of a sweep's return (a tensor, ``(tensor, index_df)`` or a ``PatchingResult``)."""
     if isinstance(result, tuple):
@@ -409,8 +416,7 @@ def run(args: argparse.Namespace) -> Dict[str, Any]:
     from fastpatch import patching as fp
 
     device = torch.device(args.device)
-    build, description = ARCHITECTURES[args.arch]
-    model = shaped_model(args, device, build=build)
+    model = shaped_model(args, device, build=ARCHITECTURES[args.arch][0])
     clean, corrupted, answer, wrong = shaped_prompts(args, device)
     from fastpatch.metrics import LogitDiff
 
@@ -444,9 +450,7 @@ def run(args: argparse.Namespace) -> Dict[str, Any]:
         **machine_record(args.device, device),
         "load_average": {"before": load_before, "after": _load_average()},
         "config": {
-            "model": {"architecture": description,
-                      "n_layers": args.layers, "d_model": args.d_model, "n_heads": args.heads,
-                      "d_vocab": args.vocab, "seed": args.seed},
+            "model": model_record(args, args.arch),
             "batch": args.batch,
             "positions": args.positions,
             "corrupt_from": args.corrupt_from,

@@ -202,8 +202,7 @@ def run(args: argparse.Namespace, command: Optional[str] = None) -> Dict[str, An
         **cli.machine_record(args.device, device),
         "load_average": {"before": load_before, "after": cli._load_average()},
         "config": {
-            "model": {"architecture": "GPT2LMHeadModel (random init, initializer_range 0.05)", "n_layers": args.layers,
-                      "d_model": args.d_model, "n_heads": args.heads, "d_vocab": args.vocab, "seed": args.seed},
+            "model": cli.model_record(args),
             "batch": args.batch, "positions": args.positions, "corrupt_from": args.corrupt_from,
             "loop": "one hooked forward per edge (writer's write into the reader's input alone)",
             "loop_sample": args.loop_sample,

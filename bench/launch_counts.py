@@ -560,9 +560,7 @@ def run(args: argparse.Namespace) -> Dict[str, Any]:
         "command": " ".join(["python", "bench/launch_counts.py", *sys.argv[1:]]) if args.argv is None
                    else " ".join(["python", "bench/launch_counts.py", *args.argv]),
         "config": {
-            "model": {"architecture": "GPT2LMHeadModel (random init, initializer_range 0.05)",
-                      "n_layers": shape["layers"], "d_model": shape["d_model"], "n_heads": shape["heads"],
-                      "d_vocab": shape["vocab"], "seed": args.seed},
+            "model": compare.model_record(args),
             "batch": shape["batch"], "positions": shape["positions"], "corrupt_from": s["corrupt_from"],
             "small": bool(args.small), "grad_enabled": False, "dtype": "float32",
             "fastpatch_kwargs": fp_kwargs, "metrics": list(args.metrics), "sweeps": list(args.sweeps),
