@@ -57,7 +57,6 @@ from __future__ import annotations
 
 import argparse
 import os
-import shlex
 import sys
 import time
 from dataclasses import dataclass
@@ -759,9 +758,8 @@ def format_table(record: Dict[str, Any]) -> str:
 
 
 def main(argv: Optional[Sequence[str]] = None) -> Dict[str, Any]:
-    argv = list(sys.argv[1:] if argv is None else argv)
     args = build_parser().parse_args(argv)
-    command = shlex.join(["python", "bench/attribution_quality.py", *argv])
+    command = cli.command_line("attribution_quality.py", argv)
     if args.faithfulness:
         return faithfulness_main(args, command)
     args.out = args.out or cli.RESULTS_DIR / "cpu-attribution-rank-correlation-induction.json"

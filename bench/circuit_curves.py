@@ -37,7 +37,6 @@ from __future__ import annotations
 
 import argparse
 import os
-import shlex
 import sys
 from pathlib import Path
 from typing import Any, Dict, Optional, Sequence
@@ -233,9 +232,8 @@ def main(argv: Optional[Sequence[str]] = None) -> Dict[str, Any]:
     if args.out is None:
         prefix = f"-prefix{args.shared_prefix}" if args.shared_prefix else ""
         args.out = cli.RESULTS_DIR / f"{args.device}-circuit-curves-induction{prefix}{'-small' if args.small else ''}.json"
-    command = "python bench/circuit_curves.py " + " ".join(shlex.quote(a) for a in (argv if argv is not None else sys.argv[1:]))
     with cli.torch_threads(args.threads):
-        record = run(args, command.strip())
+        record = run(args, cli.command_line("circuit_curves.py", argv))
     print(format_table(record))
     cli.write_record(args.out, record)
     if not record["agree"]:

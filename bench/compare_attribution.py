@@ -22,7 +22,6 @@ from __future__ import annotations
 
 import argparse
 import os
-import shlex
 import sys
 import warnings
 from pathlib import Path
@@ -264,9 +263,8 @@ def format_table(record: Dict[str, Any]) -> str:
 
 def main(argv: Optional[Sequence[str]] = None) -> Dict[str, Any]:
     """Parse ``argv``, run the comparison, print the table, write the JSON; returns the record."""
-    argv = list(sys.argv[1:] if argv is None else argv)
     args = _resolve(build_parser().parse_args(argv))
-    command = shlex.join(["python", "bench/compare_attribution.py", *argv])
+    command = cli.command_line("compare_attribution.py", argv)
     cfg = f"{args.layers} layers, d_model {args.d_model}, {args.heads} heads, vocab {args.vocab}"
     print(f"device {args.device} ({cli.device_name(torch.device(args.device))}); model: {cfg}; "
           f"{args.batch} prompts x {args.positions} tokens; {args.repeats} interleaved rounds", flush=True)

@@ -20,6 +20,7 @@ import io
 import json
 import os
 import platform
+import shlex
 import subprocess
 import sys
 import time
@@ -112,6 +113,12 @@ def _git(*args: str) -> Optional[str]:
         return out.stdout
     except (OSError, subprocess.SubprocessError):
         return None
+
+
+def command_line(script: str, argv: Optional[Sequence[str]] = None) -> str:
+    """A record's ``command``: ``python bench/<script>`` and ``argv`` (default: this process's own
+    arguments), shell-quoted so that it can be pasted back."""
+    return shlex.join(["python", f"bench/{script}", *(sys.argv[1:] if argv is None else argv)])
 
 
 def write_record(path: Path, record: Dict[str, Any], indent: int = 2) -> None:

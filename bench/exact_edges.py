@@ -30,7 +30,6 @@ from __future__ import annotations
 
 import argparse
 import os
-import shlex
 import sys
 import time
 from collections import defaultdict
@@ -227,9 +226,8 @@ def format_table(record: Dict[str, Any]) -> str:
 
 def main(argv: Optional[Sequence[str]] = None) -> Dict[str, Any]:
     args = _resolve(build_parser().parse_args(argv))
-    command = "python bench/exact_edges.py " + " ".join(shlex.quote(a) for a in (argv if argv is not None else sys.argv[1:]))
     with cli.torch_threads(args.threads):
-        record = run(args, command.strip())
+        record = run(args, cli.command_line("exact_edges.py", argv))
     print(format_table(record))
     cli.write_record(args.out, record)
     if not all(row["agree"] for row in record["results"]):
