@@ -418,15 +418,21 @@ def reference_prune(edges, writer_names, reader_names, n_heads, n_kv):
         edges = kept
 
 
+def _node_map_case(case, seed):
+    """The model, its full circuit, names, random edge scores and KV head count for the node-map references."""
+    if case.name == "neox":
+        pytest.skip("sequential (gpt2) and grouped-query (llama) wiring cover the node maps")
+    model, full = case.model, case.full
+    scores = torch.randn(full.shape, generator=torch.Generator().manual_seed(seed)) * full
+    n_kv = getattr(model.cfg, "n_key_value_heads", None) or model.cfg.n_heads
+    return model, full, *_names(model), scores, n_kv
+
+
 def test_top_n_random_and_pruning(case):
     """Top-n against a sort of (score, edge) pairs; random circuits' sizes; pruning against the set-based reference."""
     from fastpatch.circuits.faithfulness import prune_dangling, random_circuits, top_n_circuits
 
-    if case.name == "neox":
-        pytest.skip("sequential (gpt2) and grouped-query (llama) wiring cover the node maps")
-    model, full = case.model, case.full
-    writer_names, reader_names = _names(model)
-    scores = torch.randn(full.shape, generator=torch.Generator().manual_seed(5)) * full
+    model, full, writer_names, reader_names, scores, n_kv = _node_map_case(case, seed=5)
     scores[0, -1] = scores[1, -1] = 7.0  # a tie: the earlier edge goes first
     edges = [(w, r) for w, r in torch.nonzero(full).tolist()]
     ranked = sorted(edges, key=lambda e: (-abs(float(scores[e])), edges.index(e)))
@@ -439,7 +445,6 @@ def test_top_n_random_and_pruning(case):
     assert not torch.equal(rand[0], rand[1])
     # pruning: sparse circuits, where most heads lose their inputs or outputs
     cfg = model.cfg
-    n_kv = getattr(cfg, "n_key_value_heads", None) or cfg.n_heads
     sparse = _circuits(full, (0.04, 0.08, 0.15, 0.3), seed=6)
     pruned = prune_dangling(model, sparse)
     changed = 0
@@ -528,12 +533,7 @@ def reference_greedy(scores, full, writer_names, reader_names, n_heads, n_kv, co
 def test_greedy_circuits(case):
     from fastpatch.circuits.discovery import greedy_circuits
 
-    if case.name == "neox":
-        pytest.skip("sequential (gpt2) and grouped-query (llama) wiring cover the node maps")
-    model, full = case.model, case.full
-    writer_names, reader_names = _names(model)
-    scores = torch.randn(full.shape, generator=torch.Generator().manual_seed(8)) * full
-    n_kv = getattr(model.cfg, "n_key_value_heads", None) or model.cfg.n_heads
+    model, full, writer_names, reader_names, scores, n_kv = _node_map_case(case, seed=8)
     counts = [1, 5, 20, 60]
     circuits = greedy_circuits(model, scores, counts)
     for count, circuit in zip(counts, circuits):
