@@ -60,7 +60,7 @@ from fastpatch.engine.activation_plan import ActivationPlan
 from fastpatch.engine.checks import check_tokens, require_eval_mode
 from fastpatch.engine.direct_path import DirectPathPlan
 from fastpatch.engine.driver import RunOptions, run_plan
-from fastpatch.engine.joint_plan import JointPatch, JointPlan, joint_sweeps
+from fastpatch.engine.joint_plan import JointPatch, JointPlan, PatchSetter, joint_sweeps
 from fastpatch.engine.metric_set import MetricFn, MetricSet
 from fastpatch.engine.plan import Sweep, index_table
 from fastpatch.sources import DIRECTIONS, resolve_direction
@@ -115,7 +115,6 @@ Logits = _tl.Logits
 CorruptedActivation = _tl.CorruptedActivation
 PatchedActivation = _tl.PatchedActivation
 Reduce = _tl.Reduce
-PatchSetter = Callable[[torch.Tensor, Sequence[int], torch.Tensor], torch.Tensor]
 SweepReturn = Union[torch.Tensor, Tuple[torch.Tensor, pd.DataFrame], PatchingResult]
 
 
