@@ -115,6 +115,37 @@ def test_masked_scores_are_valid_but_nan_is_not():
             fp.get_act_patch_attn_head_scores_all_pos(case.model, case.corrupted, cache, case.scalar, progress=False)
 
 
+def test_no_state_left_when_a_native_score_sweep_raises():
+    """A metric raising mid-sweep, and NaN scores refused, on the native score path (whose corrupted scores are
+    computed on first use): no hook or flag is left on the model, and the next call gives the same values."""
+    case = _case("gpt2")
+    model = case.model
+    flags, calls = fastpatch.model_flags(model), []
+
+    def failing(logits):
+        calls.append(1)
+        if len(calls) == 3:
+            raise RuntimeError("metric failed")
+        return case.scalar(logits)
+
+    with pytest.raises(RuntimeError, match="metric failed"):
+        fp.get_act_patch_attn_head_scores_all_pos(model, case.corrupted, case.clean_cache, failing, backend="native",
+                                                  chunk_size=2, progress=False)
+    cache = dict(case.clean_cache.items())
+    cache[SCORES.format(0)] = cache[SCORES.format(0)].clone()
+    cache[SCORES.format(0)][0, 0, 2, 1] = float("nan")
+    with pytest.raises(ValueError, match="NaN"):
+        fp.get_act_patch_attn_head_scores_all_pos(model, case.corrupted, cache, case.scalar, backend="native",
+                                                  progress=False)
+    assert fastpatch.hook_count(model) == 0 and fastpatch.model_flags(model) == flags
+    after = fp.get_act_patch_attn_head_scores_all_pos(model, case.corrupted, case.clean_cache, case.scalar,
+                                                      backend="native", progress=False)
+    hooks = fp.get_act_patch_attn_head_scores_all_pos(model, case.corrupted, case.clean_cache, case.scalar,
+                                                      backend="hooks", progress=False)
+    assert_varies(hooks, "scores all_pos")
+    assert_close(after, hooks)
+
+
 def _autograd_scores(model, tokens, metric, source, broadcast, grid):
     """d metric / d alpha at 0 with each layer's scores set to ``s + alpha * (source - s)`` (0 where
     both are -inf), ``alpha`` one number per cell of ``grid`` (``broadcast`` puts it on ``[batch, head, dest, src]``)."""
