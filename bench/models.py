@@ -16,6 +16,14 @@ from jaxtyping import Float, Int
 BOS = 0
 
 
+def _bridge(module: torch.nn.Module, architecture: str, cfg) -> torch.nn.Module:
+    from fastpatch._tl_private import build_bridge_from_module
+
+    bridge = build_bridge_from_module(module.eval(), architecture, hf_config=cfg)
+    bridge.enable_compatibility_mode(disable_warnings=True)
+    return bridge.eval()
+
+
 def gpt2_small_shaped(
     seed: int = 0,
     n_layers: int = 12,
@@ -27,25 +35,13 @@ def gpt2_small_shaped(
     """A random-init GPT-2 (GPT-2 small's shape by default) as an eval-mode TransformerLens bridge."""
     from transformers import GPT2Config, GPT2LMHeadModel
 
-    from fastpatch._tl_private import build_bridge_from_module
-
     torch.manual_seed(seed)
     cfg = GPT2Config(
         n_layer=n_layers, n_embd=d_model, n_head=n_heads, vocab_size=vocab, n_positions=n_ctx,
         initializer_range=0.05, bos_token_id=BOS, eos_token_id=BOS,
         resid_pdrop=0.0, embd_pdrop=0.0, attn_pdrop=0.0,
     )
-    bridge = build_bridge_from_module(GPT2LMHeadModel(cfg).eval(), "GPT2LMHeadModel", hf_config=cfg)
-    bridge.enable_compatibility_mode(disable_warnings=True)
-    return bridge.eval()
-
-
-def _bridge(module: torch.nn.Module, architecture: str, cfg) -> torch.nn.Module:
-    from fastpatch._tl_private import build_bridge_from_module
-
-    bridge = build_bridge_from_module(module.eval(), architecture, hf_config=cfg)
-    bridge.enable_compatibility_mode(disable_warnings=True)
-    return bridge.eval()
+    return _bridge(GPT2LMHeadModel(cfg), "GPT2LMHeadModel", cfg)
 
 
 def gemma2_shaped(
