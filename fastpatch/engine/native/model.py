@@ -409,9 +409,6 @@ class NativeModel:
         """The model's norm with weights ``w``, ``b``; ``w=None`` is a block without that norm."""
         return x if w is None else normalize(x, w, b, self.norm, self.eps)
 
-    def _post_norm(self, out: Tensor, w: Optional[Tensor], b: Optional[Tensor]) -> Tensor:
-        return out if w is None else normalize(out, w, b, self.norm, self.eps)
-
     def _qk_normalize(self, x: Tensor, w: Optional[Tensor], eps: float) -> Tensor:
         """QK-norm of ``[..., heads, d_head]``: per head, or over all heads' values (OLMo 2's weight)."""
         if w is None:
@@ -544,7 +541,7 @@ class NativeModel:
         """``[..., n_heads, d_head] -> [..., d_model]``: heads' outputs through W_O, summed."""
         L = self.layers[layer]
         out = _matmul(z.reshape(*z.shape[:-2], -1), L.W_O_flat, L.b_O)
-        return self._post_norm(out, L.ln1_post_w, L.ln1_post_b)
+        return self.normalize(out, L.ln1_post_w, L.ln1_post_b)
 
     def linearised_norm_delta(self, x: Tensor, delta: Tensor, w: Tensor) -> Tensor:
         """First-order change of ``normalize(x)`` with the scale frozen (see ``fastpatch.ops.norms``)."""
@@ -561,13 +558,13 @@ class NativeModel:
         called for a mixture of experts, which has no single one)."""
         L = self.layers[layer]
         if L.moe is not None:
-            return self._post_norm(self.experts(L.moe, h), L.ln2_post_w, L.ln2_post_b)
+            return self.normalize(self.experts(L.moe, h), L.ln2_post_w, L.ln2_post_b)
         pre = _matmul(h, L.W_in, L.b_in)
         post = self.act(_matmul(h, L.W_gate, L.b_gate)).mul_(pre) if self.gated else self.act(pre)
         if keep_post is not None:
             keep_post(post)
         out = _matmul(post, L.W_out, L.b_out)
-        return self._post_norm(out, L.ln2_post_w, L.ln2_post_b)
+        return self.normalize(out, L.ln2_post_w, L.ln2_post_b)
 
     def experts(self, moe: MoE, h: Tensor) -> Tensor:
         """Mixtral's sparse MoE on ``[..., d_model]``, as Hugging Face computes it: softmax router in
