@@ -27,7 +27,7 @@ non-integrated score: ``"left"`` for patching estimates (``alpha = 0`` is the co
 from __future__ import annotations
 
 from functools import partial
-from typing import Any, Callable, Dict, List, Mapping, NamedTuple, Optional, Sequence, Tuple
+from typing import Any, Callable, Container, Dict, List, Mapping, NamedTuple, Optional, Sequence, Tuple
 
 import torch
 import transformer_lens.utilities as tl_utils
@@ -296,7 +296,7 @@ def gradients(
             logits = model(tokens)
             value = metric.from_activations(logits, acts) if capture else metric(logits)
             target = _check_metric(value, reduce, int(tokens.shape[0]))
-            _require_fired(names, probes)
+            require_fired(names, probes)
             grads = torch.autograd.grad(target, [probes[n] for n in names], allow_unused=True)
     finally:
         _release_graph(model)
@@ -318,7 +318,8 @@ def _release_graph(model: Any) -> None:
                 setattr(module, key, value.detach())
 
 
-def _require_fired(names: Sequence[str], seen: Dict[str, Tensor]) -> None:
+def require_fired(names: Sequence[str], seen: Container[str]) -> None:
+    """A ``ValueError`` naming the hook points in ``names`` that are not in ``seen`` (the ones that fired)."""
     missing = [n for n in names if n not in seen]
     if missing:
         raise ValueError(f"hook points {missing} did not fire during the forward pass")
@@ -338,7 +339,7 @@ def capture(
 
     with torch.no_grad(), model.hooks(fwd_hooks=list(fwd_hooks) + [(n, keep(n)) for n in names]):
         model(tokens)
-    _require_fired(names, store)
+    require_fired(names, store)
     return store
 
 

@@ -167,9 +167,7 @@ def _scores(
         grads = passes.gradients(
             model, runs.target, metric, names, reduce, record=corrupted, after_hooks=after, before_hooks=before
         )
-    missing = [n for n in [*patch_names, *stops] if n not in fired]
-    if missing:
-        raise ValueError(f"hook points {missing} did not fire during the forward pass")
+    passes.require_fired([*patch_names, *stops], fired)
     out = {}
     for name in names:
         delta = passes.difference(clean[name], corrupted[name])
