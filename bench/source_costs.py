@@ -50,7 +50,7 @@ READING = (
 )
 
 
-def _sources(model: Any, clean: torch.Tensor, corrupted: torch.Tensor) -> Dict[str, Any]:
+def _sources(model: Any, clean: torch.Tensor) -> Dict[str, Any]:
     with torch.no_grad():
         _, clean_cache = model.run_with_cache(clean)
     return {
@@ -99,7 +99,7 @@ def main(argv=None) -> Dict[str, Any]:
         if prefix == 1:  # no shared prefix: redraw every position after BOS
             corrupted[:, 1:] = (clean[:, 1:] % (args.vocab - 1)) + 1
         metric = logit_diff_metric(pair.answer, pair.wrong)
-        sources = _sources(model, clean, corrupted)
+        sources = _sources(model, clean)
         for sweep in SWEEPS:
             fn = getattr(fp, sweep)
             runs = {kind: partial(fn, model, corrupted, cache, metric, backend=args.backend, progress=False)
@@ -119,10 +119,10 @@ def main(argv=None) -> Dict[str, Any]:
                 "ratio_to_clean": ratios, "cpu_ratio_to_clean": cpu_ratios, "work_ratio_to_clean": work_ratios,
                 "ratio_per_work": per_work,
             })
-            clean = work["clean"]
-            print(f"{cli.short_name(sweep):<16} shared prefix {prefix:>2} ({clean['backend']}): clean {times['clean']:.3f}s, "
-                  f"{clean['computed_cells']} cells computed, {clean['no_op_cells']} no-ops, "
-                  f"{clean['row_positions']} rows x positions")
+            base = work["clean"]
+            print(f"{cli.short_name(sweep):<16} shared prefix {prefix:>2} ({base['backend']}): clean {times['clean']:.3f}s, "
+                  f"{base['computed_cells']} cells computed, {base['no_op_cells']} no-ops, "
+                  f"{base['row_positions']} rows x positions")
             for k in ablations:
                 w = work[k]
                 print(f"{'':<20}{k:<9} {ratios[k]:.2f}x time (cpu {cpu_ratios[k]:.2f}x), {w['computed_cells']} cells, "
