@@ -155,6 +155,25 @@ class Case:
         return cls(name, ZOO[name](), clean, corrupted)
 
 
+# six reference prompts for a mean ablation: more than the three patched ones (broadcast over the batch)
+MEAN_REFERENCE = torch.randint(0, VOCAB, (6, 5), generator=torch.Generator().manual_seed(7))
+
+
+def ablation_source(case: Case, kind: str):
+    """The tests' ``kind`` source for ``case``: ``zero`` (the clean prompts' shapes), ``mean`` (of
+    ``MEAN_REFERENCE``, broadcast to the batch) or ``resample`` (the clean prompts permuted, seed 1)."""
+    from fastpatch.sources import mean_ablation, resample_ablation, zero_ablation
+
+    model = case.model
+    if kind == "zero":
+        return zero_ablation(model, case.clean)
+    if kind == "mean":
+        return mean_ablation(model, MEAN_REFERENCE, batch=case.corrupted.shape[0])
+    if kind == "resample":
+        return resample_ablation(model, case.clean, seed=1)
+    raise ValueError(f"unknown ablation source kind {kind!r}")
+
+
 # ---- architecture zoo (tests/test_architectures.py) -------------------------------------------------
 # One tiny random-init bridge per architecture family: 2 layers, d_model 48, 4 query heads (2 K/V
 # heads where the family has grouped-query attention), every norm's weight (and bias) perturbed so
