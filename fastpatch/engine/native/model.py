@@ -428,16 +428,9 @@ class NativeModel:
         L = self.layers[layer]
         return self._rotary(layer, self._qk_normalize(k, L.k_norm_w, L.qk_norm_eps), start)
 
-    def rotate(self, layer: int, x: Tensor, start: int) -> Tensor:
-        """Rotary embedding of queries or keys ``[rows, pos, heads, d_head]`` at positions ``start, ...``.
-
-        On a model with QK-norm the norm must come first: use ``rotate_q`` / ``rotate_k``, which
-        know which norm; this refuses rather than skip it."""
-        if self.layers[layer].q_norm_w is not None:
-            raise UnsupportedModel("QK-norm model: queries and keys go through rotate_q / rotate_k")
-        return self._rotary(layer, x, start)
-
     def _rotary(self, layer: int, x: Tensor, start: int) -> Tensor:
+        """Rotary embedding of queries or keys ``[rows, pos, heads, d_head]`` at positions ``start, ...``
+        (after QK-norm: callers go through ``rotate_q`` / ``rotate_k``)."""
         if self.rotary is None:
             return x
         cos, sin = self.rotary[layer]
