@@ -23,7 +23,7 @@ from jaxtyping import Float
 from torch import Tensor
 
 from fastpatch.attribution import passes
-from fastpatch.attribution.passes import SCORE_SWEEPS, SOURCE_DOC, SWEEPS, Tokens
+from fastpatch.attribution.passes import ALL_SWEEPS, SOURCE_DOC, Tokens
 from fastpatch.engine.model_state import preserved_model_state
 from fastpatch.metrics import MetricFn
 
@@ -32,9 +32,7 @@ __all__ = ["GRADDROP_SWEEPS", "get_attr_patch_graddrop"]
 # Sweeps whose activation lies inside one layer's residual contribution (its attention or MLP
 # output and what computes it). resid_pre / resid_mid are residual-stream states, not part of any
 # layer's output: no drop removes all their paths, so the 1 / (L - 1) average does not apply.
-GRADDROP_SWEEPS = tuple(
-    s for s, (act, _) in {**SWEEPS, **SCORE_SWEEPS}.items() if act not in ("resid_pre", "resid_mid")
-)
+GRADDROP_SWEEPS = tuple(s for s, (act, _) in ALL_SWEEPS.items() if act not in ("resid_pre", "resid_mid"))
 
 
 def _stop_gradient(tensor: Tensor, hook: Any) -> Tensor:
@@ -79,7 +77,7 @@ def get_attr_patch_graddrop(
     Cost: one clean forward and ``L`` corrupted forward+backward passes; the model keeps no hooks.
     """
     if sweep not in GRADDROP_SWEEPS:
-        if sweep in SWEEPS or sweep in SCORE_SWEEPS:
+        if sweep in ALL_SWEEPS:
             raise ValueError(
                 f"GradDrop needs a node inside a layer's residual contribution; {sweep!r} is the residual "
                 f"stream itself. Sweeps: {list(GRADDROP_SWEEPS)}"

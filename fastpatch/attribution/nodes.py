@@ -31,6 +31,7 @@ import transformer_lens.utilities as tl_utils
 from torch import Tensor
 
 from fastpatch.attribution.passes import (
+    ALL_SWEEPS,
     REDUCES,
     SCORE_SWEEPS,
     SOURCE_DOC,
@@ -102,7 +103,7 @@ def _scores(model: Any, runs: Runs, metric: MetricFn, names: Sequence[str], redu
 
 def _batch_first(model: Any, runs: Runs, metric: MetricFn, sweeps: Sequence[str], reduce: str) -> Dict[str, Tensor]:
     """``{sweep: [batch, n_layers, *cell]}`` for several sweeps from one set of passes."""
-    unknown = [s for s in sweeps if s not in SWEEPS and s not in SCORE_SWEEPS]
+    unknown = [s for s in sweeps if s not in ALL_SWEEPS]
     if unknown:
         raise ValueError(f"unknown sweeps {unknown}; known: {sorted(SWEEPS) + sorted(SCORE_SWEEPS)}")
     names = hook_names(model, [check_sweep(s) for s in sweeps])

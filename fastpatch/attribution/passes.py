@@ -99,14 +99,14 @@ SCORE_SWEEPS: Dict[str, Tuple[str, Callable[[Tensor], Tensor]]] = {
     "attn_head_scores_dest_src_pos": ("attn_scores", _unchanged),
     "attn_head_scores_all_pos": ("attn_scores", _pattern_all_pos),
 }
-_TABLE = {**SWEEPS, **SCORE_SWEEPS}
+ALL_SWEEPS = {**SWEEPS, **SCORE_SWEEPS}  # every sweep an attribution method may be asked for
 
 
 def check_sweep(sweep: str) -> str:
     """``sweep``'s activation name (:data:`SWEEPS` or :data:`SCORE_SWEEPS`), or a ``ValueError`` naming the known sweeps."""
-    if sweep not in _TABLE:
-        raise ValueError(f"unknown sweep {sweep!r}; known: {sorted(_TABLE)}")
-    return _TABLE[sweep][0]
+    if sweep not in ALL_SWEEPS:
+        raise ValueError(f"unknown sweep {sweep!r}; known: {sorted(ALL_SWEEPS)}")
+    return ALL_SWEEPS[sweep][0]
 
 
 def _neuron_setter(corrupted_activation: Tensor, index: Sequence[int], clean_activation: Tensor) -> Tensor:
@@ -400,7 +400,7 @@ def difference(clean: Tensor, corrupted: Tensor) -> Tensor:
 
 def layer_stack(model: Any, scores: Dict[str, Tensor], sweep: str) -> Tensor:
     """One sweep's cells from per-element scores by hook name, batch first: ``[batch, n_layers, *cell]``."""
-    act, reducer = _TABLE[sweep]
+    act, reducer = ALL_SWEEPS[sweep]
     return torch.stack([reducer(scores[tl_utils.get_act_name(act, l)]) for l in range(model.cfg.n_layers)], dim=1)
 
 
