@@ -50,7 +50,7 @@ import fastpatch
 from fastpatch import attribution as fa
 from fastpatch.attribution.edges import EdgeScores, get_attr_patch_edges
 from fastpatch.engine.model_state import model_flags
-from fastpatch.sources import mean_ablation, resample_ablation, zero_ablation
+from fastpatch.sources import zero_ablation
 
 MODELS = ["gpt2", "neox", "native"]
 _KIND = {"q_input": "q", "k_input": "k", "v_input": "v"}
@@ -383,14 +383,7 @@ SOURCE_CASES = [("gpt2", "zero"), ("neox", "mean"), ("llama", "resample")]
 
 def _source_case(name, kind):
     case = zoo.Case.build(name)
-    model = case.model
-    reference = torch.randint(0, zoo.VOCAB, (6, 5), generator=torch.Generator().manual_seed(7))
-    build = {
-        "zero": lambda: zero_ablation(model, case.clean),
-        "mean": lambda: mean_ablation(model, reference, batch=case.corrupted.shape[0]),
-        "resample": lambda: resample_ablation(model, case.clean, seed=1),
-    }[kind]
-    return case, build()
+    return case, zoo.ablation_source(case, kind)
 
 
 def _edge_autograd(model, tokens, metric, source) -> torch.Tensor:

@@ -26,7 +26,7 @@ from transformer_lens import patching as tl
 import fastpatch
 from fastpatch import attribution as fa
 from fastpatch.attribution.passes import SWEEPS
-from fastpatch.sources import mean_ablation, zero_ablation
+from fastpatch.sources import zero_ablation
 
 # GPT-NeoX's and LLaMA's bridges run HuggingFace's norm module; with hook_scale edited (detached)
 # TransformerLens rebuilds the norm's output from the hooked scale and warns that it differs at rounding
@@ -178,8 +178,7 @@ def test_variant_with_an_ablation_source_equals_autograd(case, plain):
     """``source=``: every cell patched towards the mean ablation, the intervention patches too (no
     ``patch_source``), under a stop-gradient."""
     model = case.model
-    reference = torch.randint(0, zoo.VOCAB, (6, 5), generator=torch.Generator().manual_seed(7))
-    mean = mean_ablation(model, reference, batch=case.corrupted.shape[0])
+    mean = zoo.ablation_source(case, "mean")
     sweeps = ["resid_pre", "attn_head_out_all_pos"]
     kw = dict(frozen="pattern", patches=[("z", (0, 1))])
     ours = fa.attribute_nodes_variant(model, None, case.corrupted, case.scalar, sweeps, source=mean, **kw)

@@ -17,7 +17,7 @@ from transformer_lens import patching as tl
 import fastpatch
 from fastpatch import attribution as fa
 from fastpatch import patching as fp
-from fastpatch.sources import SourceCache, mean_ablation, resample_ablation, zero_ablation
+from fastpatch.sources import SourceCache, mean_ablation, zero_ablation
 
 MODELS = ("gpt2", "neox", "llama")
 KINDS = ("zero", "mean", "resample")
@@ -25,20 +25,14 @@ BACKENDS = ("hooks", "native")
 # every (model, kind) pair; the diagonal runs by default, the rest is marked slow (CI runs it)
 DIAGONAL = list(zip(MODELS, KINDS))
 PAIRS = [pytest.param(m, k, marks=() if (m, k) in DIAGONAL else pytest.mark.slow) for m in MODELS for k in KINDS]
-# six reference prompts for the mean: more than the three patched ones (broadcast over the batch)
-REFERENCE = torch.randint(0, zoo.VOCAB, (6, 5), generator=torch.Generator().manual_seed(7))
+REFERENCE = zoo.MEAN_REFERENCE  # the mean source's reference prompts
 
 
 @lru_cache(maxsize=None)
 def _case(name):
     """The zoo case and its three sources (built once per model per process)."""
     case = zoo.Case.build(name)
-    model, batch = case.model, case.corrupted.shape[0]
-    case.sources = {
-        "zero": zero_ablation(model, case.clean),
-        "mean": mean_ablation(model, REFERENCE, batch=batch),
-        "resample": resample_ablation(model, case.clean, seed=1),
-    }
+    case.sources = {kind: zoo.ablation_source(case, kind) for kind in KINDS}
     return case
 
 

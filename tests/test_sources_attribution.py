@@ -23,7 +23,6 @@ from helpers import assert_close, assert_varies
 
 import fastpatch
 from fastpatch import attribution as fa
-from fastpatch.sources import mean_ablation, resample_ablation, zero_ablation
 
 CASES = [("gpt2", "zero"), ("neox", "mean"), ("llama", "resample")]
 
@@ -32,15 +31,9 @@ CASES = [("gpt2", "zero"), ("neox", "mean"), ("llama", "resample")]
 def case(request):
     name, kind = request.param
     case = zoo.Case.build(name)
-    model = case.model
-    reference = torch.randint(0, zoo.VOCAB, (6, 5), generator=torch.Generator().manual_seed(7))
-    case.source = {
-        "zero": lambda: zero_ablation(model, case.clean),
-        "mean": lambda: mean_ablation(model, reference, batch=case.corrupted.shape[0]),
-        "resample": lambda: resample_ablation(model, case.clean, seed=1),
-    }[kind]()
+    case.source = zoo.ablation_source(case, kind)
     with torch.no_grad():
-        _, case.corrupted_cache = model.run_with_cache(case.corrupted)
+        _, case.corrupted_cache = case.model.run_with_cache(case.corrupted)
     return case
 
 
