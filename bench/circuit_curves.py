@@ -125,8 +125,7 @@ def run(args: argparse.Namespace, command: Optional[str] = None) -> Dict[str, An
                 runs += 1
                 return float(evaluate(model, clean, None, metric, circuit[None], ablation=cache, backend="hooks")[0])
 
-            full = full_circuit(model)
-            one(full), one(torch.zeros_like(full))  # MIB's baseline and empty-circuit scores
+            one(valid), one(torch.zeros_like(valid))  # MIB's baseline (the full circuit) and empty-circuit scores
             for i in range(len(sizes)):
                 values[a, i] = one(reference.circuits[i])
                 for d in range(args.n_random):
