@@ -173,11 +173,7 @@ def _patched_z(
         return _kept(keep, "z", native.mix_values(pattern, trace.v[layer]))
     if name == "pattern":
         pattern = _kept(keep, "pattern", patched[:, :, start:])
-        v = trace.v[layer]
-        group = native.n_heads // v.shape[2]
-        if group > 1:
-            v = v.repeat_interleave(group, dim=2)
-        return _kept(keep, "z", torch.einsum("bhqk,bkhe->bqhe", pattern, v))
+        return _kept(keep, "z", native.mix_values(pattern, trace.v[layer]))
     q = patched if name == "q" else trace.q[layer]
     k_rot = native.rotate_k(layer, patched, 0) if name == "k" else trace.k_rot[layer]
     v = patched if name == "v" else trace.v[layer]

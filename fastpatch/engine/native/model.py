@@ -478,7 +478,7 @@ class NativeModel:
         """z ``[rows, nq, heads, d_head]`` of pattern ``[rows, heads, nq, nk]`` over v ``[rows, nk, kv_heads, d_head]``."""
         rows, n_heads, nq, nk = pattern.shape
         n_kv, d_head = v.shape[2], v.shape[3]
-        z = torch.matmul(pattern.view(rows, n_kv, (n_heads // n_kv) * nq, nk), v.permute(0, 2, 1, 3))
+        z = torch.matmul(pattern.reshape(rows, n_kv, (n_heads // n_kv) * nq, nk), v.permute(0, 2, 1, 3))
         return z.view(rows, n_heads, nq, d_head).transpose(1, 2)
 
     def scores(
