@@ -5,13 +5,13 @@ Both return plotly figures that ``fastpatch.figures.write_report`` takes as repo
 
 from __future__ import annotations
 
-from typing import Any, Dict, List, Optional, Tuple
+from typing import Any, Dict, Optional, Tuple
 
 import torch
 from jaxtyping import Bool, Float
 from torch import Tensor
 
-from fastpatch.circuits.faithfulness import FaithfulnessCurve
+from fastpatch.circuits.faithfulness import FaithfulnessCurve, _node_maps
 from fastpatch.engine.edge_plan import edge_layout
 from fastpatch.figures import _plotly
 
@@ -62,20 +62,6 @@ def _node_positions(cfg: Any) -> Dict[str, Tuple[float, float]]:
     return pos
 
 
-def _reader_targets(name: str, n_heads: int, n_kv: int) -> List[Tuple[str, str]]:
-    """The node(s) a reader feeds and the input's label: ``[("L1H2", "q")]``, a K/V head's whole group, ``[("MLP0", "in")]``."""
-    if name == "logits":
-        return [("logits", "")]
-    node, component = name.rsplit(".", 1)
-    if component == "in":
-        return [(node, "in")]
-    if "KV" in node:
-        layer, group = node[1:].split("KV")
-        size = n_heads // n_kv
-        return [(f"L{layer}H{h}", component) for h in range(int(group) * size, (int(group) + 1) * size)]
-    return [(node, component)]
-
-
 def circuit_graph_figure(
     model_or_cfg: Any,
     circuit: Bool[Tensor, "writer reader"],
@@ -95,8 +81,11 @@ def circuit_graph_figure(
     for what, t in (("scores", scores), ("effects", effects)):
         if t is not None and tuple(t.shape) != shape:
             raise ValueError(f"{what} must have shape {list(shape)}, got {tuple(t.shape)}")
-    n_heads = int(cfg.n_heads)
-    n_kv = int(getattr(cfg, "n_key_value_heads", None) or n_heads)
+    # the node(s) each reader feeds (a K/V head: its whole group), named as their writers; the logits are no node
+    reader_of, writer_of, is_logits, _ = _node_maps(layout, int(cfg.n_heads), torch.device("cpu"))
+    node_names = [layout.writer_names[w] for w in writer_of.argmax(0).tolist()]
+    targets = [["logits"] if is_logits[r] else [node_names[n] for n in torch.nonzero(reader_of[r]).flatten().tolist()]
+               for r in range(shape[1])]
     pos = _node_positions(cfg)
     edges = torch.nonzero(circuit.cpu()).tolist()
     colour_of = scores.detach().float().cpu() if scores is not None else torch.ones(shape)
@@ -107,7 +96,7 @@ def circuit_graph_figure(
     used = set()
     for w, r in edges:
         source = layout.writer_names[w]
-        for target, component in _reader_targets(layout.reader_names[r], n_heads, n_kv):
+        for target in targets[r]:
             used.update((source, target))
             (x0, y0), (x1, y1) = pos[source], pos[target]
             value = float(colour_of[w, r])
