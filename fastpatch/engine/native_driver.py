@@ -27,6 +27,7 @@ from torch import Tensor
 from fastpatch.engine.chunks import Chunk, ChunkBudget, make_chunks
 from fastpatch.engine.metric_set import MetricSet, read_positions
 from fastpatch.engine.native import backend as native_backend
+from fastpatch.engine.native.cells import LayerRecord
 from fastpatch.engine.native.model import NativeEngine
 from fastpatch.engine.oom import run_with_oom_retry
 from fastpatch.engine.plan import NativeWork
@@ -90,20 +91,21 @@ def run_native_cells(
             recorded: Dict[Tuple[int, str], Tensor] = {}  # the forward's rows at each site
             in_layer: Dict[int, Dict[Tuple[int, str], Tensor]] = defaultdict(dict)  # each cell's patched layer
 
-            def record(layer: int, kind: str, value: Tensor) -> None:
-                if (layer, kind) in wanted:
-                    recorded[(layer, kind)] = value
+            def keeper(store: Dict[Tuple[int, str], Tensor]) -> LayerRecord:
+                """A ``record`` that keeps the wanted sites' values in ``store``."""
 
-            def resid(cell: int) -> Tensor:
                 def keep(layer: int, kind: str, value: Tensor) -> None:
                     if (layer, kind) in wanted:
-                        in_layer[cell][(layer, kind)] = value
+                        store[(layer, kind)] = value
 
-                return resid_of(cell, keep)
+                return keep
+
+            def resid(cell: int) -> Tensor:
+                return resid_of(cell, keeper(in_layer[cell]))
 
             x, order = native_backend.forward_from_entries(
                 native, trace, start, members[chunk.start : chunk.stop], resid if sites else resid_of, read,
-                record if sites else None,
+                keeper(recorded) if sites else None,
             )
 
             def acts(i: int, cell: int) -> Optional[Dict[str, Tensor]]:

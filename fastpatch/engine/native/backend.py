@@ -100,7 +100,7 @@ def forward_from_entries(
     cells: Sequence[NativeCell],
     resid_of: Callable[[int], Tensor],
     read_index: Optional[Union[int, slice]] = None,
-    record: Optional[Callable[[int, str, Tensor], None]] = None,
+    record: LayerRecord = None,
 ) -> Tuple[Tensor, List[int]]:
     """Run a chunk of cells sharing ``start`` from their entry points to the final residual.
 
