@@ -41,6 +41,17 @@ GOOD = [
 ]
 
 
+def _good_inputs(model_dir):
+    """The folder's model and GOOD tokenised as the CLI does, with its LogitDiff metric: the references' inputs."""
+    from fastpatch.cli.main import _load_model
+    from fastpatch.datasets import from_pairs
+    from fastpatch.metrics import LogitDiff
+
+    model, tokenizer = _load_model(model_dir, "cpu")
+    data = from_pairs(tokenizer, *([p[k] for p in GOOD] for k in ("clean", "corrupted", "answer", "wrong")))
+    return model, data, LogitDiff(data.answer_tokens, data.wrong_tokens)
+
+
 def test_sweep_on_a_local_model_folder(tmp_path, model_dir, capsys):
     out = tmp_path / "result"
     assert main(["sweep", str(model_dir), str(_prompts(tmp_path, GOOD)), "--out", str(out), "--quiet"]) == 0
@@ -85,9 +96,6 @@ def test_circuit_on_a_local_model_folder(tmp_path, model_dir, capsys):
     full and empty circuits are the clean and corrupted models' plain forwards."""
     from fastpatch.attribution import get_attr_patch_edges
     from fastpatch.circuits import faithfulness_curve
-    from fastpatch.cli.main import _load_model
-    from fastpatch.datasets import from_pairs
-    from fastpatch.metrics import LogitDiff
 
     out = tmp_path / "circ"
     argv = ["circuit", str(model_dir), str(_prompts(tmp_path, GOOD)), "--out", str(out), "--quiet",
@@ -95,9 +103,7 @@ def test_circuit_on_a_local_model_folder(tmp_path, model_dir, capsys):
     assert main(argv) == 0
     printed = capsys.readouterr().out
     record = json.loads((tmp_path / "circ.json").read_text())
-    model, tokenizer = _load_model(model_dir, "cpu")
-    data = from_pairs(tokenizer, *([p[k] for p in GOOD] for k in ("clean", "corrupted", "answer", "wrong")))
-    metric = LogitDiff(data.answer_tokens, data.wrong_tokens)
+    model, data, metric = _good_inputs(model_dir)
     scores = get_attr_patch_edges(model, data.clean_tokens, data.corrupted_tokens, metric)
     curve = faithfulness_curve(model, data.clean_tokens, data.corrupted_tokens, metric, scores,
                                ablation=["corrupted", "zero"], n_random=1)
@@ -141,18 +147,14 @@ def test_circuit_with_exact_scores_and_pruning(tmp_path, model_dir):
     """``--score exact``: the drawn circuit's edges carry ``exact_edges``' scores; ``--prune`` keeps no more edges
     than asked for, and the 100% circuit stays the clean model."""
     from fastpatch.circuits import exact_edges
-    from fastpatch.cli.main import _load_model
-    from fastpatch.datasets import from_pairs
-    from fastpatch.metrics import LogitDiff
 
     out = tmp_path / "exact"
     argv = ["circuit", str(model_dir), str(_prompts(tmp_path, GOOD)), "--out", str(out), "--quiet",
             "--score", "exact", "--ablation", "mean", "--random", "0", "--prune", "--keep", "0.3"]
     assert main(argv) == 0
     record = json.loads((tmp_path / "exact.json").read_text())
-    model, tokenizer = _load_model(model_dir, "cpu")
-    data = from_pairs(tokenizer, *([p[k] for p in GOOD] for k in ("clean", "corrupted", "answer", "wrong")))
-    scores = exact_edges(model, data.clean_tokens, data.corrupted_tokens, LogitDiff(data.answer_tokens, data.wrong_tokens))
+    model, data, metric = _good_inputs(model_dir)
+    scores = exact_edges(model, data.clean_tokens, data.corrupted_tokens, metric)
     index = {(w, r): (i, j) for i, w in enumerate(scores.writer_names) for j, r in enumerate(scores.reader_names)}
     shown = record["shown_circuit"]["edges"]
     assert shown and all(abs(v - float(scores.scores[index[(w, r)]])) <= 1e-5 for w, r, v in shown)
