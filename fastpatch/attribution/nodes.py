@@ -44,6 +44,7 @@ from fastpatch.attribution.passes import (
     gradients,
     hook_names,
     layer_stack,
+    model_sweeps,
     named_estimator,
     patch_values,
     resolve_runs,
@@ -120,7 +121,7 @@ def attribute_nodes(
     ONE corrupted forward and ONE backward: ``{sweep: estimate}``, each shaped like
     ``get_attr_patch_<sweep>``'s result."""
     if sweeps is None:
-        sweeps = [s for s, (act, _) in SWEEPS.items() if tl_utils.get_act_name(act, 0) in model.hook_dict]
+        sweeps = model_sweeps(model)
     runs = resolve_runs(model, "attribute_nodes()", reduce, clean_tokens, corrupted_tokens, source, direction)
     out = _batch_first(model, runs, patching_metric, list(sweeps), reduce)
     return {s: finish(v, reduce) for s, v in out.items()}

@@ -102,6 +102,12 @@ SCORE_SWEEPS: Dict[str, Tuple[str, Callable[[Tensor], Tensor]]] = {
 ALL_SWEEPS = {**SWEEPS, **SCORE_SWEEPS}  # every sweep an attribution method may be asked for
 
 
+def model_sweeps(model: Any) -> List[str]:
+    """The :data:`SWEEPS` whose activation the model has (the default set of the node methods; e.g. no
+    ``resid_mid`` on parallel attention+MLP blocks)."""
+    return [s for s, (act, _) in SWEEPS.items() if tl_utils.get_act_name(act, 0) in model.hook_dict]
+
+
 def check_sweep(sweep: str) -> str:
     """``sweep``'s activation name (:data:`SWEEPS` or :data:`SCORE_SWEEPS`), or a ``ValueError`` naming the known sweeps."""
     if sweep not in ALL_SWEEPS:

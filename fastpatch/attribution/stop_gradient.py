@@ -36,13 +36,12 @@ from __future__ import annotations
 
 from typing import Any, Callable, Dict, List, Mapping, Optional, Sequence, Set, Tuple, Union
 
-import transformer_lens.utilities as tl_utils
 from jaxtyping import Float
 from torch import Tensor
 from transformer_lens.ActivationCache import ActivationCache
 
 from fastpatch.attribution import passes
-from fastpatch.attribution.passes import SOURCE_DOC, SWEEPS, Tokens
+from fastpatch.attribution.passes import SOURCE_DOC, Tokens
 from fastpatch.engine.checks import cached_activation, check_cached_activation
 from fastpatch.engine.joint_plan import joint_sweeps
 from fastpatch.engine.model_state import preserved_model_state
@@ -194,7 +193,7 @@ def attribute_nodes_variant(
     afterwards, also when a check raises.
     """
     if sweeps is None:
-        sweeps = [s for s, (act, _) in SWEEPS.items() if tl_utils.get_act_name(act, 0) in model.hook_dict]
+        sweeps = passes.model_sweeps(model)
     sweeps = list(sweeps)
     names = passes.hook_names(model, [passes.check_sweep(s) for s in sweeps])
     runs = passes.resolve_runs(model, "attribute_nodes_variant()", reduce, clean_tokens, corrupted_tokens, source, direction)
