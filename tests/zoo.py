@@ -250,3 +250,9 @@ def arch(name: str, seed: int = 0):
 
 
 ARCH_ZOO: Dict[str, Callable] = {name: functools.partial(arch, name) for name in ARCH_CONFIGS}
+
+
+def arch_case(name: str) -> Case:
+    """The ``ARCH_ZOO[name]`` model with two prompt pairs of 5 tokens that differ from position 1."""
+    clean, corrupted = prompt_pair(batch=2, n_pos=5, first_diff=1)
+    return Case(name, ARCH_ZOO[name](), clean, corrupted)
