@@ -43,14 +43,9 @@ BACKENDS = ("native", "hooks")
 FORK_AFTER_NORM = {"bloom"}  # TransformerLens's Q/K/V fork adds a direct-path write after ln1 (BLOOM's block)
 
 
-def _case(name: str) -> zoo.Case:
-    clean, corrupted = zoo.prompt_pair(batch=2, n_pos=5, first_diff=1)
-    return zoo.Case(name, zoo.ARCH_ZOO[name](), clean, corrupted)
-
-
 @pytest.fixture(scope="module", params=[pytest.param(n, marks=pytest.mark.slow) if n in COVERED else n for n in NATIVE])
 def arch_case(request):
-    return _case(request.param)
+    return zoo.arch_case(request.param)
 
 
 def test_sweeps_match_transformer_lens_on_both_backends(arch_case):
@@ -141,7 +136,7 @@ def test_direct_path_matches_transformer_lens_where_it_is_defined(arch_case):
 
 @pytest.mark.parametrize("name", sorted(HOOKS_ONLY))
 def test_unsupported_architectures_fall_back_with_one_warning(name):
-    case = _case(name)
+    case = zoo.arch_case(name)
     args = (case.model, case.corrupted, case.clean_cache, case.scalar)
     with pytest.warns(UserWarning, match="native backend unsupported for .*: .*using hooks, expect about TransformerLens speed") as seen:
         ours = fp.get_act_patch_resid_pre(*args, progress=False)
@@ -161,7 +156,7 @@ def test_unsupported_architectures_fall_back_with_one_warning(name):
 def test_direct_path_refuses_a_block_without_attention_before_any_forward():
     """Jamba's block 0 is a Mamba mixer: direct paths from it are refused by TransformerLens's rule,
     before a single forward (the model's forward is made to fail to prove it)."""
-    case = _case("jamba")
+    case = zoo.arch_case("jamba")
     with torch.no_grad():
         _, corrupted_cache = case.model.run_with_cache(case.corrupted)
     args = (case.model, case.corrupted, case.clean_cache, corrupted_cache, case.scalar)
@@ -181,7 +176,7 @@ def test_direct_path_refuses_readers_without_a_qkv_fork_on_hooks():
     patch nothing, so the hook backend refuses them before any patched forward (TransformerLens
     refuses too); the native backend computes them: checked against a plain loop that patches the
     reader head's q with its re-normalised input (``ln1(resid_pre + write) @ W_Q``)."""
-    case = _case("gptj")
+    case = zoo.arch_case("gptj")
     with torch.no_grad():
         _, corrupted_cache = case.model.run_with_cache(case.corrupted)
     args = (case.model, case.corrupted, case.clean_cache, corrupted_cache, case.scalar, 0, 1, "q")
@@ -247,7 +242,7 @@ def test_a_cfg_stating_qk_norm_is_no_refusal():
 def test_parity_check_of_the_last_position_logits_catches_a_missing_logit_cap(monkeypatch):
     """The parity run unembeds the last position only; a feature acting after the last block (here
     Gemma 2's output soft cap, left out) still shows there, named as the logits."""
-    case = _case("gemma2")
+    case = zoo.arch_case("gemma2")
     monkeypatch.setattr(NativeModel, "cap_logits", lambda self, logits: logits)
     with pytest.raises(ParityError, match="disagrees with the model at logits"):
         NativeModel.checked(case.model, case.corrupted)

@@ -77,8 +77,7 @@ def test_native_scores_are_the_hooks(name):
     """The native corrupted scores sit where the bridge's hook_attn_scores does: after the scale, ALiBi (bloom)
     and the soft cap (gemma2), with the causal mask and the sliding window (gemma2, layer 0) applied; the native
     trace computes them only once a score patch asks. A native score sweep then equals TransformerLens's."""
-    clean, corrupted = zoo.prompt_pair(batch=2, n_pos=5, first_diff=1)
-    case = zoo.Case(name, zoo.ARCH_ZOO[name](), clean, corrupted)
+    case = zoo.arch_case(name)
     model = case.model
     with torch.no_grad():
         _, cache = model.run_with_cache(case.corrupted)
