@@ -27,6 +27,7 @@ from torch import Tensor
 
 from fastpatch.attribution.edges import EdgeScores
 from fastpatch.attribution.passes import Runs, capture, patch_values
+from fastpatch.circuits.evaluate import writer_hook_names
 from fastpatch.engine.checks import check_tokens, require_eval_mode
 from fastpatch.engine.driver import RunOptions, run_plan
 from fastpatch.engine.edge_plan import EdgePlan
@@ -110,7 +111,7 @@ def exact_edges(
             )
     base = run.target
     metrics = MetricSet(patching_metric, "scalar", int(base.shape[0]))
-    names = ["hook_embed"] + [f"blocks.{l}.{h}" for l in range(model.cfg.n_layers) for h in ("attn.hook_z", "hook_mlp_out")]
+    names = writer_hook_names(model.cfg)
     with preserved_model_state(model), torch.no_grad():
         source_cache = patch_values(model, Runs(base, run.values, source), names)  # checked against base's shape
         base_cache = capture(model, base, names)
