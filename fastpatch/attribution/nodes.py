@@ -39,7 +39,7 @@ from fastpatch.attribution.passes import (
     Runs,
     Tokens,
     check_sweep,
-    difference,
+    estimates,
     finish,
     gradients,
     hook_names,
@@ -95,11 +95,7 @@ def _scores(model: Any, runs: Runs, metric: MetricFn, names: Sequence[str], redu
     with preserved_model_state(model):
         grads = gradients(model, runs.target, metric, names, reduce, record=corrupted)
         clean = patch_values(model, runs, names)
-    out = {}
-    for name in names:
-        delta = difference(clean[name], corrupted[name])
-        out[name] = delta * grads[name].to(delta.dtype)
-    return out
+    return estimates(names, clean, corrupted, grads)
 
 
 def _batch_first(model: Any, runs: Runs, metric: MetricFn, sweeps: Sequence[str], reduce: str) -> Dict[str, Tensor]:

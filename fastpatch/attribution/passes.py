@@ -404,6 +404,17 @@ def difference(clean: Tensor, corrupted: Tensor) -> Tensor:
     return torch.where(clean == corrupted, torch.zeros((), dtype=dtype, device=clean.device), clean - corrupted)
 
 
+def estimates(
+    names: Sequence[str], clean: Dict[str, Tensor], corrupted: Dict[str, Tensor], grads: Dict[str, Tensor]
+) -> Dict[str, Tensor]:
+    """``(clean - corrupted) * d metric / d act`` per element at every hook name (:func:`difference`'s dtype)."""
+    out = {}
+    for name in names:
+        delta = difference(clean[name], corrupted[name])
+        out[name] = delta * grads[name].to(delta.dtype)
+    return out
+
+
 def layer_stack(model: Any, scores: Dict[str, Tensor], sweep: str) -> Tensor:
     """One sweep's cells from per-element scores by hook name, batch first: ``[batch, n_layers, *cell]``."""
     act, reducer = ALL_SWEEPS[sweep]

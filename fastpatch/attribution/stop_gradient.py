@@ -167,11 +167,7 @@ def _scores(
             model, runs.target, metric, names, reduce, record=corrupted, after_hooks=after, before_hooks=before
         )
     passes.require_fired([*patch_names, *stops], fired)
-    out = {}
-    for name in names:
-        delta = passes.difference(clean[name], corrupted[name])
-        out[name] = delta * grads[name].to(delta.dtype)
-    return out
+    return passes.estimates(names, clean, corrupted, grads)
 
 
 def attribute_nodes_variant(
