@@ -184,15 +184,16 @@ def resolve_runs(
     return Runs(run.target, run.values, source)
 
 
-def patch_values(model: Any, runs: Runs, names: Sequence[str]) -> Dict[str, Tensor]:
+def patch_values(model: Any, runs: Runs, names: Sequence[str], what: str = "source") -> Dict[str, Tensor]:
     """The activations patched in at ``names``: captured from the ``values`` run, or read from ``source``
-    (checked against the patched run's batch and positions; ``[1, ...]`` broadcasts over the batch)."""
+    (checked against the patched run's batch and positions; ``[1, ...]`` broadcasts over the batch;
+    ``what``: the argument's name in the errors)."""
     if runs.source is None:
         return capture(model, runs.values, names)
     out = {}
     for name in names:
-        act = cached_activation(runs.source, name, "source")
-        check_cached_activation(act, name, runs.target, what="source")
+        act = cached_activation(runs.source, name, what)
+        check_cached_activation(act, name, runs.target, what=what)
         out[name] = act
     return out
 

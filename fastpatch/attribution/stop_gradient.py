@@ -42,7 +42,6 @@ from transformer_lens.ActivationCache import ActivationCache
 
 from fastpatch.attribution import passes
 from fastpatch.attribution.passes import SOURCE_DOC, Tokens
-from fastpatch.engine.checks import cached_activation, check_cached_activation
 from fastpatch.engine.joint_plan import joint_sweeps
 from fastpatch.engine.model_state import preserved_model_state
 from fastpatch.metrics import MetricFn
@@ -156,10 +155,7 @@ def _scores(
             patch_in = clean
         else:
             clean = passes.patch_values(model, runs, names)
-            patch_in = {}
-            for name in patch_names:
-                patch_in[name] = cached_activation(patch_source, name, "patch_source")
-                check_cached_activation(patch_in[name], name, runs.target, what="patch_source")
+            patch_in = passes.patch_values(model, passes.Runs(runs.target, None, patch_source), patch_names, "patch_source")
         before = [_patch(n, setter, index, patch_in[n], fired) for n, setter, index in patches]
         after = [_stop(n, fired) for n in stops]
         corrupted: Dict[str, Tensor] = {}
