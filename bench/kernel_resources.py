@@ -173,8 +173,13 @@ def _specialise(launch) -> Tuple[Any, Dict[str, str], Dict, Dict, Dict]:
 def compile_key(launch) -> str:
     """Launches with equal keys compile to the same binary."""
     target, signature, constexprs, attrs, options = _specialise(launch)
+    # options name libraries by absolute path (libdevice inside Triton's install): keep the file name only,
+    # so the key is the same wherever this Triton is installed (a venv, another user's site-packages)
+    import triton
+
+    installed_at = str(Path(triton.__file__).parent)
     text = repr((launch.kernel.__name__, target, sorted(signature.items()), sorted(constexprs.items()),
-                 sorted(attrs.items()), sorted((k, repr(v)) for k, v in options.items())))
+                 sorted(attrs.items()), sorted((k, repr(v).replace(installed_at, "<triton>")) for k, v in options.items())))
     return hashlib.sha256(text.encode()).hexdigest()[:16]
 
 
